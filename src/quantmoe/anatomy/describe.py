@@ -1,0 +1,273 @@
+"""What a MoE model is made of: blocks, experts, quantizable linears, parameters by role.
+
+`describe(model)` reads module structure and parameter shapes only, so it gives the same
+answer for a model with fused experts, the same model in the per-expert view, and a model
+built on the `meta` device (no weights). Unit names always use the per-expert view
+(`model.layers.3.mlp.experts.5.down_proj`), the names a bit allocation refers to.
+
+Example:
+    >>> from quantmoe.anatomy.tiny import tiny_model
+    >>> anatomy = describe(tiny_model("mixtral"))
+    >>> anatomy.unit("model.layers.1.mlp.experts.3.down_proj").in_features
+    48
+    >>> sum(anatomy.role_params.values()) == anatomy.total_params
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantmoe.anatomy.expert_view import UNIT_KINDS, expert_unit_shapes, unit_shape
+from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, family_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearUnit:
+    """One quantizable linear, named as in the per-expert view."""
+
+    name: str
+    role: str
+    block: int
+    expert: int | None  # routed experts only
+    kind: str  # q_proj, gate_proj, down_proj, kv_a_proj_with_mqa, ...
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+    @property
+    def numel(self) -> int:
+        """Weight elements (bias excluded)."""
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class BlockAnatomy:
+    """One decoder block. Unit names refer to `ModelAnatomy.units`."""
+
+    index: int
+    is_moe: bool
+    attention: tuple[str, ...]
+    router: str | None
+    num_experts: int  # 0 for dense blocks
+    top_k: int  # 0 for dense blocks
+    experts: tuple[tuple[str, ...], ...]  # per routed expert: (gate_proj, up_proj, down_proj)
+    shared: tuple[str, ...]
+    shared_gate: str | None
+    dense_mlp: tuple[str, ...]
+    module_name: str
+    experts_module: str | None
+
+
+@dataclass(frozen=True)
+class ModelAnatomy:
+    """The whole model. `role_params` assigns every parameter to exactly one role of ROLES.
+
+    A linear's bias counts in its linear's role; `LinearUnit.numel` counts weights only.
+    """
+
+    family: str
+    num_blocks: int
+    blocks: tuple[BlockAnatomy, ...]
+    units: tuple[LinearUnit, ...]
+    role_params: dict[str, int]
+    total_params: int
+
+    @cached_property
+    def _by_name(self) -> dict[str, LinearUnit]:
+        return {u.name: u for u in self.units}
+
+    def unit(self, name: str) -> LinearUnit:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._by_name), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {self.units[0].name}" if self.units else ""
+            raise KeyError(f"no quantizable linear named {name!r} in this {self.family} model; {hint}") from None
+
+    def units_by_role(self, role: str) -> tuple[LinearUnit, ...]:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        return tuple(u for u in self.units if u.role == role)
+
+    @property
+    def quantizable_params(self) -> int:
+        """Parameters of the quantizable roles (attention, routed/shared experts, dense MLP), biases included."""
+        return sum(self.role_params[r] for r in QUANTIZABLE_ROLES)
+
+
+def _units(
+    parent: nn.Module, parent_name: str, kinds: tuple[str, ...], role: str, block: int, field: str
+) -> list[LinearUnit]:
+    """Units for the linears `kinds` of `parent`; a kind that transformers set to None is skipped."""
+    units = []
+    for kind in kinds:
+        if not hasattr(parent, kind):
+            raise ValueError(f"`{parent_name}` has no `{kind}`; check `{field}` in this family's FamilySpec")
+        linear = getattr(parent, kind)
+        if linear is None:
+            continue
+        out_f, in_f, has_bias = unit_shape(linear)
+        units.append(LinearUnit(f"{parent_name}.{kind}", role, block, None, kind, in_f, out_f, has_bias))
+    return units
+
+
+def _child(parent: nn.Module, parent_name: str, attr: str, field: str) -> nn.Module:
+    child = getattr(parent, attr, None)
+    if child is None:
+        raise ValueError(f"`{parent_name}` has no `{attr}`; check `{field}` in this family's FamilySpec")
+    return child
+
+
+def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[BlockAnatomy, list[LinearUnit]]:
+    config = model.config
+    prefix = f"{spec.layers}.{index}"
+    block = model.get_submodule(prefix)
+    attn_name, mlp_name = f"{prefix}.{spec.attention}", f"{prefix}.{spec.mlp}"
+    attn = _child(block, prefix, spec.attention, "attention")
+    attention = _units(attn, attn_name, spec.attention_linears, "attention", index, "attention_linears")
+    mlp = _child(block, prefix, spec.mlp, "mlp")
+    experts = getattr(mlp, spec.experts, None)
+    is_moe = experts is not None
+    if is_moe != spec.is_moe_layer(config, index):
+        raise ValueError(
+            f"block {index} is {'MoE' if is_moe else 'dense'} in the model but not by the config; "
+            f"check `moe_layers` ({spec.moe_layers!r}) in the {spec.model_type} FamilySpec"
+        )
+    if not is_moe:
+        dense = _units(mlp, mlp_name, spec.mlp_linears, "dense_mlp", index, "mlp_linears")
+        anatomy = BlockAnatomy(
+            index=index,
+            is_moe=False,
+            attention=tuple(u.name for u in attention),
+            router=None,
+            num_experts=0,
+            top_k=0,
+            experts=(),
+            shared=(),
+            shared_gate=None,
+            dense_mlp=tuple(u.name for u in dense),
+            module_name=prefix,
+            experts_module=None,
+        )
+        return anatomy, attention + dense
+
+    experts_name = f"{mlp_name}.{spec.experts}"
+    _child(mlp, mlp_name, spec.router, "router")
+    shapes = expert_unit_shapes(experts, spec.expert_layout, experts_name)
+    if len(shapes) != spec.num_experts(config):
+        raise ValueError(
+            f"`{experts_name}` holds {len(shapes)} experts but config.{spec.num_experts_key} is "
+            f"{spec.num_experts(config)}; check `num_experts_key` in the {spec.model_type} FamilySpec"
+        )
+    routed: list[list[LinearUnit]] = []
+    for e, expert_shapes in enumerate(shapes):
+        routed.append([
+            LinearUnit(f"{experts_name}.{e}.{kind}", "routed_expert", index, e, kind, in_f, out_f, bias)
+            for kind, (out_f, in_f, bias) in zip(UNIT_KINDS, expert_shapes, strict=True)
+        ])  # fmt: skip
+    shared: list[LinearUnit] = []
+    shared_gate = None
+    if spec.shared_expert is not None:
+        shared_name = f"{mlp_name}.{spec.shared_expert}"
+        shared_mod = _child(mlp, mlp_name, spec.shared_expert, "shared_expert")
+        shared = _units(shared_mod, shared_name, spec.mlp_linears, "shared_expert", index, "mlp_linears")
+    if spec.shared_expert_gate is not None:
+        _child(mlp, mlp_name, spec.shared_expert_gate, "shared_expert_gate")
+        shared_gate = f"{mlp_name}.{spec.shared_expert_gate}"
+    # Sequential order: attention; every gate/up (routed, then shared: same input); every down.
+    units = attention + [u for ex in routed for u in ex[:2]] + shared[:2] + [ex[2] for ex in routed] + shared[2:]
+    anatomy = BlockAnatomy(
+        index=index,
+        is_moe=True,
+        attention=tuple(u.name for u in attention),
+        router=f"{mlp_name}.{spec.router}",
+        num_experts=len(routed),
+        top_k=spec.top_k(config),
+        experts=tuple(tuple(u.name for u in ex) for ex in routed),
+        shared=tuple(u.name for u in shared),
+        shared_gate=shared_gate,
+        dense_mlp=(),
+        module_name=prefix,
+        experts_module=experts_name,
+    )
+    return anatomy, units
+
+
+def _role_prefixes(spec: FamilySpec, blocks: tuple[BlockAnatomy, ...]) -> dict[str, str]:
+    """Module name -> role; a parameter takes the role of its nearest listed ancestor module."""
+    prefixes = {spec.embedding: "embedding", spec.lm_head: "lm_head"}
+    for b in blocks:
+        mlp_name = f"{b.module_name}.{spec.mlp}"
+        prefixes.update(dict.fromkeys(b.attention, "attention"))
+        if b.is_moe:
+            prefixes[b.router] = "router"
+            prefixes[b.experts_module] = "routed_expert"
+            if b.shared:
+                prefixes[f"{mlp_name}.{spec.shared_expert}"] = "shared_expert"
+            if b.shared_gate:
+                prefixes[b.shared_gate] = "shared_expert_gate"
+        else:
+            prefixes[mlp_name] = "dense_mlp"
+    return prefixes
+
+
+def _role_params(model: nn.Module, spec: FamilySpec, blocks: tuple[BlockAnatomy, ...]) -> dict[str, int]:
+    prefixes = _role_prefixes(spec, blocks)
+    modules = dict(model.named_modules())
+    counts = dict.fromkeys(ROLES, 0)
+    for pname, param in model.named_parameters():
+        owner = name = pname.rpartition(".")[0]
+        while name and name not in prefixes:
+            name = name.rpartition(".")[0]
+        if name:
+            role = prefixes[name]
+        else:  # not under a listed module: norms (RMSNorm, q_a_layernorm, ...) or other (GPT-OSS sinks)
+            role = "norm" if "norm" in type(modules[owner]).__name__.lower() else "other"
+        counts[role] += param.numel()
+    return counts
+
+
+def describe(model: nn.Module) -> ModelAnatomy:
+    """The anatomy of a supported MoE model (fused, unfused or on `meta`); shapes only."""
+    spec = family_of(model)
+    num_blocks = len(model.get_submodule(spec.layers))
+    described = [_describe_block(model, spec, i) for i in range(num_blocks)]
+    blocks = tuple(b for b, _ in described)
+    units = tuple(u for _, block_units in described for u in block_units)
+    role_params = _role_params(model, spec, blocks)
+    total = sum(p.numel() for p in model.parameters())
+    if sum(role_params.values()) != total:  # both walk the same de-duplicated parameters
+        raise RuntimeError(f"role totals {sum(role_params.values())} != {total} parameters; this is a bug")
+    logger.debug("described %s: %d blocks, %d quantizable units", spec.model_type, num_blocks, len(units))
+    return ModelAnatomy(spec.model_type, num_blocks, blocks, units, role_params, total)
+
+
+def describe_config(config: Any, trust_remote_code: bool = False) -> ModelAnatomy:
+    """Describe the model a config defines, built on the `meta` device (no memory for weights)."""
+    from transformers import AutoModelForCausalLM
+
+    family_of(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return describe(model)
+
+
+def inspect_model(model_id_or_path: str, trust_remote_code: bool = False) -> ModelAnatomy:
+    """Describe a checkpoint from its config alone: no weights are downloaded or loaded.
+
+    Works offline for a local directory; a hub id needs the hub (or its cache).
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    return describe_config(config, trust_remote_code=trust_remote_code)

@@ -1,0 +1,300 @@
+"""A reversible per-expert view of fused MoE experts.
+
+Transformers 5.x stores the routed experts of a block as 3D parameters (`gate_up_proj`,
+`down_proj`, see specs.py for the layouts). Quantizing one expert's linear, hooking the
+tokens routed to one expert, or swapping one linear for a quantized module needs each
+expert as its own `nn.Linear`s. `unfuse_experts` replaces every fused experts module by an
+`UnfusedExperts` whose children are `<experts>.<e>.gate_proj / up_proj / down_proj`;
+`fuse_experts` packs the (possibly modified) weights back into the original module.
+
+One generic class serves every family: the family's `ExpertLayout` (transposed,
+interleaved, bias, activation) says how to cut and re-pack the fused tensors.
+
+Example:
+    >>> from quantmoe.anatomy.tiny import tiny_model
+    >>> model = tiny_model("gpt_oss")
+    >>> with per_expert_view(model):
+    ...     tuple(model.get_submodule("model.layers.0.mlp.experts.1.gate_proj").weight.shape)  # (I, H)
+    (32, 32)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, family_of
+
+logger = logging.getLogger(__name__)
+
+GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS = "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"
+UNIT_KINDS: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+# --- activations (pure) -------------------------------------------------------------------
+
+
+def _glu(act_fn: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor) -> Tensor:
+    return act_fn(gate) * up
+
+
+def _clamped_swiglu(alpha: float, limit: float, gate: Tensor, up: Tensor) -> Tensor:
+    # GptOssExperts._apply_gate after de-interleaving
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def _activation(fused: nn.Module, layout: ExpertLayout) -> Callable[[Tensor, Tensor], Tensor]:
+    if layout.activation == "clamped_swiglu":
+        return partial(_clamped_swiglu, float(fused.alpha), float(fused.limit))
+    return partial(_glu, fused.act_fn)
+
+
+# --- layout (pure) ------------------------------------------------------------------------
+
+
+def _as_linear(w: Tensor, layout: ExpertLayout) -> Tensor:
+    """One expert's stored matrix -> nn.Linear's (out, in); the inverse is the same transpose."""
+    return w.transpose(-2, -1) if layout.transposed else w
+
+
+def _split(t: Tensor, layout: ExpertLayout) -> tuple[Tensor, Tensor]:
+    """(2I, ...) -> gate (I, ...), up (I, ...)."""
+    if layout.interleaved:
+        return t[0::2], t[1::2]
+    gate, up = t.chunk(2, dim=0)
+    return gate, up
+
+
+def _join(gate: Tensor, up: Tensor, layout: ExpertLayout) -> Tensor:
+    """gate (I, ...), up (I, ...) -> (2I, ...); inverse of `_split`."""
+    if layout.interleaved:
+        return torch.stack((gate, up), dim=1).flatten(0, 1)
+    return torch.cat((gate, up), dim=0)
+
+
+def _linear(weight: Tensor, bias: Tensor | None, requires_grad: bool) -> nn.Linear:
+    out_features, in_features = weight.shape  # (out, in)
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.clone(memory_format=torch.contiguous_format), requires_grad=requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.clone(memory_format=torch.contiguous_format), requires_grad=requires_grad)
+    return linear
+
+
+# --- modules ------------------------------------------------------------------------------
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert as three nn.Linear: down(activation(gate(x), up(x)))."""
+
+    def __init__(
+        self,
+        gate_proj: nn.Module,
+        up_proj: nn.Module,
+        down_proj: nn.Module,
+        activation: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+        self.activation = activation  # plain callable, not a submodule
+
+    def forward(self, x: Tensor) -> Tensor:  # (tokens, H) -> (tokens, H)
+        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Drop-in replacement of a fused experts module: same forward arguments, same output.
+
+    Children are `ExpertMLP`s named "0".."E-1". Only experts that receive tokens run, each on
+    exactly its tokens, so a hook on `<experts>.5.down_proj` sees what expert 5 computes.
+    The original module is kept (outside the module tree, its parameters on `meta`) so
+    `fuse_experts` can restore it with the weights packed back.
+    """
+
+    def __init__(self, experts: list[ExpertMLP], layout: ExpertLayout, fused: nn.Module) -> None:
+        super().__init__(experts)
+        self.num_experts = len(experts)
+        self.layout = layout
+        self._fused = (fused,)  # a tuple keeps it out of parameters(), state_dict() and .to()
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        # hidden_states (T, H); top_k_index, top_k_weights (T, k)
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            # num_experts + 1 classes: index num_experts is transformers' expert-parallel sentinel
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            expert_mask = expert_mask.permute(2, 1, 0)  # (E + 1, k, T)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for e in expert_hit:
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            out = self[e](hidden_states[token_idx])
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+# --- unfuse / fuse ------------------------------------------------------------------------
+
+
+def experts_module_names(model: nn.Module, spec: FamilySpec) -> list[str]:
+    """Names of the routed-experts modules (fused or not), in block order."""
+    names = []
+    for i, block in enumerate(model.get_submodule(spec.layers)):
+        mlp = getattr(block, spec.mlp, None)
+        if mlp is not None and getattr(mlp, spec.experts, None) is not None:
+            names.append(f"{spec.layers}.{i}.{spec.mlp}.{spec.experts}")
+    return names
+
+
+UnitShape = tuple[int, int, bool]  # (out_features, in_features, has_bias)
+
+
+def unit_shape(linear: nn.Module) -> UnitShape:
+    """(out, in, has_bias) of a linear-like module (nn.Linear or a quantized stand-in)."""
+    weight = getattr(linear, "weight", None)
+    out_f = getattr(linear, "out_features", None) or weight.shape[0]
+    in_f = getattr(linear, "in_features", None) or weight.shape[1]
+    return int(out_f), int(in_f), getattr(linear, "bias", None) is not None
+
+
+def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> list[tuple[UnitShape, ...]]:
+    """Per routed expert, the (out, in, has_bias) of its gate_proj, up_proj, down_proj.
+
+    Works on a fused or unfused experts module and reads shapes only (fine on `meta`).
+    """
+    if isinstance(experts, UnfusedExperts):
+        return [tuple(unit_shape(getattr(expert, kind)) for kind in UNIT_KINDS) for expert in experts]
+    gate_up, down = getattr(experts, GATE_UP, None), getattr(experts, DOWN, None)
+    if not isinstance(gate_up, Tensor) or not isinstance(down, Tensor) or gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(
+            f"`{name}` has no 3D `{GATE_UP}` and `{DOWN}`; check `experts` and `expert_layout` "
+            "in this family's FamilySpec (quantmoe/anatomy/specs.py)"
+        )
+    gu_out, gu_in = gate_up.shape[1:][::-1] if layout.transposed else gate_up.shape[1:]  # (2I, H)
+    d_out, d_in = down.shape[1:][::-1] if layout.transposed else down.shape[1:]  # (H, I)
+    gate = (int(gu_out) // 2, int(gu_in), layout.has_bias)
+    return [(gate, gate, (int(d_out), int(d_in), layout.has_bias))] * int(gate_up.shape[0])
+
+
+def _expected_params(layout: ExpertLayout) -> set[str]:
+    return {GATE_UP, DOWN} | ({GATE_UP_BIAS, DOWN_BIAS} if layout.has_bias else set())
+
+
+@torch.no_grad()
+def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts:
+    params = dict(fused.named_parameters())
+    if set(params) != _expected_params(layout):
+        raise ValueError(
+            f"`{name}` has parameters {sorted(params)}, expected {sorted(_expected_params(layout))}; "
+            "check `expert_layout` in this family's FamilySpec (quantmoe/anatomy/specs.py)"
+        )
+    activation = _activation(fused, layout)
+    gate_up, down = params[GATE_UP], params[DOWN]
+    grad = gate_up.requires_grad
+    experts = []
+    for e in range(gate_up.shape[0]):
+        gate_w, up_w = _split(_as_linear(gate_up[e], layout), layout)  # (I, H) each
+        down_w = _as_linear(down[e], layout)  # (H, I)
+        gate_b = up_b = down_b = None
+        if layout.has_bias:
+            gate_b, up_b = _split(params[GATE_UP_BIAS][e], layout)
+            down_b = params[DOWN_BIAS][e]
+        linears = (_linear(gate_w, gate_b, grad), _linear(up_w, up_b, grad), _linear(down_w, down_b, grad))
+        experts.append(ExpertMLP(*linears, activation=activation))
+    for pname, p in params.items():  # free the fused storage; shapes stay for checks at fuse time
+        setattr(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+    return UnfusedExperts(experts, layout, fused)
+
+
+def _dense(linear: nn.Module, name: str, has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"`{name}` is a {type(linear).__name__} without a dense 2D `weight`; dequantize it "
+            "(or keep the per-expert view) before fuse_experts"
+        )
+    if has_bias != (bias is not None):
+        raise ValueError(
+            f"`{name}` {'lacks' if has_bias else 'has'} a bias but the fused layout "
+            f"{'has' if has_bias else 'has no'} biases; keep the linear's bias as unfuse_experts made it"
+        )
+    return weight, bias
+
+
+@torch.no_grad()
+def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
+    fused, layout = unfused._fused[0], unfused.layout
+    gate_up, down, gate_up_b, down_b = [], [], [], []
+    for e, expert in enumerate(unfused):
+        (g, gb), (u, ub), (d, db) = (
+            _dense(getattr(expert, kind), f"{name}.{e}.{kind}", layout.has_bias) for kind in UNIT_KINDS
+        )
+        gate_up.append(_as_linear(_join(g, u, layout), layout))
+        down.append(_as_linear(d, layout))
+        if layout.has_bias:
+            gate_up_b.append(_join(gb, ub, layout))
+            down_b.append(db)
+    packed = {GATE_UP: gate_up, DOWN: down}
+    if layout.has_bias:
+        packed |= {GATE_UP_BIAS: gate_up_b, DOWN_BIAS: down_b}
+    for pname, tensors in packed.items():
+        old = getattr(fused, pname)
+        new = torch.stack(tensors).contiguous()
+        if new.shape != old.shape:
+            raise ValueError(
+                f"`{name}.{pname}` would be packed as {tuple(new.shape)} but the model expects "
+                f"{tuple(old.shape)}; expert linears must keep the shapes unfuse_experts gave them"
+            )
+        setattr(fused, pname, nn.Parameter(new, requires_grad=old.requires_grad))
+    return fused
+
+
+def unfuse_experts(model: nn.Module) -> nn.Module:
+    """Replace every fused experts module of `model` by an `UnfusedExperts`, in place.
+
+    The per-expert linears hold copies of the fused weights (de-interleaved and transposed
+    where the layout says so); the fused storage is freed. Idempotent.
+    """
+    spec = family_of(model)
+    names = [n for n in experts_module_names(model, spec) if not isinstance(model.get_submodule(n), UnfusedExperts)]
+    for name in names:
+        model.set_submodule(name, _unfuse(model.get_submodule(name), spec.expert_layout, name))
+    logger.debug("unfused %d experts modules of %s", len(names), spec.model_type)
+    return model
+
+
+def fuse_experts(model: nn.Module) -> nn.Module:
+    """Put every original fused experts module back, in place, with the per-expert weights packed in."""
+    names = [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts)]
+    for name in names:
+        model.set_submodule(name, _fuse(model.get_submodule(name), name))
+    logger.debug("fused %d experts modules", len(names))
+    return model
+
+
+def is_unfused(model: nn.Module) -> bool:
+    """Whether any experts module of `model` is in the per-expert view."""
+    return any(isinstance(m, UnfusedExperts) for m in model.modules())
+
+
+@contextmanager
+def per_expert_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Unfuse on entry, fuse back on exit (also on error). A no-op if already unfused."""
+    already = is_unfused(model)
+    unfuse_experts(model)
+    try:
+        yield model
+    finally:
+        if not already:
+            fuse_experts(model)

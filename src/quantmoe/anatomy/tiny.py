@@ -1,0 +1,145 @@
+"""Tiny random models of every supported family, for tests and examples.
+
+Each config is a few layers of width 32-64 with a 128-token vocabulary and a handful of
+experts, chosen so that every structural feature of the family appears at least once
+(dense blocks next to MoE blocks, shared experts, MLA low-rank projections, biases,
+attention sinks). Models are fp32, eager attention and eager experts.
+
+Example:
+    >>> model = tiny_model("mixtral")
+    >>> sum(p.numel() for p in model.parameters()) < 200_000
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from quantmoe.anatomy.specs import FAMILIES, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+# Per family: what differs from _COMMON. Kept small enough that a forward pass over a
+# few dozen tokens takes milliseconds on one CPU core.
+_TINY: dict[str, dict[str, Any]] = {
+    "mixtral": {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_hidden_layers": 3,
+        "intermediate_size": 64,  # dense blocks
+        "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "mlp_only_layers": [0],
+        "decoder_sparse_step": 1,
+        "norm_topk_prob": False,
+    },
+    "qwen3_moe": {
+        "num_hidden_layers": 3,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 24,
+        "num_experts": 6,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 2,  # only block 1 is MoE: (i + 1) % 2 == 0
+        "norm_topk_prob": True,
+    },
+    "deepseek_v3": {
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 4,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 16,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "routed_scaling_factor": 2.5,
+    },
+    "olmoe": {"intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2},
+    "gpt_oss": {
+        "head_dim": 8,
+        "intermediate_size": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 8,
+        "attention_bias": True,
+        "max_position_embeddings": 131072,  # matches the default YaRN rope_parameters (no warning)
+    },
+}
+
+
+def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
+    """A tiny transformers config of `model_type` with eager attention and eager experts.
+
+    `overrides` replace any config field, e.g. `tiny_config("deepseek_v3", q_lora_rank=None)`.
+    """
+    if model_type not in _TINY:
+        raise UnsupportedModelError(
+            f"no tiny config for model_type {model_type!r}; known: {', '.join(sorted(_TINY))}. "
+            "Add one to quantmoe/anatomy/tiny.py (see docs/adding-a-family.md)."
+        )
+    kwargs = {**_COMMON, **_TINY[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    """Fill every parameter with random values in place: N(0, std), norm weights N(1, std).
+
+    Transformers initialises biases, routers and some experts to zero or one; random
+    values everywhere make exactness tests meaningful (a wrong bias or a swapped
+    gate/up shows up in the logits).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        offset = 1.0 if _is_norm(module) else 0.0
+        for param in module.parameters(recurse=False):
+            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std + offset
+            param.copy_(values.to(param.dtype))
+    return model
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny fp32 eager model of `model_type` with every parameter random (see `randomize_`)."""
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not one of {', '.join(sorted(FAMILIES))}")
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.set_experts_implementation("eager")
+    randomize_(model, seed=seed)
+    model.eval()
+    logger.debug("built tiny %s with %d parameters", model_type, sum(p.numel() for p in model.parameters()))
+    return model

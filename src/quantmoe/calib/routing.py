@@ -1,0 +1,89 @@
+"""Routing statistics of a model on a text: tokens and router weight per block and expert."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantmoe.anatomy import ModelAnatomy
+from quantmoe.atomic import atomic_write_text
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Per MoE block: how many tokens picked each expert (top-k), and the router weight they gave it."""
+
+    tokens: int  # tokens that went through every MoE block
+    top_k: dict[int, int]
+    counts: dict[int, np.ndarray]  # block -> (experts,) selections
+    weight_sums: dict[int, np.ndarray]  # block -> (experts,) sum of top-k router weights
+
+    def frequency(self, block: int) -> np.ndarray:
+        """Share of routing slots per expert; sums to 1 over the block's experts."""
+        c = self.counts[block].astype(np.float64)
+        return c / max(c.sum(), 1.0)
+
+    def mean_weight(self, block: int) -> np.ndarray:
+        c = self.counts[block]
+        return np.where(c > 0, self.weight_sums[block] / np.maximum(c, 1), 0.0)
+
+    def balance(self, block: int) -> dict[str, float]:
+        """Load balance of a block: min/max share relative to uniform, normalized entropy."""
+        f = self.frequency(block)
+        n = len(f)
+        nz = f[f > 0]
+        return {"min_share_x_uniform": float(f.min() * n), "max_share_x_uniform": float(f.max() * n),
+                "entropy_norm": float(-(nz * np.log(nz)).sum() / np.log(n)),
+                "unused_experts": int((f == 0).sum())}
+
+    def to_json(self) -> str:
+        return json.dumps({"tokens": self.tokens, "top_k": self.top_k,
+                           "counts": {b: c.tolist() for b, c in self.counts.items()},
+                           "weight_sums": {b: w.tolist() for b, w in self.weight_sums.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> RoutingStats:
+        d = json.loads(text)
+        return cls(tokens=d["tokens"], top_k={int(b): k for b, k in d["top_k"].items()},
+                   counts={int(b): np.asarray(c, dtype=np.int64) for b, c in d["counts"].items()},
+                   weight_sums={int(b): np.asarray(w) for b, w in d["weight_sums"].items()})
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+
+@torch.no_grad()
+def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor,
+                    batch_size: int = 8) -> RoutingStats:
+    """Run ``model`` over ``windows`` and count each router's top-k choices.
+
+    Routers in transformers 5 return ``(logits, top_k_weights, top_k_index)``.
+    """
+    blocks = [b for b in anatomy.blocks if b.is_moe]
+    counts = {b.index: torch.zeros(b.num_experts, dtype=torch.long) for b in blocks}
+    weights = {b.index: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
+
+    def hook_for(block: int, num_experts: int):
+        def hook(_module, _inputs, outputs):
+            top_w, top_i = outputs[1].reshape(-1).double().cpu(), outputs[2].reshape(-1).cpu()
+            counts[block] += torch.bincount(top_i, minlength=num_experts)
+            weights[block].index_add_(0, top_i, top_w)
+        return hook
+
+    handles = [model.get_submodule(b.router).register_forward_hook(hook_for(b.index, b.num_experts))
+               for b in blocks]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        for i in range(0, len(windows), batch_size):
+            model(input_ids=windows[i:i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return RoutingStats(tokens=int(windows.numel()), top_k={b.index: b.top_k for b in blocks},
+                        counts={b: c.numpy() for b, c in counts.items()},
+                        weight_sums={b: w.numpy() for b, w in weights.items()})

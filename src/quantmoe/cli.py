@@ -1,0 +1,96 @@
+"""The ``quantmoe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("quantmoe")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from quantmoe.anatomy import format_anatomy
+    from quantmoe.anatomy.describe import inspect_model
+    from quantmoe.zoo.embedded import resolve_model
+
+    print(format_anatomy(inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from quantmoe.eval.metrics import evaluate, make_windows
+    from quantmoe.zoo.embedded import load_model, split_tokens
+
+    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    windows = make_windows(split_tokens(args.split, tokenizer), args.seq_len, args.max_windows)
+    res = evaluate(model, windows, batch_size=args.batch_size, progress=True)
+    print(f"{args.model}: {args.split} perplexity {res.ppl:.3f} over {res.tokens:,} predicted tokens "
+          f"({len(windows)} windows of {args.seq_len})")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from quantmoe.demo import run_demo
+
+    return run_demo(threads=args.threads)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="embedded model name (mixtral-s, deepseek-s), local folder or hub id")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code from the hub (off by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantmoe import __version__
+    from quantmoe.zoo.cli import add_zoo_parser
+
+    parser = argparse.ArgumentParser(prog="quantmoe", description=(
+        "Structure-aware mixed-precision post-training quantization of Mixture-of-Experts models."))
+    parser.add_argument("--version", action="version", version=f"quantmoe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="print the MoE anatomy of a model (from its config alone)",
+                       description="Blocks, experts, top-k, shared experts and parameters by role. "
+                                   "Needs only the config: weights are not loaded.")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("eval", help="perplexity of a model on an embedded text split",
+                       description="Perplexity over non-overlapping windows of an embedded text split.")
+    _add_model_args(p)
+    p.add_argument("--split", default="test", choices=("calibration", "validation", "test"))
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job on the embedded models",
+                       description="Inspect the embedded models and evaluate them on the test split.")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.set_defaults(func=_cmd_demo)
+
+    add_zoo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # bad input: a clear message, no traceback
+        if args.verbose:
+            raise
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Perplexity and KL divergence to a full-precision reference, per token.
+
+KL follows llama.cpp's KL statistics: for every predicted token,
+KL(P_ref || P_q) = sum_v p_ref(v) * (log p_ref(v) - log p_q(v)), reported as mean,
+median and high percentiles, plus top-1 agreement (argmax of both models equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted tokens
+    kl_mean: float | None = None
+    kl_median: float | None = None
+    kl_p90: float | None = None
+    kl_p99: float | None = None
+    kl_max: float | None = None
+    top1_agreement: float | None = None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return dict(self.__dict__)
+
+
+def make_windows(token_ids: np.ndarray | torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows (n, seq_len) of a token stream; the tail that does not fill one is dropped."""
+    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}: lower `seq_len`")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _logprobs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=batch.to(_device_of(model))).logits[:, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def reference_logprobs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                       dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Log-probabilities of the full-precision model, per batch, kept on the CPU.
+
+    Computed once and reused for every quantized variant of the same model. Keep float32
+    for small KL values: half-precision rounding of log-probabilities is of the order of
+    the KL of an 8-bit model.
+    """
+    model.eval()
+    return [_logprobs(model, windows[i:i + batch_size]).to("cpu", dtype)
+            for i in range(0, len(windows), batch_size)]
+
+
+Reference = torch.nn.Module | list[torch.Tensor]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, reference: Reference | None = None,
+             batch_size: int = 8, progress: bool = False) -> EvalResult:
+    """Perplexity of ``model`` on ``windows``; with ``reference`` (a model, or its
+    ``reference_logprobs`` for the same windows and batch size), also KL(ref || model) per token."""
+    was_training = model.training
+    model.eval()
+    if isinstance(reference, torch.nn.Module):
+        reference.eval()
+    nll_sum, count = 0.0, 0
+    kls: list[torch.Tensor] = []
+    agree = 0
+    starts = range(0, len(windows), batch_size)
+    for n, i in enumerate(tqdm(starts, desc="eval", disable=not progress, leave=False)):
+        batch = windows[i:i + batch_size]
+        lp = _logprobs(model, batch)  # (b, t-1, vocab)
+        target = batch[:, 1:].to(lp.device)
+        nll_sum += -lp.gather(-1, target.unsqueeze(-1)).sum().item()
+        count += target.numel()
+        if reference is not None:
+            if isinstance(reference, torch.nn.Module):
+                ref = _logprobs(reference, batch).to(lp.device)
+            else:
+                ref = reference[n].to(lp.device, torch.float32)
+            kls.append((ref.exp() * (ref - lp)).sum(-1).reshape(-1).cpu())
+            agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
+    model.train(was_training)
+    nll = nll_sum / count
+    result = dict(ppl=float(np.exp(nll)), nll=nll, tokens=count)
+    if reference is not None:
+        kl = torch.cat(kls).double().clamp(min=0)
+        q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+        result.update(kl_mean=kl.mean().item(), kl_median=q[0].item(), kl_p90=q[1].item(),
+                      kl_p99=q[2].item(), kl_max=kl.max().item(), top1_agreement=agree / count)
+    return EvalResult(**result)

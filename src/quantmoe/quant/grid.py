@@ -1,0 +1,109 @@
+"""The integer grid: per-group scale/zero, quantize, dequantize, round-to-nearest.
+
+Conventions (as in GPTQ): ``maxq = 2**bits - 1``; symmetric grids put the zero point in
+the middle (``zero = (maxq + 1) / 2``) with ``scale = 2 * max|w| / maxq``; asymmetric
+grids span ``[min(w, 0), max(w, 0)]``. ``group_size=None`` means one group per output
+channel (per-channel).
+
+Example:
+    >>> import torch
+    >>> w = torch.tensor([[-1.0, 0.0, 0.6, 2.0]])  # range 3, 2 bits: scale 1, zero 1
+    >>> rtn(w, QuantSpec(bits=2, group_size=None, symmetric=False)).tolist()
+    [[-1.0, 0.0, 1.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+KEEP_BITS = 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one linear is quantized. ``bits=16`` keeps it in full precision."""
+
+    bits: int
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"check `bits`: {self.bits} is not one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size is not None and (self.group_size < 1 or self.group_size & (self.group_size - 1)):
+            raise ValueError(f"check `group_size`: {self.group_size} is not a power of two (or null for per-channel)")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def keep(self) -> bool:
+        return self.bits == KEEP_BITS
+
+    def groups(self, in_features: int) -> int:
+        size = self.group_size or in_features
+        return -(-in_features // size)
+
+
+@dataclass(frozen=True)
+class QParams:
+    scale: torch.Tensor  # (out, groups)
+    zero: torch.Tensor  # (out, groups), integer-valued floats
+    group_size: int  # columns per group (in_features for per-channel)
+
+
+def compute_qparams(W: torch.Tensor, spec: QuantSpec) -> QParams:
+    """Scale and zero point of every (row, group) of ``W`` (out, in)."""
+    out_f, in_f = W.shape
+    size = spec.group_size or in_f
+    groups = spec.groups(in_f)
+    pad = groups * size - in_f
+    Wp = torch.nn.functional.pad(W.float(), (0, pad)) if pad else W.float()
+    Wg = Wp.reshape(out_f, groups, size)  # (out, groups, size)
+    if pad:  # padding must not widen the range: reuse each group's first element
+        mask = torch.arange(groups * size, device=W.device).reshape(groups, size) >= in_f
+        Wg = torch.where(mask, Wg[..., :1], Wg)
+    xmin = Wg.amin(dim=-1).clamp(max=0)
+    xmax = Wg.amax(dim=-1).clamp(min=0)
+    if spec.symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    span = xmax - xmin
+    degenerate = span == 0
+    xmin = torch.where(degenerate, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / spec.maxq
+    if spec.symmetric:
+        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return QParams(scale=scale, zero=zero, group_size=size)
+
+
+def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """(out, groups) -> (out, in): the value of each column's group."""
+    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes in [0, maxq]; ``scale``/``zero`` broadcast against ``W``."""
+    return torch.clamp(torch.round(W / scale) + zero, 0, maxq)
+
+
+def dequantize(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (Q - zero)
+
+
+def rtn(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest fake quantization of ``W`` (out, in); returns the dequantized weight."""
+    if spec.keep:
+        return W.clone()
+    qp = compute_qparams(W, spec)
+    in_f = W.shape[1]
+    scale = expand_groups(qp.scale, qp.group_size, in_f)
+    zero = expand_groups(qp.zero, qp.group_size, in_f)
+    return dequantize(quantize(W.float(), scale, zero, spec.maxq), scale, zero).to(W.dtype)

@@ -1,0 +1,186 @@
+"""The per-expert view is exact and reversible, and routes exactly the right tokens."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from quantmoe.anatomy import (
+    describe,
+    family_of,
+    fuse_experts,
+    is_unfused,
+    per_expert_view,
+    tiny_model,
+    unfuse_experts,
+)
+
+FAMILY_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls run fastest on one thread (several threads on a busy machine: ~400x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _pristine(model_type: str) -> nn.Module:
+    return tiny_model(model_type)
+
+
+def _model(model_type: str) -> nn.Module:
+    return copy.deepcopy(_pristine(model_type))
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module) -> torch.Tensor:
+    return model(_ids()).logits
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_round_trip_is_exact(model_type):
+    model = _model(model_type)
+    assert model.config._experts_implementation == "eager"
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fused_logits = _logits(model)
+    assert fused_logits.abs().max() > 0.1  # random weights give non-trivial logits
+
+    unfuse_experts(model)
+    assert is_unfused(model)
+    unfused_logits = _logits(model)
+    assert (unfused_logits - fused_logits).abs().max() < TOL
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in original.values())
+
+    fuse_experts(model)
+    assert not is_unfused(model)
+    assert (_logits(model) - fused_logits).abs().max() < TOL
+    restored = dict(model.named_parameters())
+    assert restored.keys() == original.keys()
+    for name, p in restored.items():
+        assert torch.equal(p, original[name]), name
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_unfused_linears_are_the_fused_slices(model_type):
+    model = _model(model_type)
+    layout = family_of(model).expert_layout
+    block = [b for b in describe(model).blocks if b.is_moe][-1]
+    fused = model.get_submodule(block.experts_module)
+    gate_up, down = fused.gate_up_proj.detach().clone(), fused.down_proj.detach().clone()
+    unfuse_experts(model)
+    e = block.num_experts - 1
+    gate, up, dn = (model.get_submodule(n).weight for n in block.experts[e])
+    w = gate_up[e].T if layout.transposed else gate_up[e]  # (2I, H)
+    ref_gate, ref_up = (w[0::2], w[1::2]) if layout.interleaved else w.chunk(2)
+    assert torch.equal(gate, ref_gate) and torch.equal(up, ref_up)
+    assert torch.equal(dn, down[e].T if layout.transposed else down[e])
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_hook_on_one_expert_sees_exactly_its_tokens(model_type):
+    model = unfuse_experts(_model(model_type))
+    block = [b for b in describe(model).blocks if b.is_moe][-1]
+    router = model.get_submodule(block.router)
+    routed: list[torch.Tensor] = []
+    block_input: list[torch.Tensor] = []
+    seen: dict[str, list[torch.Tensor]] = {"gate_proj": [], "down_proj": []}
+    hooks = [
+        router.register_forward_hook(lambda m, i, out: routed.append(out[2])),  # (T, k) expert indices
+        model.get_submodule(block.experts_module).register_forward_pre_hook(
+            lambda m, args: block_input.append(args[0])
+        ),
+    ]
+    counts = {}
+    try:
+        for e in range(block.num_experts):
+            gate_name, _, down_name = block.experts[e]
+            hooks.append(model.get_submodule(gate_name).register_forward_hook(
+                lambda m, i, o, e=e: seen["gate_proj"].append((e, i[0]))))  # fmt: skip
+            hooks.append(model.get_submodule(down_name).register_forward_hook(
+                lambda m, i, o, e=e: seen["down_proj"].append((e, i[0]))))  # fmt: skip
+        _logits(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    (indices,), (hidden,) = routed, block_input
+    assert indices.shape == (hidden.shape[0], model.config.num_experts_per_tok)
+    for e in range(block.num_experts):
+        mask = (indices == e).any(dim=-1)  # (T,) tokens routed to expert e
+        counts[e] = int(mask.sum())
+        gate_inputs = [x for i, x in seen["gate_proj"] if i == e]
+        down_inputs = [x for i, x in seen["down_proj"] if i == e]
+        if counts[e] == 0:
+            assert gate_inputs == [] and down_inputs == []
+            continue
+        (gate_in,), (down_in,) = gate_inputs, down_inputs
+        assert gate_in.shape[0] == down_in.shape[0] == counts[e] == int((indices == e).sum())
+        # each row the expert saw is one of its routed tokens' hidden states, each token once
+        matches = (gate_in[:, None, :] == hidden[None, :, :]).all(dim=-1)  # (n, T)
+        assert torch.equal(matches.sum(dim=1), torch.ones(counts[e], dtype=torch.long))
+        assert torch.equal(matches.any(dim=0), mask)
+    assert sum(counts.values()) == indices.numel()
+    assert sum(c > 0 for c in counts.values()) >= 2  # routing is not degenerate
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_edited_expert_weights_are_packed_back(model_type):
+    model = _model(model_type)
+    layout = family_of(model).expert_layout
+    block = describe(model).blocks[0]
+    with per_expert_view(model):
+        down = model.get_submodule(block.experts[1][2])
+        gate = model.get_submodule(block.experts[1][0])
+        with torch.no_grad():
+            down.weight.mul_(2.0)  # (H, I)
+            gate.weight.zero_()  # (I, H)
+            if layout.has_bias:
+                gate.bias.fill_(3.0)
+        new_down, edited_logits = down.weight.detach().clone(), _logits(model)
+    fused = model.get_submodule(block.experts_module)
+    stored_down = fused.down_proj[1].T if layout.transposed else fused.down_proj[1]
+    assert torch.equal(stored_down, new_down)
+    w = fused.gate_up_proj[1].T if layout.transposed else fused.gate_up_proj[1]  # (2I, H)
+    gate_rows = w[0::2] if layout.interleaved else w.chunk(2)[0]
+    assert torch.equal(gate_rows, torch.zeros_like(gate_rows))
+    if layout.has_bias:
+        gate_bias = fused.gate_up_proj_bias[1][0::2]
+        assert torch.equal(gate_bias, torch.full_like(gate_bias, 3.0))
+    assert (_logits(model) - edited_logits).abs().max() < TOL
+    assert (_logits(model) - _logits(_pristine(model_type))).abs().max() > TOL
+
+
+def test_per_expert_view_restores_on_error_and_nests():
+    model = _model("olmoe")
+    reference = _logits(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with per_expert_view(model):
+            assert is_unfused(model)
+            raise RuntimeError("boom")
+    assert not is_unfused(model)
+    with per_expert_view(model):
+        with per_expert_view(model):
+            pass
+        assert is_unfused(model)  # the inner view does not fuse what the outer one unfused
+    assert not is_unfused(model)
+    assert torch.equal(_logits(model), reference)
+
+
+def test_fuse_rejects_a_linear_without_dense_weight():
+    model = unfuse_experts(_model("mixtral"))
+    block = describe(model).blocks[0]
+    model.set_submodule(block.experts[0][2], nn.Identity())
+    with pytest.raises(ValueError, match="dequantize"):
+        fuse_experts(model)
