@@ -195,7 +195,7 @@ def train_model(recipe: Recipe, tokenizer_dir: Path, train_text: Path, valid_tex
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
             load.update_biases(recipe.bias_update_rate)
-            record = {"step": step + 1, "loss": float(out.loss), "time": time.perf_counter() - t0}
+            record = {"step": step + 1, "loss": float(out.loss.detach()), "time": time.perf_counter() - t0}
             if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
                 record["val_loss"] = evaluate_loss(model, valid_ids, recipe.seq_len)
                 bar.set_postfix(val=f"{record['val_loss']:.3f}")

@@ -1,0 +1,253 @@
+"""The sequential quantization driver: one block at a time.
+
+capture block 0's inputs -> for each block: calibrate and quantize its linears stage by
+stage (attention inputs -> o_proj -> experts' gate/up -> down), each stage seeing the
+already-quantized earlier stages -> re-run the quantized block so the next block sees
+quantized inputs. Only the block being worked on needs to sit on ``device``; the rest of
+the model stays where it is (CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quantmoe.anatomy import LinearUnit, ModelAnatomy, describe, family_of, unfuse_experts
+from quantmoe.calib.data import CalibrationConfig
+from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector
+from quantmoe.quant.gptq import gptq_quantize, gptq_quantize_batched
+from quantmoe.quant.grid import QuantSpec
+from quantmoe.quant.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class Stage:
+    kinds: frozenset[str]
+    shared_input: bool  # linears of one parent module in this stage read the same input
+
+
+# The paper's sequential order inside a block, as data. MLA's q_b/kv_b read different inputs.
+STAGES: tuple[Stage, ...] = (
+    Stage(frozenset({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"}), True),
+    Stage(frozenset({"q_b_proj", "kv_b_proj"}), False),
+    Stage(frozenset({"o_proj"}), False),
+    Stage(frozenset({"gate_proj", "up_proj"}), True),
+    Stage(frozenset({"down_proj"}), False),
+)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    method: str = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"check `damp`: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)")
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    method: str  # gptq, rtn, keep, rtn-fallback
+    tokens: int
+    loss: float | None = None
+    damp: float | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    units: Mapping[str, UnitReport]
+    expert_tokens: Mapping[int, tuple[int, ...]]  # block -> routed calibration tokens per expert
+    fallbacks: tuple[str, ...]
+    seconds: float
+    block_seconds: tuple[float, ...] = field(default=())
+
+
+def stage_of(unit: LinearUnit) -> int:
+    for i, stage in enumerate(STAGES):
+        if unit.kind in stage.kinds:
+            return i
+    raise ValueError(f"linear kind {unit.kind!r} ({unit.name}) has no calibration stage: add it to "
+                     "quantmoe.quant.pipeline.STAGES")
+
+
+def _input_key(unit: LinearUnit) -> str:
+    stage = STAGES[stage_of(unit)]
+    return unit.name.rsplit(".", 1)[0] + f"#stage{stage_of(unit)}" if stage.shared_input else unit.name
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor, batch_size: int,
+                         device: torch.device) -> list[tuple[tuple, dict]]:
+    """Positional and keyword inputs of the first block, one entry per calibration batch."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(windows), batch_size):
+            try:
+                model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    outs = []
+    for args, kwargs in inputs:
+        out = block(*args, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: torch.Tensor,
+                   calib: CalibrationConfig = CalibrationConfig(), gptq: GPTQConfig = GPTQConfig(),
+                   device: str | torch.device | None = None, progress: bool = True) -> QuantReport:
+    """Quantize ``model`` in place: every unit in ``specs`` becomes a ``QuantLinear``.
+
+    The model is switched to its per-expert view (and stays in it: quantized experts are
+    per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
+    """
+    t_start = time.perf_counter()
+    family = family_of(model)
+    unfuse_experts(model)
+    anatomy: ModelAnatomy = describe(model)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    for unit in anatomy.units:
+        w = model.get_submodule(unit.name).weight
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{unit.name} has NaN/Inf weights: the checkpoint is corrupt or was saved "
+                             "after a diverged training run")
+    blocks = model.get_submodule(family.layers)
+    model.get_submodule(family.embedding).to(device)
+    rotary = getattr(model.get_submodule(family.layers.rsplit(".", 1)[0]), "rotary_emb", None)
+    if rotary is not None:
+        rotary.to(device)
+    inputs = capture_block_inputs(model, blocks[0], windows, calib.batch_size, device)
+    reports: dict[str, UnitReport] = {}
+    expert_tokens: dict[int, tuple[int, ...]] = {}
+    fallbacks: list[str] = []
+    block_seconds: list[float] = []
+    by_block: dict[int, list[LinearUnit]] = defaultdict(list)
+    for unit in anatomy.units:
+        by_block[unit.block].append(unit)
+    bar = tqdm(anatomy.blocks, desc="quantize blocks", disable=not progress)
+    for block_info in bar:
+        t0 = time.perf_counter()
+        block = blocks[block_info.index].to(device)
+        units = by_block[block_info.index]
+        experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
+        experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
+        for stage_index in range(len(STAGES)):
+            stage_units = [u for u in units if stage_of(u) == stage_index and not specs[u.name].keep]
+            for u in units:
+                if stage_of(u) == stage_index and specs[u.name].keep:
+                    reports[u.name] = UnitReport(16, None, True, "keep", 0)
+            if not stage_units:
+                continue
+            collector = HessianCollector(model, stage_units, _input_key, experts, calib.moe_mode)
+            if gptq.method == "gptq":
+                with collector.attached(experts_module_of):
+                    _run_block(block, inputs)
+            _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks)
+            if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
+                expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
+        outputs = _run_block(block, inputs)
+        for out in outputs:
+            if not torch.isfinite(out).all():
+                raise ValueError(f"block {block_info.index} produced NaN/Inf after quantization")
+        inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
+        blocks[block_info.index].to(home)
+        block_seconds.append(time.perf_counter() - t0)
+        bar.set_postfix(block=block_info.index, s=f"{block_seconds[-1]:.1f}")
+    model.get_submodule(family.embedding).to(home)
+    if rotary is not None:
+        rotary.to(home)
+    if fallbacks:
+        log.warning("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian); "
+                    "see the report", len(fallbacks))
+    return QuantReport(units=reports, expert_tokens=expert_tokens, fallbacks=tuple(fallbacks),
+                       seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
+
+
+def stage_of_kind(kind: str) -> int:
+    return next(i for i, s in enumerate(STAGES) if kind in s.kinds)
+
+
+def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
+                    collector: HessianCollector, calib: CalibrationConfig, gptq: GPTQConfig,
+                    reports: dict[str, UnitReport], fallbacks: list[str]) -> None:
+    """GPTQ (batched over experts of equal shape and settings) or RTN for each unit of a stage."""
+    batches: dict[tuple, list[tuple[LinearUnit, torch.Tensor, int]]] = defaultdict(list)
+    for unit in units:
+        spec = specs[unit.name]
+        linear = model.get_submodule(unit.name)
+        if gptq.method == "rtn":
+            _replace(model, unit.name, QuantLinear.from_float(linear, spec))
+            reports[unit.name] = UnitReport(spec.bits, spec.group_size, spec.symmetric, "rtn", 0)
+            continue
+        H, tokens = collector.hessian(unit)
+        if tokens == 0 or (unit.expert is not None and tokens < calib.min_expert_tokens):
+            # never GPTQ on an empty Hessian: it would zero the weights
+            _replace(model, unit.name, QuantLinear.from_float(linear, spec))
+            note = f"{tokens} calibration tokens < min_expert_tokens={calib.min_expert_tokens}"
+            reports[unit.name] = UnitReport(spec.bits, spec.group_size, spec.symmetric, "rtn-fallback", tokens,
+                                            note=note)
+            fallbacks.append(unit.name)
+            continue
+        key = (unit.kind, spec, tuple(linear.weight.shape), unit.expert is not None)
+        batches[key].append((unit, H, tokens))
+    for (_, spec, _, is_expert), items in batches.items():
+        weights = [model.get_submodule(u.name).weight for u, _, _ in items]
+        if is_expert and len(items) > 1:
+            results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
+                                            damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
+                                            names=[u.name for u, _, _ in items])
+        else:
+            results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
+                                     act_order=gptq.act_order, name=u.name) for w, (u, H, _) in zip(weights, items)]
+        for (unit, _, tokens), result in zip(items, results):
+            linear = model.get_submodule(unit.name)
+            _replace(model, unit.name, QuantLinear.from_result(linear, result))
+            method = "rtn-fallback" if result.fallback else "gptq"
+            if result.fallback:
+                fallbacks.append(unit.name)
+            reports[unit.name] = UnitReport(spec.bits, spec.group_size, spec.symmetric, method, tokens,
+                                            loss=result.loss, damp=result.damp_used,
+                                            note="Hessian not positive definite" if result.fallback else None)
