@@ -44,6 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from quantmoe import __version__
+    from quantmoe.quant.cli import add_quantize_parser
     from quantmoe.zoo.cli import add_zoo_parser
 
     parser = argparse.ArgumentParser(prog="quantmoe", description=(
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.set_defaults(func=_cmd_demo)
 
+    add_quantize_parser(sub)
     add_zoo_parser(sub)
     return parser
 

@@ -38,10 +38,11 @@ class InputStats:
         self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
 
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
         if not torch.isfinite(x).all():
             raise ValueError("non-finite calibration activations (NaN/Inf) reached a linear layer")
         if weights is not None:
+            weights = weights.detach()
             self.weight_sum += float(weights.sum())
             x = x * weights.float().sqrt().unsqueeze(-1)
         else:

@@ -1,0 +1,115 @@
+"""A linear layer stored in packed integer form, dequantized on the fly.
+
+Buffers (all saved by ``state_dict`` and safetensors-ready, contiguous):
+    qweight  int32 (out, packed_words(in, bits))      codes packed along the input dim (pack.py)
+    qzeros   int32 (groups, packed_words(out, bits))  zero points packed along the output dim
+                                                      (dense also for per-channel: one group)
+    scales   model dtype (out, groups)
+    bias     model dtype (out,) or None
+and, not saved, ``g_idx`` int32 (in,): the group of each input column. Stored groups are
+always contiguous (act-order uses static groups), so it is derived from ``group_size``; it
+can be set to any assignment in memory.
+
+Zero points are stored as they are used (no GPTQ "zero - 1" offset). ``forward`` calls
+``dequantize_weight()`` (plain torch, the seam for a future kernel) and ``F.linear``;
+dequantization is done in float32 then cast, so the weight equals a ``GPTQResult.Q`` of the
+same dtype bit for bit.
+
+Example:
+    >>> import torch
+    >>> from quantmoe.quant.grid import QuantSpec, rtn
+    >>> linear = torch.nn.Linear(64, 8)
+    >>> q = QuantLinear.from_float(linear, QuantSpec(bits=3, group_size=32))
+    >>> q
+    QuantLinear(in_features=64, out_features=8, bits=3, group_size=32, bias=True)
+    >>> torch.equal(q.dequantize_weight(), rtn(linear.weight, QuantSpec(bits=3, group_size=32)))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantmoe.quant.gptq import GPTQResult, scale_in_dtype
+from quantmoe.quant.grid import QuantSpec, compute_qparams, expand_groups, quantize
+from quantmoe.quant.pack import pack, packed_words, unpack
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` replacement holding packed ``bits``-bit codes, groups of ``group_size`` inputs."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if group_size < 1:
+            raise ValueError(f"check `group_size`: {group_size} is not a positive number of columns")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = -(-in_features // group_size)
+        words = packed_words(in_features, bits)  # also validates bits
+        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, packed_words(out_features, bits), dtype=torch.int32,
+                                                   device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("g_idx", (torch.arange(in_features, device=device) // group_size).to(torch.int32),
+                             persistent=False)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    def reset_g_idx(self) -> None:
+        """Contiguous groups of ``group_size`` columns (the stored format)."""
+        self.g_idx = (torch.arange(self.in_features, device=self.qweight.device) // self.group_size).to(torch.int32)
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+    @classmethod
+    def from_result(cls, linear: nn.Linear, result: GPTQResult) -> QuantLinear:
+        """Store a GPTQ result for ``linear``; the module computes ``F.linear(x, result.Q, bias)``."""
+        shape, want = tuple(result.qweight.shape), tuple(linear.weight.shape)
+        if shape != want:
+            raise ValueError(f"GPTQ result is for a {shape} weight, the linear's weight is {want}")
+        return cls._build(linear, result.qweight, result.scale, result.zero, result.bits, result.group_size)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
+        """Round-to-nearest ``linear`` (scales rounded to its dtype first, as GPTQ does)."""
+        if spec.keep:
+            raise ValueError(f"check `bits`: {spec.bits} keeps the weight; QuantLinear stores 2, 3, 4 or 8")
+        W = linear.weight.detach()
+        qp = compute_qparams(W, spec)
+        scale = scale_in_dtype(qp.scale, W.dtype)  # (out, groups)
+        in_f = W.shape[1]
+        codes = quantize(W.float(), expand_groups(scale, qp.group_size, in_f),
+                         expand_groups(qp.zero, qp.group_size, in_f), spec.maxq)  # (out, in)
+        return cls._build(linear, codes, scale, qp.zero, spec.bits, qp.group_size)
+
+    @classmethod
+    @torch.no_grad()
+    def _build(cls, linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               bits: int, group_size: int) -> QuantLinear:
+        W = linear.weight
+        out_f, in_f = W.shape
+        module = cls(in_f, out_f, bits, group_size, bias=linear.bias is not None, dtype=W.dtype, device=W.device)
+        module.qweight.copy_(pack(codes, bits))
+        module.qzeros.copy_(pack(zero.T, bits))
+        module.scales.copy_(scale.to(W.dtype))
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """(out, in) weight in the scales' dtype; the place for a fused kernel later."""
+        codes = unpack(self.qweight, self.bits, self.in_features).float()  # (out, in)
+        zeros = unpack(self.qzeros, self.bits, self.out_features).float().T  # (out, groups)
+        g = self.g_idx.long()
+        return (self.scales.float()[:, g] * (codes - zeros[:, g])).to(self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

@@ -1,0 +1,150 @@
+import copy
+
+import pytest
+import torch
+
+from quantmoe.anatomy import describe, tiny_model
+from quantmoe.calib.data import CalibrationConfig
+from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector
+from quantmoe.quant.fake import rtn_model
+from quantmoe.quant.grid import QuantSpec
+from quantmoe.quant.pipeline import GPTQConfig, _input_key, _run_block, capture_block_inputs, quantize_model
+from quantmoe.quant.plan import Plan
+from quantmoe.quant.qlinear import QuantLinear
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+
+
+def _windows(model, n=8, t=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, t), generator=g)
+
+
+def _kl(ref, model, windows):
+    with torch.no_grad():
+        p = torch.log_softmax(ref(input_ids=windows).logits, -1)
+        q = torch.log_softmax(model(input_ids=windows).logits, -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_linear_quantized_and_every_expert_calibrated_or_listed(family):
+    model = tiny_model(family)
+    specs = Plan.uniform(4, group_size=None).resolve(describe(model))
+    report = quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1, batch_size=4),
+                            progress=False)
+    assert set(report.units) == set(specs)
+    for name in specs:
+        assert isinstance(model.get_submodule(name), QuantLinear), name
+        u = report.units[name]
+        assert (u.method == "gptq" and u.tokens > 0) or (u.method == "rtn-fallback" and name in report.fallbacks)
+    anatomy = describe(model)
+    for block in anatomy.blocks:
+        if block.is_moe:
+            assert len(report.expert_tokens[block.index]) == block.num_experts
+            assert sum(report.expert_tokens[block.index]) == 8 * 32 * block.top_k
+
+
+def test_gptq_beats_rtn_on_the_model_output():
+    model = tiny_model("mixtral")
+    windows = _windows(model, n=16)
+    specs = Plan.uniform(3, group_size=None).resolve(describe(model))
+    gptq = copy.deepcopy(model)
+    quantize_model(gptq, specs, windows, CalibrationConfig(min_expert_tokens=1), progress=False)
+    rtn = rtn_model(model, lambda u: specs[u.name])
+    held_out = _windows(model, seed=1)
+    assert _kl(model, gptq, held_out) < _kl(model, rtn, held_out)
+
+
+def test_expert_without_tokens_falls_back_to_rtn_and_is_not_zeroed():
+    model = tiny_model("mixtral")
+    router = model.get_submodule("model.layers.1.mlp.gate")
+
+    def never_expert_0(_m, _inp, out):
+        logits, weights, idx = out
+        return logits, weights, torch.where(idx == 0, torch.ones_like(idx), idx)
+
+    router.register_forward_hook(never_expert_0)
+    specs = Plan.uniform(4, group_size=None).resolve(describe(model))
+    ref = copy.deepcopy(model)
+    report = quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=0), progress=False)
+    assert report.expert_tokens[1][0] == 0
+    name = "model.layers.1.mlp.experts.0.down_proj"
+    assert report.units[name].method == "rtn-fallback" and name in report.fallbacks
+    q = model.get_submodule(name).dequantize_weight()
+    with torch.no_grad():
+        from quantmoe.anatomy import per_expert_view
+        with per_expert_view(ref):
+            w = ref.get_submodule(name).weight
+            from quantmoe.quant.grid import rtn
+            expected = rtn(w, QuantSpec(bits=4, group_size=None))
+    assert q.abs().sum() > 0
+    assert torch.equal(q, expected)
+
+
+@pytest.mark.parametrize("mode", ["all", "weighted", "routed"])
+def test_calibration_does_not_change_block_outputs(mode):
+    model = tiny_model("qwen2_moe")
+    from quantmoe.anatomy import unfuse_experts
+    unfuse_experts(model)
+    anatomy = describe(model)
+    block_info = next(b for b in anatomy.blocks if b.is_moe)
+    block = model.get_submodule(block_info.module_name)
+    first = model.get_submodule(anatomy.blocks[0].module_name)
+    inputs = capture_block_inputs(model, first, _windows(model), 4, torch.device("cpu"))
+    if block_info.index > 0:
+        for i in range(block_info.index):
+            outs = _run_block(model.get_submodule(anatomy.blocks[i].module_name), inputs)
+            inputs = [((o,) + a[1:], k) for o, (a, k) in zip(outs, inputs)]
+    plain = _run_block(block, inputs)
+    units = [u for u in anatomy.units if u.block == block_info.index and u.kind in ("gate_proj", "up_proj")]
+    collector = HessianCollector(model, units, _input_key,
+                                 [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)], mode)
+    with collector.attached({u.name: block_info.experts_module if u.expert is not None else None for u in units}):
+        hooked = _run_block(block, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(plain, hooked))
+    routed = collector.routed_tokens[block_info.experts_module]
+    for u in units:
+        H, tokens = collector.hessian(u)
+        if u.expert is not None:
+            assert tokens == (4 * 32 * 2 if mode == "all" else routed[u.expert].item())
+        assert torch.allclose(H, H.T)
+    # gate and up of one expert share one Hessian
+    gate = next(u for u in units if u.expert == 0 and u.kind == "gate_proj")
+    up = next(u for u in units if u.expert == 0 and u.kind == "up_proj")
+    assert torch.equal(collector.hessian(gate)[0], collector.hessian(up)[0])
+
+
+def test_reruns_are_identical():
+    outs = []
+    for _ in range(2):
+        model = tiny_model("deepseek_v3")
+        specs = Plan.uniform(2, group_size=16).resolve(describe(model))
+        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1), progress=False)
+        outs.append(model.state_dict())
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_nan_weights_are_a_clear_error():
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    specs = Plan.uniform(4).resolve(describe(model))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj has NaN"):
+        quantize_model(model, specs, _windows(model), progress=False)
+
+
+def test_rtn_method_and_keep_bits():
+    model = tiny_model("olmoe")
+    plan = Plan.from_dict({"default": {"bits": 4, "group_size": 16}, "roles": {"attention": {"bits": 16}}})
+    specs = plan.resolve(describe(model))
+    ref = copy.deepcopy(model)
+    report = quantize_model(model, specs, _windows(model), gptq=GPTQConfig(method="rtn"), progress=False)
+    attn = [n for n, s in specs.items() if s.bits == 16]
+    assert attn and all(report.units[n].method == "keep" for n in attn)
+    assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in attn)
+    expected = rtn_model(ref, lambda u: specs[u.name])
+    w = _windows(model)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=w).logits, expected(input_ids=w).logits, atol=1e-5)
