@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantmoe.anatomy import describe, unfuse_experts
+from quantmoe.atomic import current_umask
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
 
@@ -108,9 +109,12 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
         # the config is written last: a folder without it is never a checkpoint
         (tmp / CONFIG_NAME).write_text(json.dumps(qconfig, indent=1))
+        umask = current_umask()
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~umask)
         _fsync_dir(tmp)
         old = None
         if out_dir.exists():

@@ -53,6 +53,7 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    batch_experts: bool = True  # one batched GPTQ over a block's experts of equal shape and settings
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -235,7 +236,7 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
         batches[key].append((unit, H, tokens))
     for (_, spec, _, is_expert), items in batches.items():
         weights = [model.get_submodule(u.name).weight for u, _, _ in items]
-        if is_expert and len(items) > 1:
+        if is_expert and len(items) > 1 and gptq.batch_experts:
             results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
                                             damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
                                             names=[u.name for u, _, _ in items])

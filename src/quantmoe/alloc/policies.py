@@ -1,0 +1,455 @@
+"""Bit-allocation policies: rules, applied in order, that give every quantizable linear its bits.
+
+A policy is a sequence of rules. Each rule assigns bits to some linears; a **later rule
+overrides** what earlier rules set for the same linears. Every linear must end up covered
+(start with ``uniform=B``, or cover each role). The result is a `Plan` (data, YAML).
+
+Compact form (CLI): comma-separated ``name=value`` items; a value's fields are separated by ``:``
+(optional trailing fields in brackets)::
+
+    experts=2,attention=4,shared=8,topk=30:4
+
+YAML form: a list of one-key mappings; the value is the compact value or a mapping of fields::
+
+    - experts: 2
+    - attention: 4
+    - shared: 8
+    - topk: {k: 30, bits: 4}     # same as  topk: "30:4"
+
+Rules (``[data]`` = needs evidence from the real model, see `Evidence`):
+
+    uniform=BITS                 every linear
+    attention=BITS               "other block": attention + dense MLP of dense blocks (alias: other)
+    dense=BITS                   dense MLP of dense blocks only
+    shared=BITS                  shared experts
+    experts=BITS                 routed experts (alias: routed)
+    topk=K:BITS                  per MoE block, the K most frequently routed experts   [routing]
+    randomk=K:BITS[:SEED]        per MoE block, K experts drawn at random (the control; seeded)
+    global=N:BITS[:BY]           the N top experts across all blocks by BY = frequency (default),
+                                 weight (mean router weight), wanda, massive            [data]
+    first=N:BITS, last=N:BITS    every expert of the first / last N MoE blocks
+    kind=KIND:BITS[:ROLE]        every linear of a kind (down_proj, q_proj, ...), optionally one role
+    pattern=REGEX:BITS           linears whose name fully matches REGEX (compact form: no commas)
+    outlier=P:BITS               the top P% of routed-expert linears by outlier score  [weights]
+    importance=N:BITS[:SOURCE]   every expert of the N most important MoE blocks, SOURCE =
+                                 predicted (default) or measured                      [predictor]
+    preset=NAME                  the rules of a named preset (see `quantmoe.alloc.presets`)
+
+Rankings break ties by block, then expert, then unit order. Bits are one of 2, 3, 4, 8, 16 (keep).
+`quantmoe.alloc.presets.parse_policy` reads both forms; `build_plan` turns rules into a `Plan`.
+
+Example:
+    >>> from quantmoe.anatomy import tiny_model, describe
+    >>> from quantmoe.quant.plan import bit_stats
+    >>> anatomy = describe(tiny_model("mixtral"))
+    >>> plan = build_plan((Experts(2), Attention(4), First(1, 4)), anatomy)
+    >>> plan.to_dict()["roles"], len(plan.patterns)
+    ({'attention': {'bits': 4}}, 1)
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+
+from quantmoe.alloc.scorers import Evidence
+from quantmoe.anatomy import QUANTIZABLE_ROLES, BlockAnatomy, LinearUnit, ModelAnatomy
+from quantmoe.quant.grid import SUPPORTED_BITS, QuantSpec
+from quantmoe.quant.plan import Plan
+
+EXPERT_RANKINGS = {"frequency": "routing", "weight": "routing", "wanda": "wanda", "massive": "massive"}
+BLOCK_SOURCES = ("predicted", "measured")
+ROLE_ALIASES = {"attention": "attention", "routed_expert": "routed_expert", "experts": "routed_expert",
+                "routed": "routed_expert", "shared_expert": "shared_expert", "shared": "shared_expert",
+                "dense_mlp": "dense_mlp", "dense": "dense_mlp"}
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(close)}? " if close else ""
+
+
+def top(scores: np.ndarray, n: int) -> list[int]:
+    """Indices of the n highest scores; ties keep index order."""
+    return [int(i) for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:n]]
+
+
+# --- rules --------------------------------------------------------------------------------------
+
+
+class Rule:
+    """A rule assigns bits to some linears. Subclasses are frozen dataclasses, registered by name."""
+
+    name: ClassVar[str]
+    compact_fields: ClassVar[tuple[str, ...]]
+
+    def needs(self) -> str | None:
+        return None
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"check `bits` of rule {self.name!r}: {self.bits} is not one of "
+                             f"{', '.join(map(str, SUPPORTED_BITS))}")
+        for key in ("k", "n"):
+            if getattr(self, key, 1) < 1:
+                raise ValueError(f"check `{key}` of rule {self.name!r}: it must be a positive integer")
+
+    def compact(self) -> str:
+        values = [getattr(self, f) for f in self.compact_fields]
+        defaults = {f.name: f.default for f in fields(self)}
+        while len(values) > 2 and values[-1] == defaults[self.compact_fields[len(values) - 1]]:
+            values.pop()
+        return f"{self.name}={':'.join(str(v) for v in values)}"
+
+    def _experts(self, blocks: Sequence[BlockAnatomy], picks: Mapping[int, Sequence[int]]) -> dict[str, int]:
+        return {name: self.bits for b in blocks for e in picks.get(b.index, ()) for name in b.experts[e]}
+
+    def _check_k(self, k: int, blocks: Sequence[BlockAnatomy]) -> None:
+        for b in blocks:
+            if k > b.num_experts:
+                raise ValueError(f"check `k` of rule {self.name!r}: {k} is more than the {b.num_experts} "
+                                 f"experts of MoE block {b.index}")
+
+
+def _role_rule(name: str, roles: tuple[str, ...], doc: str) -> type[Rule]:
+    @dataclass(frozen=True)
+    class RoleRule(Rule):
+        bits: int
+        compact_fields: ClassVar[tuple[str, ...]] = ("bits",)
+
+        def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+            return {u.name: self.bits for u in anatomy.units if u.role in roles}
+
+    RoleRule.name, RoleRule.__doc__ = name, doc
+    RoleRule.__name__ = RoleRule.__qualname__ = f"{name.title()}Rule"
+    return RoleRule
+
+
+Uniform = _role_rule("uniform", ("attention", "routed_expert", "shared_expert", "dense_mlp"), "Every linear.")
+Attention = _role_rule("attention", ("attention", "dense_mlp"), "The paper's other_block: attention + dense MLP.")
+Dense = _role_rule("dense", ("dense_mlp",), "Dense MLP of dense blocks.")
+Shared = _role_rule("shared", ("shared_expert",), "Shared experts.")
+Experts = _role_rule("experts", ("routed_expert",), "Routed experts.")
+
+
+def _moe(anatomy: ModelAnatomy) -> list[BlockAnatomy]:
+    return [b for b in anatomy.blocks if b.is_moe]
+
+
+@dataclass(frozen=True)
+class TopK(Rule):
+    """In every MoE block, the k most frequently routed experts (the paper's topK_T)."""
+
+    k: int
+    bits: int
+    name: ClassVar[str] = "topk"
+    compact_fields: ClassVar[tuple[str, ...]] = ("k", "bits")
+
+    def needs(self) -> str:
+        return "routing"
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        blocks = _moe(anatomy)
+        self._check_k(self.k, blocks)
+        return self._experts(blocks, {b.index: top(evidence.expert_scores("frequency", b, self.name), self.k)
+                                      for b in blocks})
+
+
+@dataclass(frozen=True)
+class RandomK(Rule):
+    """In every MoE block, k experts drawn at random: one draw per expert (gate/up/down move together)."""
+
+    k: int
+    bits: int
+    seed: int = 0
+    name: ClassVar[str] = "randomk"
+    compact_fields: ClassVar[tuple[str, ...]] = ("k", "bits", "seed")
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        blocks = _moe(anatomy)
+        self._check_k(self.k, blocks)
+        picks = {b.index: np.random.default_rng([self.seed, b.index]).choice(b.num_experts, self.k, replace=False)
+                 for b in blocks}
+        return self._experts(blocks, picks)
+
+
+@dataclass(frozen=True)
+class Global(Rule):
+    """The n top experts across all MoE blocks, ranked by `by`."""
+
+    n: int
+    bits: int
+    by: str = "frequency"
+    name: ClassVar[str] = "global"
+    compact_fields: ClassVar[tuple[str, ...]] = ("n", "bits", "by")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.by not in EXPERT_RANKINGS:
+            raise ValueError(f"check `by` of rule 'global': {self.by!r} is not one of {', '.join(EXPERT_RANKINGS)}; "
+                             + _did_you_mean(self.by, list(EXPERT_RANKINGS)))
+
+    def needs(self) -> str:
+        return EXPERT_RANKINGS[self.by]
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        blocks = _moe(anatomy)
+        pairs = [(b, e) for b in blocks for e in range(b.num_experts)]
+        if self.n > len(pairs):
+            raise ValueError(f"check `n` of rule 'global': {self.n} is more than the {len(pairs)} routed experts")
+        scores = np.concatenate([evidence.expert_scores(self.by, b, self.name) for b in blocks])
+        return {name: self.bits for i in top(scores, self.n) for name in pairs[i][0].experts[pairs[i][1]]}
+
+
+@dataclass(frozen=True)
+class First(Rule):
+    """Every expert of the first n MoE blocks."""
+
+    n: int
+    bits: int
+    name: ClassVar[str] = "first"
+    compact_fields: ClassVar[tuple[str, ...]] = ("n", "bits")
+
+    def chosen(self, blocks: list[BlockAnatomy]) -> list[BlockAnatomy]:
+        return blocks[: self.n]
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        blocks = _moe(anatomy)
+        if self.n > len(blocks):
+            raise ValueError(f"check `n` of rule {self.name!r}: {self.n} is more than the {len(blocks)} MoE blocks")
+        chosen = self.chosen(blocks)
+        return self._experts(chosen, {b.index: range(b.num_experts) for b in chosen})
+
+
+@dataclass(frozen=True)
+class Last(First):
+    """Every expert of the last n MoE blocks."""
+
+    name: ClassVar[str] = "last"
+
+    def chosen(self, blocks: list[BlockAnatomy]) -> list[BlockAnatomy]:
+        return blocks[len(blocks) - self.n:]
+
+
+@dataclass(frozen=True)
+class Kind(Rule):
+    """Every linear of one kind (the paper's keyword rule, e.g. all down_proj), optionally of one role."""
+
+    kind: str
+    bits: int
+    role: str | None = None
+    name: ClassVar[str] = "kind"
+    compact_fields: ClassVar[tuple[str, ...]] = ("kind", "bits", "role")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.role is not None and self.role not in ROLE_ALIASES:
+            raise ValueError(f"check `role` of rule 'kind': {self.role!r} is not one of {', '.join(ROLE_ALIASES)}; "
+                             + _did_you_mean(self.role, list(ROLE_ALIASES)))
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        role = ROLE_ALIASES.get(self.role) if self.role else None
+        out = {u.name: self.bits for u in anatomy.units if u.kind == self.kind and role in (None, u.role)}
+        if not out:
+            kinds = sorted({u.kind for u in anatomy.units if role in (None, u.role)})
+            raise ValueError(f"check `kind` of rule 'kind': no {self.role or ''} linear of kind {self.kind!r} in "
+                             f"this {anatomy.family} model; {_did_you_mean(self.kind, kinds)}kinds: {', '.join(kinds)}")
+        return out
+
+
+@dataclass(frozen=True)
+class Pattern(Rule):
+    """Linears whose name fully matches a regular expression."""
+
+    pattern: str
+    bits: int
+    name: ClassVar[str] = "pattern"
+    compact_fields: ClassVar[tuple[str, ...]] = ("pattern", "bits")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"check rule 'pattern': {self.pattern!r} is not a regular expression ({err})") from None
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        out = {u.name: self.bits for u in anatomy.units if re.fullmatch(self.pattern, u.name)}
+        if not out:
+            raise ValueError(f"check rule 'pattern': {self.pattern!r} matches no quantizable linear "
+                             f"(names look like {anatomy.units[-1].name!r})")
+        return out
+
+
+@dataclass(frozen=True)
+class Outlier(Rule):
+    """The top `percent`% of routed-expert linears by outlier score (per linear, not per expert)."""
+
+    percent: float
+    bits: int
+    name: ClassVar[str] = "outlier"
+    compact_fields: ClassVar[tuple[str, ...]] = ("percent", "bits")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.percent <= 100:
+            raise ValueError(f"check `percent` of rule 'outlier': {self.percent} is not in (0, 100]")
+
+    def needs(self) -> str:
+        return "outlier"
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        names = [u.name for u in anatomy.units if u.role == "routed_expert"]
+        count = max(1, round(self.percent / 100 * len(names)))
+        return {names[i]: self.bits for i in top(evidence.linear_scores(names, self.name), count)}
+
+
+@dataclass(frozen=True)
+class Importance(Rule):
+    """Every expert of the n most important MoE blocks by the block-importance predictor."""
+
+    n: int
+    bits: int
+    source: str = "predicted"
+    name: ClassVar[str] = "importance"
+    compact_fields: ClassVar[tuple[str, ...]] = ("n", "bits", "source")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.source not in BLOCK_SOURCES:
+            raise ValueError(f"check `source` of rule 'importance': {self.source!r} is not one of "
+                             f"{', '.join(BLOCK_SOURCES)}")
+
+    def needs(self) -> str:
+        return "importance"
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        blocks = _moe(anatomy)
+        if self.n > len(blocks):
+            raise ValueError(f"check `n` of rule 'importance': {self.n} is more than the {len(blocks)} MoE blocks")
+        scores = evidence.block_scores([b.index for b in blocks], self.source, self.name)
+        chosen = [blocks[i] for i in top(scores, self.n)]
+        return self._experts(chosen, {b.index: range(b.num_experts) for b in chosen})
+
+
+RULES: dict[str, type[Rule]] = {r.name: r for r in (Uniform, Attention, Dense, Shared, Experts, TopK, RandomK,
+                                                    Global, First, Last, Kind, Pattern, Outlier, Importance)}
+ALIASES = {"other": "attention", "other_block": "attention", "routed": "experts", "all": "uniform"}
+
+
+def get_rule(name: str) -> type[Rule]:
+    """The rule class registered as `name` (or an alias); unknown names get "did you mean"."""
+    key = ALIASES.get(name, name)
+    if key not in RULES:
+        known = list(RULES) + list(ALIASES) + ["preset"]
+        raise ValueError(f"unknown policy rule {name!r}; {_did_you_mean(name, known)}"
+                         f"rules: {', '.join(RULES)}, preset")
+    return RULES[key]
+
+
+# --- composition --------------------------------------------------------------------------------
+
+ROLE_RULE = {"attention": "attention=B", "dense_mlp": "attention=B or dense=B", "shared_expert": "shared=B",
+             "routed_expert": "experts=B"}
+
+
+def policy_needs(rules: Sequence[Rule]) -> list[str]:
+    """The kinds of evidence (see `Evidence`) the rules need, in order, without repeats."""
+    return list(dict.fromkeys(n for r in rules if (n := r.needs())))
+
+
+def assign_bits(rules: Sequence[Rule], anatomy: ModelAnatomy, evidence: Evidence = Evidence()) -> dict[str, int]:
+    """Bits of every quantizable linear: the rules in order, a later rule overriding earlier ones."""
+    if not rules:
+        raise ValueError("the policy is empty: give at least one rule, e.g. uniform=4")
+    bits: dict[str, int] = {}
+    for rule in rules:
+        bits.update(rule.assign(anatomy, evidence))
+    missing = [u for u in anatomy.units if u.name not in bits]
+    if missing:
+        roles = list(dict.fromkeys(u.role for u in missing))
+        raise ValueError(f"the policy leaves {len(missing)} linears without bits ({', '.join(roles)}, e.g. "
+                         f"{missing[0].name}): start it with uniform=B or add "
+                         f"{', '.join(ROLE_RULE[r] for r in roles)}")
+    return bits
+
+
+def _majority(units: Sequence[LinearUnit], bits: Mapping[str, int]) -> int:
+    """The bits that cover most parameters; ties go to the lower bits."""
+    weight: Counter[int] = Counter()
+    for u in units:
+        weight[bits[u.name]] += u.numel
+    return max(sorted(weight), key=weight.__getitem__)
+
+
+def _alternation(items: Sequence[int]) -> str:
+    return str(items[0]) if len(items) == 1 else f"({'|'.join(map(str, items))})"
+
+
+def _experts_pattern(blocks: Sequence[BlockAnatomy], experts: tuple[int, ...]) -> str:
+    """A regex matching every linear of `experts` (all when empty) in each of `blocks`."""
+    first = blocks[0]
+    layers = first.module_name.rpartition(".")[0]
+    suffix = first.experts_module[len(first.module_name):]
+    expert = _alternation(experts) if experts else r"\d+"
+    return rf"{re.escape(layers)}\.{_alternation([b.index for b in blocks])}{re.escape(suffix)}\.{expert}\.[^.]+"
+
+
+def plan_from_bits(anatomy: ModelAnatomy, bits: Mapping[str, int], group_size: int | None = 128,
+                   symmetric: bool = True) -> Plan:
+    """The smallest readable `Plan` giving each linear exactly `bits[name]`.
+
+    default = the bits of most parameters; `roles` where a role's majority differs; `kinds`
+    where every linear of a kind agrees; one pattern per group of blocks whose same experts
+    differ (whole experts); `modules` for single linears left over. Checked by resolving.
+    """
+    units = anatomy.units
+    default = _majority(units, bits)
+    roles = {}
+    for role in QUANTIZABLE_ROLES:
+        of_role = [u for u in units if u.role == role]
+        if of_role and (b := _majority(of_role, bits)) != default:
+            roles[role] = {"bits": b}
+    implied = {u.name: roles.get(u.role, {}).get("bits", default) for u in units}
+    kinds = {}
+    for kind in dict.fromkeys(u.kind for u in units):
+        of_kind = [u for u in units if u.kind == kind]
+        values = {bits[u.name] for u in of_kind}
+        if len(values) == 1 and any(implied[u.name] != bits[u.name] for u in of_kind):
+            kinds[kind] = {"bits": values.pop()}
+            implied.update((u.name, bits[u.name]) for u in of_kind)
+    groups: dict[tuple[int, tuple[int, ...]], list[BlockAnatomy]] = defaultdict(list)
+    for block in anatomy.blocks:
+        by_bits: dict[int, list[int]] = defaultdict(list)
+        for e, names in enumerate(block.experts):
+            values = {bits[n] for n in names}
+            if len(values) == 1 and any(implied[n] != bits[n] for n in names):
+                by_bits[values.pop()].append(e)
+        for value, experts in by_bits.items():
+            groups[value, () if len(experts) == block.num_experts else tuple(experts)].append(block)
+    patterns, covered = [], set()
+    for (value, experts), blocks in groups.items():
+        patterns.append((_experts_pattern(blocks, experts), {"bits": value}))
+        covered.update(n for b in blocks for e in (experts or range(b.num_experts)) for n in b.experts[e])
+    modules = {u.name: {"bits": bits[u.name]} for u in units if u.name not in covered and implied[u.name] != bits[u.name]}
+    plan = Plan(default=QuantSpec(default, group_size, symmetric), roles=roles, kinds=kinds,
+                patterns=tuple(patterns), modules=modules)
+    wrong = [n for n, spec in plan.resolve(anatomy).items() if spec.bits != bits[n]]
+    if wrong:
+        raise RuntimeError(f"plan_from_bits gives {wrong[0]} the wrong bits; this is a bug")
+    return plan
+
+
+def build_plan(rules: Sequence[Rule], anatomy: ModelAnatomy, evidence: Evidence = Evidence(),
+               group_size: int | None = 128, symmetric: bool = True) -> Plan:
+    """Apply `rules` in order (later ones override) and write the result as a `Plan`."""
+    return plan_from_bits(anatomy, assign_bits(rules, anatomy, evidence), group_size, symmetric)
