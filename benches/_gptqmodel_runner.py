@@ -41,6 +41,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--fallback-tokens", type=int, default=16,
                    help="RTN fallback below this many routed tokens (quantmoe's min_expert_tokens); "
                         "-1 keeps GPTQModel's default (0.5%% of calibration tokens)")
+    p.add_argument("--verify-reload", action="store_true",
+                   help="also save the checkpoint, reload it with GPTQModel.load and check that its "
+                        "dequantized weights equal the in-memory ones (slow; a one-off check of the export)")
     p.add_argument("--offload-to-disk", action="store_true",
                    help="GPTQModel's default: offload finished layers to a temp dir (slower; saves RAM). "
                         "Off here, so both tools keep the model in memory")
@@ -57,6 +60,31 @@ def _json_safe(obj):
     return str(obj)
 
 
+def dequantized_weights(model, quant_linear_cls, to_v2) -> dict:
+    """{module name: dequantized (out, in) float32 weight} of every GPTQModel quantized linear.
+
+    Right after quantize() the packed modules hold GPTQ v1 zero points (stored minus one);
+    the loader converts them to v2 before use, so do the same (GPTQModel's own function)
+    before dequantizing, or every weight comes out one quantization step off.
+    """
+    import torch
+
+    weights = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, quant_linear_cls):
+                continue
+            module.eval()
+            if getattr(module, "REQUIRES_FORMAT_V2", False) and module.qzero_format() == 1:
+                to_v2(module, bits=module.bits, pack_dtype=module.pack_dtype)
+            w = module.dequantize_weight()  # GPTQ layout: (in, out)
+            if tuple(w.shape) != (module.in_features, module.out_features):
+                raise ValueError(f"{name}: dequantized weight {tuple(w.shape)}, expected (in, out) = "
+                                 f"{(module.in_features, module.out_features)}")
+            weights[name] = w.T.to(torch.float32).contiguous()
+    return weights
+
+
 def main() -> int:
     args = _parse()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,6 +98,7 @@ def main() -> int:
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from gptqmodel.quantization.config import Fallback, GPTQConfig
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
     from safetensors.torch import save_file
 
     out = Path(args.out)
@@ -92,17 +121,24 @@ def main() -> int:
                                backend=BACKEND.TORCH)
     quant_seconds = time.perf_counter() - t_quant
 
-    weights: dict[str, torch.Tensor] = {}
-    classes: dict[str, str] = {}
-    with torch.no_grad():
-        for name, module in model.model.named_modules():
-            if isinstance(module, BaseQuantLinear):
-                module.eval()
-                w = module.dequantize_weight()  # GPTQ layout: (in, out)
-                w = w.T if tuple(w.shape) == (module.in_features, module.out_features) else w
-                weights[name] = w.to(torch.float32).contiguous()
-                classes[name] = type(module).__name__
+    ckpt = out / "checkpoint"
+    if args.verify_reload:  # before the in-memory v1 -> v2 conversion below
+        model.save(str(ckpt))
+    t_export = time.perf_counter()
+    weights = dequantized_weights(model.model, BaseQuantLinear, convert_gptq_v1_to_v2_format_module)
+    classes = sorted({type(m).__name__ for m in model.model.modules() if isinstance(m, BaseQuantLinear)})
     save_file(weights, str(out / "dequant.safetensors"))
+    export_seconds = time.perf_counter() - t_export
+    reload_check = None
+    if args.verify_reload:
+        reloaded = GPTQModel.load(str(ckpt), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+        again = dequantized_weights(reloaded.model, BaseQuantLinear, convert_gptq_v1_to_v2_format_module)
+        same = set(again) == set(weights)
+        # relative to each module's largest weight: fp16 scales in the checkpoint give ~5e-4
+        worst = max(((again[n] - w).abs().max() / w.abs().max()).item() for n, w in weights.items()) if same \
+            else float("inf")
+        reload_check = {"same_modules": same, "max_rel_diff": worst, "reload_dtype": "float16"}
+        print(f"reload check: {reload_check}", file=sys.stderr)
 
     result = {
         "tool": "gptqmodel",
@@ -110,6 +146,8 @@ def main() -> int:
                      "transformers": transformers.__version__},
         "load_seconds": load_seconds,
         "quant_seconds": quant_seconds,
+        "export_seconds": export_seconds,
+        "reload_check": reload_check,
         "process_seconds": time.perf_counter() - T_START,
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
@@ -120,7 +158,7 @@ def main() -> int:
         "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                         "batch_size": args.batch_size},
         "quantized_modules": sorted(weights),
-        "module_classes": sorted(set(classes.values())),
+        "module_classes": classes,
         "quant_log": _json_safe(quant_log),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))

@@ -148,3 +148,12 @@ def test_rtn_method_and_keep_bits():
     w = _windows(model)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=w).logits, expected(input_ids=w).logits, atol=1e-5)
+
+
+def test_nan_activations_name_the_module():
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[0] = float("nan")
+    specs = Plan.uniform(4).resolve(describe(model))
+    with pytest.raises(ValueError, match=r"NaN/Inf calibration activations reach model\.layers\.1\.self_attn"):
+        quantize_model(model, specs, _windows(model), progress=False)

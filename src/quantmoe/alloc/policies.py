@@ -4,17 +4,8 @@ A policy is a sequence of rules. Each rule assigns bits to some linears; a **lat
 overrides** what earlier rules set for the same linears. Every linear must end up covered
 (start with ``uniform=B``, or cover each role). The result is a `Plan` (data, YAML).
 
-Compact form (CLI): comma-separated ``name=value`` items; a value's fields are separated by ``:``
-(optional trailing fields in brackets)::
-
-    experts=2,attention=4,shared=8,topk=30:4
-
-YAML form: a list of one-key mappings; the value is the compact value or a mapping of fields::
-
-    - experts: 2
-    - attention: 4
-    - shared: 8
-    - topk: {k: 30, bits: 4}     # same as  topk: "30:4"
+Policies are written in a compact one-line form (``experts=2,attention=4,shared=8,topk=30:4``)
+or as a YAML list (``- topk: {k: 30, bits: 4}``); see `quantmoe.alloc.presets.parse_policy`.
 
 Rules (``[data]`` = needs evidence from the real model, see `Evidence`):
 
@@ -36,15 +27,15 @@ Rules (``[data]`` = needs evidence from the real model, see `Evidence`):
     preset=NAME                  the rules of a named preset (see `quantmoe.alloc.presets`)
 
 Rankings break ties by block, then expert, then unit order. Bits are one of 2, 3, 4, 8, 16 (keep).
-`quantmoe.alloc.presets.parse_policy` reads both forms; `build_plan` turns rules into a `Plan`.
+`build_plan` applies the rules and writes the result as a `Plan`.
 
 Example:
     >>> from quantmoe.anatomy import tiny_model, describe
-    >>> from quantmoe.quant.plan import bit_stats
-    >>> anatomy = describe(tiny_model("mixtral"))
+    >>> anatomy = describe(tiny_model("mixtral"))  # 2 MoE blocks of 4 experts
     >>> plan = build_plan((Experts(2), Attention(4), First(1, 4)), anatomy)
-    >>> plan.to_dict()["roles"], len(plan.patterns)
-    ({'attention': {'bits': 4}}, 1)
+    >>> sorted({(u.block, spec.bits) for u in anatomy.units if u.role == "routed_expert"
+    ...         for spec in [plan.resolve(anatomy)[u.name]]})
+    [(0, 4), (1, 2)]
 """
 
 from __future__ import annotations
@@ -58,12 +49,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from quantmoe.alloc.scorers import Evidence
+from quantmoe.alloc.scorers import EXPERT_RANKINGS, Evidence
 from quantmoe.anatomy import QUANTIZABLE_ROLES, BlockAnatomy, LinearUnit, ModelAnatomy
 from quantmoe.quant.grid import SUPPORTED_BITS, QuantSpec
 from quantmoe.quant.plan import Plan
 
-EXPERT_RANKINGS = {"frequency": "routing", "weight": "routing", "wanda": "wanda", "massive": "massive"}
 BLOCK_SOURCES = ("predicted", "measured")
 ROLE_ALIASES = {"attention": "attention", "routed_expert": "routed_expert", "experts": "routed_expert",
                 "routed": "routed_expert", "shared_expert": "shared_expert", "shared": "shared_expert",
@@ -87,13 +77,8 @@ class Rule:
     """A rule assigns bits to some linears. Subclasses are frozen dataclasses, registered by name."""
 
     name: ClassVar[str]
-    compact_fields: ClassVar[tuple[str, ...]]
-
-    def needs(self) -> str | None:
-        return None
-
-    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
-        raise NotImplementedError
+    compact_fields: ClassVar[tuple[str, ...]]  # field order of the compact form
+    choices: ClassVar[Mapping[str, Sequence[str]]] = {}
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -102,22 +87,36 @@ class Rule:
         for key in ("k", "n"):
             if getattr(self, key, 1) < 1:
                 raise ValueError(f"check `{key}` of rule {self.name!r}: it must be a positive integer")
+        for key, allowed in self.choices.items():
+            value = getattr(self, key)
+            if value is not None and value not in allowed:
+                raise ValueError(f"check `{key}` of rule {self.name!r}: {value!r} is not one of "
+                                 f"{', '.join(allowed)}; {_did_you_mean(str(value), allowed)}")
+
+    def needs(self) -> str | None:
+        """The kind of `Evidence` this rule ranks by, if any."""
+        return None
+
+    def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
+        raise NotImplementedError
 
     def compact(self) -> str:
         values = [getattr(self, f) for f in self.compact_fields]
         defaults = {f.name: f.default for f in fields(self)}
         while len(values) > 2 and values[-1] == defaults[self.compact_fields[len(values) - 1]]:
             values.pop()
-        return f"{self.name}={':'.join(str(v) for v in values)}"
+        return f"{self.name}={':'.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
 
-    def _experts(self, blocks: Sequence[BlockAnatomy], picks: Mapping[int, Sequence[int]]) -> dict[str, int]:
-        return {name: self.bits for b in blocks for e in picks.get(b.index, ()) for name in b.experts[e]}
+    def _experts(self, picks: Mapping[BlockAnatomy, Sequence[int]]) -> dict[str, int]:
+        return {name: self.bits for b, experts in picks.items() for e in experts for name in b.experts[e]}
 
-    def _check_k(self, k: int, blocks: Sequence[BlockAnatomy]) -> None:
-        for b in blocks:
-            if k > b.num_experts:
-                raise ValueError(f"check `k` of rule {self.name!r}: {k} is more than the {b.num_experts} "
-                                 f"experts of MoE block {b.index}")
+    def _at_most(self, key: str, limit: int, what: str) -> None:
+        if getattr(self, key) > limit:
+            raise ValueError(f"check `{key}` of rule {self.name!r}: {getattr(self, key)} is more than the {what}")
+
+
+def _moe(anatomy: ModelAnatomy) -> list[BlockAnatomy]:
+    return [b for b in anatomy.blocks if b.is_moe]
 
 
 def _role_rule(name: str, roles: tuple[str, ...], doc: str) -> type[Rule]:
@@ -134,15 +133,11 @@ def _role_rule(name: str, roles: tuple[str, ...], doc: str) -> type[Rule]:
     return RoleRule
 
 
-Uniform = _role_rule("uniform", ("attention", "routed_expert", "shared_expert", "dense_mlp"), "Every linear.")
+Uniform = _role_rule("uniform", QUANTIZABLE_ROLES, "Every linear.")
 Attention = _role_rule("attention", ("attention", "dense_mlp"), "The paper's other_block: attention + dense MLP.")
 Dense = _role_rule("dense", ("dense_mlp",), "Dense MLP of dense blocks.")
 Shared = _role_rule("shared", ("shared_expert",), "Shared experts.")
 Experts = _role_rule("experts", ("routed_expert",), "Routed experts.")
-
-
-def _moe(anatomy: ModelAnatomy) -> list[BlockAnatomy]:
-    return [b for b in anatomy.blocks if b.is_moe]
 
 
 @dataclass(frozen=True)
@@ -159,9 +154,8 @@ class TopK(Rule):
 
     def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
         blocks = _moe(anatomy)
-        self._check_k(self.k, blocks)
-        return self._experts(blocks, {b.index: top(evidence.expert_scores("frequency", b, self.name), self.k)
-                                      for b in blocks})
+        self._at_most("k", min(b.num_experts for b in blocks), "experts of a block")
+        return self._experts({b: top(evidence.expert_scores("frequency", b, self.name), self.k) for b in blocks})
 
 
 @dataclass(frozen=True)
@@ -176,10 +170,9 @@ class RandomK(Rule):
 
     def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
         blocks = _moe(anatomy)
-        self._check_k(self.k, blocks)
-        picks = {b.index: np.random.default_rng([self.seed, b.index]).choice(b.num_experts, self.k, replace=False)
-                 for b in blocks}
-        return self._experts(blocks, picks)
+        self._at_most("k", min(b.num_experts for b in blocks), "experts of a block")
+        return self._experts({b: np.random.default_rng([self.seed, b.index]).choice(b.num_experts, self.k, False)
+                              for b in blocks})
 
 
 @dataclass(frozen=True)
@@ -191,12 +184,7 @@ class Global(Rule):
     by: str = "frequency"
     name: ClassVar[str] = "global"
     compact_fields: ClassVar[tuple[str, ...]] = ("n", "bits", "by")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.by not in EXPERT_RANKINGS:
-            raise ValueError(f"check `by` of rule 'global': {self.by!r} is not one of {', '.join(EXPERT_RANKINGS)}; "
-                             + _did_you_mean(self.by, list(EXPERT_RANKINGS)))
+    choices: ClassVar[Mapping[str, Sequence[str]]] = {"by": tuple(EXPERT_RANKINGS)}
 
     def needs(self) -> str:
         return EXPERT_RANKINGS[self.by]
@@ -204,8 +192,7 @@ class Global(Rule):
     def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
         blocks = _moe(anatomy)
         pairs = [(b, e) for b in blocks for e in range(b.num_experts)]
-        if self.n > len(pairs):
-            raise ValueError(f"check `n` of rule 'global': {self.n} is more than the {len(pairs)} routed experts")
+        self._at_most("n", len(pairs), f"{len(pairs)} routed experts")
         scores = np.concatenate([evidence.expert_scores(self.by, b, self.name) for b in blocks])
         return {name: self.bits for i in top(scores, self.n) for name in pairs[i][0].experts[pairs[i][1]]}
 
@@ -219,15 +206,11 @@ class First(Rule):
     name: ClassVar[str] = "first"
     compact_fields: ClassVar[tuple[str, ...]] = ("n", "bits")
 
-    def chosen(self, blocks: list[BlockAnatomy]) -> list[BlockAnatomy]:
-        return blocks[: self.n]
-
     def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
         blocks = _moe(anatomy)
-        if self.n > len(blocks):
-            raise ValueError(f"check `n` of rule {self.name!r}: {self.n} is more than the {len(blocks)} MoE blocks")
-        chosen = self.chosen(blocks)
-        return self._experts(chosen, {b.index: range(b.num_experts) for b in chosen})
+        self._at_most("n", len(blocks), f"{len(blocks)} MoE blocks")
+        chosen = blocks[: self.n] if self.name == "first" else blocks[len(blocks) - self.n:]
+        return self._experts({b: range(b.num_experts) for b in chosen})
 
 
 @dataclass(frozen=True)
@@ -235,9 +218,6 @@ class Last(First):
     """Every expert of the last n MoE blocks."""
 
     name: ClassVar[str] = "last"
-
-    def chosen(self, blocks: list[BlockAnatomy]) -> list[BlockAnatomy]:
-        return blocks[len(blocks) - self.n:]
 
 
 @dataclass(frozen=True)
@@ -249,20 +229,15 @@ class Kind(Rule):
     role: str | None = None
     name: ClassVar[str] = "kind"
     compact_fields: ClassVar[tuple[str, ...]] = ("kind", "bits", "role")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.role is not None and self.role not in ROLE_ALIASES:
-            raise ValueError(f"check `role` of rule 'kind': {self.role!r} is not one of {', '.join(ROLE_ALIASES)}; "
-                             + _did_you_mean(self.role, list(ROLE_ALIASES)))
+    choices: ClassVar[Mapping[str, Sequence[str]]] = {"role": tuple(ROLE_ALIASES)}
 
     def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
-        role = ROLE_ALIASES.get(self.role) if self.role else None
+        role = ROLE_ALIASES.get(self.role or "")
         out = {u.name: self.bits for u in anatomy.units if u.kind == self.kind and role in (None, u.role)}
         if not out:
             kinds = sorted({u.kind for u in anatomy.units if role in (None, u.role)})
-            raise ValueError(f"check `kind` of rule 'kind': no {self.role or ''} linear of kind {self.kind!r} in "
-                             f"this {anatomy.family} model; {_did_you_mean(self.kind, kinds)}kinds: {', '.join(kinds)}")
+            raise ValueError(f"check `kind` of rule 'kind': no {role or ''} linear of kind {self.kind!r} in this "
+                             f"{anatomy.family} model; {_did_you_mean(self.kind, kinds)}kinds: {', '.join(kinds)}")
         return out
 
 
@@ -292,7 +267,7 @@ class Pattern(Rule):
 
 @dataclass(frozen=True)
 class Outlier(Rule):
-    """The top `percent`% of routed-expert linears by outlier score (per linear, not per expert)."""
+    """The top `percent`% (rounded, at least one) of routed-expert linears by outlier score, per linear."""
 
     percent: float
     bits: int
@@ -315,30 +290,23 @@ class Outlier(Rule):
 
 @dataclass(frozen=True)
 class Importance(Rule):
-    """Every expert of the n most important MoE blocks by the block-importance predictor."""
+    """Every expert of the n most important MoE blocks (lowest input/output similarity)."""
 
     n: int
     bits: int
     source: str = "predicted"
     name: ClassVar[str] = "importance"
     compact_fields: ClassVar[tuple[str, ...]] = ("n", "bits", "source")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.source not in BLOCK_SOURCES:
-            raise ValueError(f"check `source` of rule 'importance': {self.source!r} is not one of "
-                             f"{', '.join(BLOCK_SOURCES)}")
+    choices: ClassVar[Mapping[str, Sequence[str]]] = {"source": BLOCK_SOURCES}
 
     def needs(self) -> str:
         return "importance"
 
     def assign(self, anatomy: ModelAnatomy, evidence: Evidence) -> dict[str, int]:
         blocks = _moe(anatomy)
-        if self.n > len(blocks):
-            raise ValueError(f"check `n` of rule 'importance': {self.n} is more than the {len(blocks)} MoE blocks")
+        self._at_most("n", len(blocks), f"{len(blocks)} MoE blocks")
         scores = evidence.block_scores([b.index for b in blocks], self.source, self.name)
-        chosen = [blocks[i] for i in top(scores, self.n)]
-        return self._experts(chosen, {b.index: range(b.num_experts) for b in chosen})
+        return self._experts({blocks[i]: range(blocks[i].num_experts) for i in top(scores, self.n)})
 
 
 RULES: dict[str, type[Rule]] = {r.name: r for r in (Uniform, Attention, Dense, Shared, Experts, TopK, RandomK,
@@ -350,9 +318,8 @@ def get_rule(name: str) -> type[Rule]:
     """The rule class registered as `name` (or an alias); unknown names get "did you mean"."""
     key = ALIASES.get(name, name)
     if key not in RULES:
-        known = list(RULES) + list(ALIASES) + ["preset"]
-        raise ValueError(f"unknown policy rule {name!r}; {_did_you_mean(name, known)}"
-                         f"rules: {', '.join(RULES)}, preset")
+        known = [*RULES, *ALIASES, "preset"]
+        raise ValueError(f"unknown policy rule {name!r}; {_did_you_mean(name, known)}rules: {', '.join(RULES)}, preset")
     return RULES[key]
 
 
@@ -409,10 +376,13 @@ def plan_from_bits(anatomy: ModelAnatomy, bits: Mapping[str, int], group_size: i
     """The smallest readable `Plan` giving each linear exactly `bits[name]`.
 
     default = the bits of most parameters; `roles` where a role's majority differs; `kinds`
-    where every linear of a kind agrees; one pattern per group of blocks whose same experts
+    where that fixes more linears than it breaks; one pattern per group of blocks whose same experts
     differ (whole experts); `modules` for single linears left over. Checked by resolving.
     """
     units = anatomy.units
+    missing = [u.name for u in units if u.name not in bits]
+    if missing:
+        raise ValueError(f"no bits for {missing[0]} ({len(missing)} linears without bits)")
     default = _majority(units, bits)
     roles = {}
     for role in QUANTIZABLE_ROLES:
@@ -423,10 +393,13 @@ def plan_from_bits(anatomy: ModelAnatomy, bits: Mapping[str, int], group_size: i
     kinds = {}
     for kind in dict.fromkeys(u.kind for u in units):
         of_kind = [u for u in units if u.kind == kind]
-        values = {bits[u.name] for u in of_kind}
-        if len(values) == 1 and any(implied[u.name] != bits[u.name] for u in of_kind):
-            kinds[kind] = {"bits": values.pop()}
-            implied.update((u.name, bits[u.name]) for u in of_kind)
+        wrong = Counter(bits[u.name] for u in of_kind if implied[u.name] != bits[u.name])
+        if wrong:  # a kind entry where it fixes more linears than it breaks
+            value = _majority([u for u in of_kind if implied[u.name] != bits[u.name]], bits)
+            breaks = sum(implied[u.name] == bits[u.name] != value for u in of_kind)
+            if wrong[value] > breaks:
+                kinds[kind] = {"bits": value}
+                implied.update((u.name, value) for u in of_kind)
     groups: dict[tuple[int, tuple[int, ...]], list[BlockAnatomy]] = defaultdict(list)
     for block in anatomy.blocks:
         by_bits: dict[int, list[int]] = defaultdict(list)
@@ -440,7 +413,8 @@ def plan_from_bits(anatomy: ModelAnatomy, bits: Mapping[str, int], group_size: i
     for (value, experts), blocks in groups.items():
         patterns.append((_experts_pattern(blocks, experts), {"bits": value}))
         covered.update(n for b in blocks for e in (experts or range(b.num_experts)) for n in b.experts[e])
-    modules = {u.name: {"bits": bits[u.name]} for u in units if u.name not in covered and implied[u.name] != bits[u.name]}
+    modules = {u.name: {"bits": bits[u.name]} for u in units
+               if u.name not in covered and implied[u.name] != bits[u.name]}
     plan = Plan(default=QuantSpec(default, group_size, symmetric), roles=roles, kinds=kinds,
                 patterns=tuple(patterns), modules=modules)
     wrong = [n for n, spec in plan.resolve(anatomy).items() if spec.bits != bits[n]]

@@ -39,8 +39,6 @@ class InputStats:
 
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        if not torch.isfinite(x).all():
-            raise ValueError("non-finite calibration activations (NaN/Inf) reached a linear layer")
         if weights is not None:
             weights = weights.detach()
             self.weight_sum += float(weights.sum())
@@ -131,6 +129,9 @@ class HessianCollector:
             if experts_module is not None and experts_module in self._suspended:
                 return
             x = inputs[0]
+            if not torch.isfinite(x).all():
+                raise ValueError(f"NaN/Inf calibration activations reach {unit.name}: check the model's weights "
+                                 "and dtype (float16 overflow?) before quantizing")
             stats = self.stats.get(key)
             if stats is None:
                 stats = self.stats[key] = InputStats(x.shape[-1], x.device)

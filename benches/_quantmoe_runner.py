@@ -1,0 +1,103 @@
+"""Quantize a model with quantmoe in its own process (peak RSS per tool), for bench_vs_gptqmodel.py.
+
+Same interface and outputs as _gptqmodel_runner.py: reads the bench's calibration windows
+(only to check that ``api.quantize`` draws the very same ones), writes to --out
+
+    dequant.safetensors  every quantized linear's dequantized weight (out, in), float32,
+                         keyed by quantmoe's unit names
+    result.json          timings, peak RSS, settings, RTN fallbacks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="embedded model name or local folder")
+    p.add_argument("--windows", required=True, help=".npy of calibration token ids, (n, seq_len)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration forward batch size")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-expert-tokens", type=int, default=16)
+    return p.parse_args()
+
+
+def main() -> int:
+    args = _parse()
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from safetensors.torch import save_file
+
+    from quantmoe.anatomy import describe
+    from quantmoe.calib.data import CalibrationConfig, calibration_windows
+    from quantmoe.quant import api
+    from quantmoe.quant.pipeline import GPTQConfig
+    from quantmoe.quant.plan import Plan
+    from quantmoe.quant.qlinear import QuantLinear
+    from quantmoe.zoo.embedded import load_model, split_tokens
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_load = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_seconds = time.perf_counter() - t_load
+
+    given = torch.from_numpy(np.load(args.windows))
+    calib = CalibrationConfig(num_windows=given.shape[0], seq_len=given.shape[1], seed=args.seed,
+                              batch_size=args.batch_size, min_expert_tokens=args.min_expert_tokens)
+    drawn = calibration_windows(split_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len, calib.seed)
+    if not torch.equal(drawn, given):
+        raise SystemExit(f"{args.windows}: not the windows api.quantize draws from {calib}")
+
+    plan = Plan.uniform(args.bits, group_size=args.group_size, symmetric=True)
+    gptq = GPTQConfig(method="gptq", damp=args.damp, act_order=False)
+    t_quant = time.perf_counter()
+    result = api.quantize(model, tokenizer, plan, calib, gptq, progress=False)
+    quant_seconds = time.perf_counter() - t_quant
+
+    weights: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for unit in describe(model).units:  # the model stays in the per-expert view after quantize
+            module = model.get_submodule(unit.name)
+            if isinstance(module, QuantLinear):
+                weights[unit.name] = module.dequantize_weight().to(torch.float32).contiguous()
+    save_file(weights, str(out / "dequant.safetensors"))
+
+    report = result.report
+    summary = {
+        "tool": "quantmoe",
+        "load_seconds": load_seconds,
+        "quant_seconds": quant_seconds,
+        "report_seconds": report.seconds,
+        "process_seconds": time.perf_counter() - T_START,
+        "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "calibration": {"windows": calib.num_windows, "seq_len": calib.seq_len, "batch_size": calib.batch_size,
+                        "min_expert_tokens": calib.min_expert_tokens},
+        "quantized_modules": sorted(weights),
+        "fallbacks": list(report.fallbacks),
+    }
+    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    print(f"quantmoe: {len(weights)} quantized linears, api.quantize {quant_seconds:.1f} s, "
+          f"process {summary['process_seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

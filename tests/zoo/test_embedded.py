@@ -1,0 +1,73 @@
+"""The committed embedded models: structure, size, and the numbers on their cards."""
+
+import json
+
+import pytest
+import torch
+
+from quantmoe.anatomy import describe
+from quantmoe.calib.routing import collect_routing
+from quantmoe.eval.metrics import evaluate, make_windows
+from quantmoe.zoo.embedded import EMBEDDED_MODELS, embedded_root, load_model, split_tokens
+
+MAX_FILE_BYTES = 25 * 1024 * 1024
+
+
+@pytest.fixture(scope="module", params=EMBEDDED_MODELS)
+def embedded(request):
+    model, tokenizer = load_model(request.param)
+    return request.param, model, tokenizer
+
+
+def test_files_are_small_and_safetensors(embedded):
+    name = embedded[0]
+    folder = embedded_root() / name
+    assert (folder / "model.safetensors").exists()
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+    for f in folder.iterdir():
+        assert f.stat().st_size <= MAX_FILE_BYTES, f
+    for f in ("README.md", "loss_curve.png", "realism.json", "training.json"):
+        assert (folder / f).exists(), f
+
+
+def test_structure_matches_the_family(embedded):
+    name, model, _ = embedded
+    anatomy = describe(model)
+    cfg = model.config
+    assert anatomy.total_params == sum(p.numel() for p in model.parameters()) == sum(anatomy.role_params.values())
+    moe = [b for b in anatomy.blocks if b.is_moe]
+    if name == "mixtral-s":
+        assert cfg.model_type == "mixtral" and len(moe) == cfg.num_hidden_layers
+        assert all(b.num_experts == 8 and b.top_k == 2 and not b.shared for b in moe)
+    else:
+        assert cfg.model_type == "deepseek_v3"
+        assert not anatomy.blocks[0].is_moe and anatomy.blocks[0].dense_mlp
+        assert all(b.num_experts >= 16 and b.top_k >= 4 and b.shared for b in moe)
+    for b in moe:
+        assert len(b.experts) == b.num_experts
+        assert b.experts[5][2] == f"{b.module_name}.mlp.experts.5.down_proj"
+
+
+def test_test_perplexity_matches_the_card(embedded):
+    name, model, tokenizer = embedded
+    card = json.loads((embedded_root() / name / "realism.json").read_text())
+    windows = make_windows(split_tokens("test", tokenizer), 256)
+    with torch.no_grad():
+        ppl = evaluate(model, windows).ppl
+    assert ppl == pytest.approx(card["base_ppl"], rel=1e-3)
+    assert ppl < 200  # a trained model, not a random one (vocabulary 8192)
+
+
+def test_every_expert_is_used_on_the_test_split(embedded):
+    _, model, tokenizer = embedded
+    windows = make_windows(split_tokens("test", tokenizer), 256, max_windows=16)
+    stats = collect_routing(model, describe(model), windows)
+    for block in stats.counts:
+        assert stats.balance(block)["unused_experts"] == 0
+
+
+def test_realism_targets_recorded(embedded):
+    name = embedded[0]
+    card = json.loads((embedded_root() / name / "realism.json").read_text())
+    assert {"base_ppl", "rows", "targets"} <= card.keys()
+    assert len(card["rows"]) == 20
