@@ -44,6 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from quantmoe import __version__
+    from quantmoe.alloc.cli import add_plan_parser
+    from quantmoe.alloc.solve_cli import add_solve_parser
     from quantmoe.quant.cli import add_quantize_parser
     from quantmoe.zoo.cli import add_zoo_parser
 
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_quantize_parser(sub)
+    add_plan_parser(sub)
+    add_solve_parser(sub)
     add_zoo_parser(sub)
     return parser
 

@@ -43,7 +43,7 @@ def test_predictor_learns_a_simple_target_and_is_seeded():
     config = PredictorConfig(width=32, max_epochs=30, patience=5, batch_size=64, lr=1e-2)
     net, mse, epochs = train_predictor(X, y, config)
     assert mse < 0.2 * float(y.var()) and 1 <= epochs <= 30
-    assert net[0].bias is None and isinstance(net[-1], torch.nn.Tanh)
+    assert net[1].bias is None and isinstance(net[-1], torch.nn.Tanh)
     net2, mse2, _ = train_predictor(X, y, config)
     assert mse2 == mse and all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                                   net2.state_dict().values(), strict=True))

@@ -8,6 +8,11 @@ by the mean predicted similarity: the lowest similarity (the block changes the s
 most important block. The measured similarity on the ranking split is the oracle; the Spearman
 rank correlation between predicted and measured means says how far the predictor can be trusted.
 
+Inputs are standardized per feature with the training tokens' mean and std (a fixed first
+step of the predictor, not trained). The paper does not say it does this; without it the
+residual stream's large activations (|h| in the hundreds on mixtral-s) saturate the tanh, and
+the predictor outputs 1.0 for every token of every block but the first, ranking nothing.
+
 Training: AdamW (weight decay 0.01, as the paper), mini-batches, early stopping on a held-out
 share of the training tokens (best weights kept), all seeded. The paper used lr 1e-4 on a large
 corpus; our splits are small, and at 1e-4 the predictor is still far from converged when the
@@ -86,8 +91,25 @@ class BlockImportance:
         atomic_write_text(path, self.to_json())
 
 
-def make_predictor(hidden: int, width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, width, bias=False), nn.ReLU(), nn.Linear(width, 1), nn.Tanh())
+class Standardize(nn.Module):
+    """(x - mean) / std per feature, with fixed statistics of the training tokens."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def make_predictor(hidden: int, width: int, mean: torch.Tensor | None = None,
+                   std: torch.Tensor | None = None) -> nn.Sequential:
+    """Standardize -> Linear(hidden, width, no bias) -> ReLU -> Linear(width, 1) -> tanh."""
+    mean = torch.zeros(hidden) if mean is None else mean
+    std = torch.ones(hidden) if std is None else std
+    return nn.Sequential(Standardize(mean, std), nn.Linear(hidden, width, bias=False), nn.ReLU(),
+                         nn.Linear(width, 1), nn.Tanh())
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -142,12 +164,13 @@ def train_predictor(X: torch.Tensor, y: torch.Tensor, config: PredictorConfig = 
     if n < 2:
         raise ValueError(f"the predictor needs at least 2 training tokens, got {n}: give more calibration windows")
     gen = torch.Generator().manual_seed(config.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        net = make_predictor(hidden, config.width or min(1024, 4 * hidden))
     perm = torch.randperm(n, generator=gen)
     n_val = max(1, int(round(config.holdout * n)))
     val, train = perm[:n_val], perm[n_val:]
+    mean, std = X[train].mean(dim=0), X[train].std(dim=0, correction=0).clamp_min(1e-6)  # (hidden,)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = make_predictor(hidden, config.width or min(1024, 4 * hidden), mean, std)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best, best_state, stale, epoch = math.inf, None, 0, 0
     for epoch in range(1, config.max_epochs + 1):
