@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_DATASETS_CACHE := $(CURDIR)/.cache/hf_datasets
 export HF_HOME := $(CURDIR)/.cache/hf_home
 export TOKENIZERS_PARALLELISM := false
+export QUANTMOE_CACHE := $(CURDIR)/.cache/quantmoe
 
 .PHONY: setup demo test clean
 
