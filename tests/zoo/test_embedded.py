@@ -1,6 +1,7 @@
 """The committed embedded models: structure, size, and the numbers on their cards."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,13 +49,16 @@ def test_structure_matches_the_family(embedded):
         assert b.experts[5][2] == f"{b.module_name}.mlp.experts.5.down_proj"
 
 
-def test_test_perplexity_matches_the_card(embedded):
+GOLDEN = Path(__file__).with_name("golden_embedded.json")  # first 32 test windows of 256 tokens
+
+
+def test_test_perplexity_matches_the_golden_value(embedded):
     name, model, tokenizer = embedded
-    card = json.loads((embedded_root() / name / "realism.json").read_text())
-    windows = make_windows(split_tokens("test", tokenizer), 256)
+    golden = json.loads(GOLDEN.read_text())[name]
+    windows = make_windows(split_tokens("test", tokenizer), 256, max_windows=32)
     with torch.no_grad():
         ppl = evaluate(model, windows).ppl
-    assert ppl == pytest.approx(card["base_ppl"], rel=1e-3)
+    assert ppl == pytest.approx(golden["test_ppl_32x256"], rel=1e-3)
     assert ppl < 200  # a trained model, not a random one (vocabulary 8192)
 
 
