@@ -79,3 +79,32 @@ def test_realism_targets_recorded(embedded):
     card = json.loads((embedded_root() / name / "realism.json").read_text())
     assert {"base_ppl", "rows", "targets"} <= card.keys()
     assert len(card["rows"]) == 20
+
+
+def test_every_expert_of_the_embedded_models_is_calibrated_or_listed(embedded):
+    import copy
+
+    from quantmoe.calib.data import calibration_windows
+    from quantmoe.quant.pipeline import quantize_model
+    from quantmoe.quant.plan import Plan
+
+    name, fp, tokenizer = embedded
+    model = copy.deepcopy(fp)
+    windows = calibration_windows(split_tokens("calibration", tokenizer), 8, 256, seed=0)
+    specs = Plan.uniform(4).resolve(describe(model))
+    report = quantize_model(model, specs, windows, progress=False)
+    assert set(report.units) == set(specs)
+    anatomy = describe(model)
+    for block in anatomy.blocks:
+        if not block.is_moe:
+            continue
+        tokens = report.expert_tokens[block.index]
+        assert sum(tokens) == windows.numel() * block.top_k
+        for e, units in enumerate(block.experts):
+            for unit in units:
+                r = report.units[unit]
+                assert r.tokens == tokens[e]
+                if r.method == "gptq":
+                    assert r.tokens >= 16
+                else:
+                    assert r.method == "rtn-fallback" and unit in report.fallbacks and r.tokens < 16
