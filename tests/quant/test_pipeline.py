@@ -157,3 +157,19 @@ def test_nan_activations_name_the_module():
     specs = Plan.uniform(4).resolve(describe(model))
     with pytest.raises(ValueError, match=r"NaN/Inf calibration activations reach model\.layers\.1\.self_attn"):
         quantize_model(model, specs, _windows(model), progress=False)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_cutting_attention_passes_short_changes_nothing(family, monkeypatch):
+    import quantmoe.quant.pipeline as pipeline
+
+    results = []
+    real = pipeline.HessianCollector
+    for stop in (True, False):
+        model = tiny_model(family)
+        specs = Plan.uniform(3, group_size=16).resolve(describe(model))
+        monkeypatch.setattr(pipeline, "HessianCollector",
+                            lambda *a, stop_early=False, **k: real(*a, stop_early=stop, **k))
+        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1), progress=False)
+        results.append(model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -60,11 +60,21 @@ class ExpertsHookTarget:
     num_experts: int
 
 
+class StopForward(Exception):
+    """Raised by a collector once every input it needs from the current batch was recorded."""
+
+
 class HessianCollector:
-    """Registers input hooks for a set of units; ``input_key`` decides which units share stats."""
+    """Registers input hooks for a set of units; ``input_key`` decides which units share stats.
+
+    With ``stop_early`` the forward pass is cut (``StopForward``) as soon as every input of
+    the stage has been recorded for the current batch: stages that calibrate attention then
+    skip the MoE part of the block, which is most of its compute. Only for stages without
+    routed experts (which experts a batch reaches is not known in advance).
+    """
 
     def __init__(self, model: nn.Module, units: Sequence[LinearUnit], input_key, experts: Sequence[ExpertsHookTarget],
-                 mode: str) -> None:
+                 mode: str, stop_early: bool = False) -> None:
         self.model = model
         self.units = list(units)
         self.mode = mode
@@ -75,6 +85,8 @@ class HessianCollector:
         self._experts = list(experts)
         self._expert_weights: dict[tuple[str, int], torch.Tensor] = {}
         self._suspended: set[str] = set()
+        self.stop_early = stop_early and all(u.expert is None for u in self.units)
+        self._pending: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # -- hooks ------------------------------------------------------------------------------
@@ -137,7 +149,15 @@ class HessianCollector:
                 stats = self.stats[key] = InputStats(x.shape[-1], x.device)
             weights = self._expert_weights.get((experts_module, unit.expert)) if self.mode == "weighted" else None
             stats.add(x, weights)
+            if self.stop_early:
+                self._pending.discard(key)
+                if not self._pending:
+                    raise StopForward
         return hook
+
+    def start_batch(self) -> None:
+        """Call before each batch's forward when ``stop_early`` is on."""
+        self._pending = set(self.key_of.values())
 
     def hessian(self, unit: LinearUnit) -> tuple[torch.Tensor, int]:
         """(H, tokens seen) of a unit's input; zero tokens gives an all-zero H."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from quantmoe.anatomy import LinearUnit, ModelAnatomy, describe, family_of, unfuse_experts
 from quantmoe.calib.data import CalibrationConfig
-from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector
+from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
 from quantmoe.quant.gptq import gptq_quantize, gptq_quantize_batched
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
@@ -135,6 +135,16 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch
     return outs
 
 
+def _calibrate_block(block: nn.Module, inputs: list[tuple[tuple, dict]], collector: HessianCollector) -> None:
+    """Run the block over every batch for its hooks; a stopping collector cuts each pass short."""
+    for args, kwargs in inputs:
+        collector.start_batch()
+        try:
+            block(*args, **kwargs)
+        except StopForward:
+            pass
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: torch.Tensor,
                    calib: CalibrationConfig = CalibrationConfig(), gptq: GPTQConfig = GPTQConfig(),
@@ -182,10 +192,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                     reports[u.name] = UnitReport(16, None, True, "keep", 0)
             if not stage_units:
                 continue
-            collector = HessianCollector(model, stage_units, _input_key, experts, calib.moe_mode)
+            collector = HessianCollector(model, stage_units, _input_key, experts, calib.moe_mode, stop_early=True)
             if gptq.method == "gptq":
                 with collector.attached(experts_module_of):
-                    _run_block(block, inputs)
+                    _calibrate_block(block, inputs, collector)
             _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks)
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
