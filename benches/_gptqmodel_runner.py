@@ -121,20 +121,25 @@ def main() -> int:
                                backend=BACKEND.TORCH)
     quant_seconds = time.perf_counter() - t_quant
 
+    # With offload_to_disk the quantized layers end up on disk (meta in memory): export through a
+    # saved checkpoint then. --verify-reload checks both routes give the same weights.
     ckpt = out / "checkpoint"
-    if args.verify_reload:  # before the in-memory v1 -> v2 conversion below
-        model.save(str(ckpt))
     t_export = time.perf_counter()
-    weights = dequantized_weights(model.model, BaseQuantLinear, convert_gptq_v1_to_v2_format_module)
-    classes = sorted({type(m).__name__ for m in model.model.modules() if isinstance(m, BaseQuantLinear)})
+    if args.offload_to_disk or args.verify_reload:
+        model.save(str(ckpt))  # before the in-memory v1 -> v2 conversion below
+    if args.offload_to_disk:
+        source = GPTQModel.load(str(ckpt), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+    else:
+        source = model.model
+    weights = dequantized_weights(source, BaseQuantLinear, convert_gptq_v1_to_v2_format_module)
+    classes = sorted({type(m).__name__ for m in source.modules() if isinstance(m, BaseQuantLinear)})
     save_file(weights, str(out / "dequant.safetensors"))
     export_seconds = time.perf_counter() - t_export
     reload_check = None
-    if args.verify_reload:
+    if args.verify_reload and not args.offload_to_disk:
         reloaded = GPTQModel.load(str(ckpt), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
         again = dequantized_weights(reloaded.model, BaseQuantLinear, convert_gptq_v1_to_v2_format_module)
         same = set(again) == set(weights)
-        # relative to each module's largest weight: fp16 scales in the checkpoint give ~5e-4
         worst = max(((again[n] - w).abs().max() / w.abs().max()).item() for n, w in weights.items()) if same \
             else float("inf")
         reload_check = {"same_modules": same, "max_rel_diff": worst, "reload_dtype": "float16"}

@@ -49,6 +49,7 @@ class ToolRun:
     wall_seconds: float  # whole subprocess, as seen from here
     peak_rss_mb: float  # ru_maxrss of the child (and its reaped children)
     cpu_seconds: float  # user + system time of the child (and its reaped children)
+    loadavg: tuple[float, float]  # 1-minute load average before and after: other work on the machine
     log: str
 
 
@@ -68,6 +69,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--tools", default="quantmoe,gptqmodel", help="comma-separated, run in this order")
     p.add_argument("--gptqmodel-gar", action="store_true", help="GPTQModel's default group-aware reordering")
     p.add_argument("--gptqmodel-offload", action="store_true", help="GPTQModel's default offload_to_disk")
+    p.add_argument("--gptqmodel-verify-reload", action="store_true",
+                   help="also save GPTQModel's checkpoint, reload it and check the exported weights match")
     p.add_argument("--gptqmodel-fallback-default", action="store_true",
                    help="GPTQModel's default RTN fallback threshold (0.5%% of calibration tokens)")
     p.add_argument("--work", default=None, help="work folder (default .cache/bench/runs/MODEL-wBITS)")
@@ -84,6 +87,7 @@ def _child_env(threads: int) -> dict[str, str]:
 def run_tool(tool: str, cmd: list[str], log_path: Path, threads: int) -> ToolRun:
     """Run one runner; wall time and peak RSS of that child alone (os.wait4)."""
     print(f"[{tool}] {shlex.join(cmd)}", flush=True)
+    load_before = os.getloadavg()[0]
     with log_path.open("w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads), cwd=ROOT)
@@ -91,7 +95,7 @@ def run_tool(tool: str, cmd: list[str], log_path: Path, threads: int) -> ToolRun
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     run = ToolRun(tool, proc.returncode, wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime,
-                  str(log_path))
+                  (load_before, os.getloadavg()[0]), str(log_path))
     if run.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
         print(f"[{tool}] FAILED with exit code {run.returncode}; last lines of {log_path}:\n{tail}", flush=True)
@@ -149,9 +153,22 @@ def same_fraction(a: Path, b: Path, prefix: str) -> float | None:
     return equal / sum(wa[n].numel() for n in names)
 
 
+def _git_revision() -> str:
+    """HEAD, and whether src/ differs from it: which quantmoe code was measured."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision (no git)"
+    return head + (" + uncommitted changes in src/" if dirty else "")
+
+
 def main() -> int:
     args = _parse()
     print("command: " + shlex.join([sys.executable, *sys.argv]), flush=True)
+    print(f"quantmoe at {_git_revision()}; started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -194,6 +211,7 @@ def main() -> int:
             cmd += ["--act-group-aware"] if args.gptqmodel_gar else []
             cmd += ["--offload-to-disk"] if args.gptqmodel_offload else []
             cmd += ["--fallback-tokens", "-1"] if args.gptqmodel_fallback_default else []
+            cmd += ["--verify-reload"] if args.gptqmodel_verify_reload else []
         (out / "result.json").unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         runs[tool] = run_tool(tool, cmd, work / f"{tool}.log", args.threads)
@@ -242,6 +260,16 @@ def main() -> int:
                               "model.layers.0.self_attn.")
         if agree is not None:
             print(f"block-0 attention weights equal in both tools (same inputs): {100 * agree:.2f}% of entries")
+    print("1-min load average before/after each tool (2 cores): "
+          + ", ".join(f"{t} {r.loadavg[0]:.1f}/{r.loadavg[1]:.1f}" for t, r in runs.items()))
+    if "quantmoe" in results:
+        r = results["quantmoe"]
+        print(f"quantmoe: api.quantize {r['quant_seconds']:.1f} s = tokenizing the calibration split and drawing "
+              f"the windows {r['quant_seconds'] - r['report_seconds']:.1f} s + quantize_model {r['report_seconds']:.1f} s")
+    if "gptqmodel" in results:
+        r = results["gptqmodel"]
+        print(f"gptqmodel: settings {r['config']}; export {r['export_seconds']:.1f} s; "
+              f"reload check {r['reload_check']}")
     for tool in results:
         cov = coverage[tool]
         print(f"{tool}: most distinct values in one group {levels[tool]} (<= {2 ** args.bits} expected); "
