@@ -31,6 +31,7 @@ from quantmoe.anatomy import ModelAnatomy, per_expert_view
 from quantmoe.calib.hessian import HessianCollector
 from quantmoe.quant.gptq import gptq_quantize
 from quantmoe.quant.grid import QuantSpec, rtn
+from quantmoe.calib.data import run_windows
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ def _hessians(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor, ba
     from quantmoe.quant.pipeline import STAGES, _input_key, stage_of
 
     collectors = []
-    device = next(model.parameters()).device
     # one collector per stage so that shared-input keys stay unambiguous
     for stage in range(len(STAGES)):
         units = [u for u in anatomy.units if stage_of(u) == stage]
@@ -97,8 +97,7 @@ def _hessians(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor, ba
         collector = HessianCollector(model, units, _input_key, experts, mode)
         experts_of = {u.name: anatomy.blocks[u.block].experts_module if u.expert is not None else None for u in units}
         with collector.attached(experts_of):
-            for i in range(0, len(windows), batch_size):
-                model(input_ids=windows[i:i + batch_size].to(device))
+            run_windows(model, windows, batch_size)
         collectors.append(collector)
     return tuple(collectors)
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from quantmoe.anatomy import ModelAnatomy
 from quantmoe.atomic import atomic_write_text
+from quantmoe.calib.data import run_windows
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +141,11 @@ def block_similarity(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Ten
         return hook
 
     handles = []
-    device = next(model.parameters()).device
     try:
         for b in blocks:
             handles.append(model.get_submodule(b.module_name).register_forward_hook(hook_for(b.index),
                                                                                    with_kwargs=True))
-        model.eval()
-        for i in range(0, len(windows), batch_size):
-            model(input_ids=windows[i:i + batch_size].to(device))
+        run_windows(model, windows, batch_size)
     finally:
         for h in handles:
             h.remove()

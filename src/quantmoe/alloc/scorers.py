@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from quantmoe.calib.data import run_windows
 from torch import nn
 
 from quantmoe.anatomy import BlockAnatomy, ModelAnatomy, per_expert_view
@@ -133,13 +135,6 @@ def _check_weights(model: nn.Module, what: str) -> None:
 
 
 @torch.no_grad()
-def _run(model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
-    device = next(model.parameters()).device
-    model.eval()
-    for i in range(0, len(windows), batch_size):
-        model(input_ids=windows[i:i + batch_size].to(device))
-
-
 @torch.no_grad()
 def outlier_scores(model: nn.Module, anatomy: ModelAnatomy) -> dict[str, float]:
     """Outlier score of every routed-expert linear (weights only, no data)."""
@@ -168,7 +163,7 @@ def wanda_expert_scores(model: nn.Module, anatomy: ModelAnatomy, windows: torch.
         try:
             for u in units:
                 handles.append(model.get_submodule(u.name).register_forward_pre_hook(hook_for(u.name)))
-            _run(model, windows, batch_size)
+            run_windows(model, windows, batch_size)
         finally:
             for h in handles:
                 h.remove()
@@ -212,7 +207,7 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
             handles.append(model.get_submodule(b.module_name).register_forward_pre_hook(block_hook(b.index),
                                                                                        with_kwargs=True))
             handles.append(model.get_submodule(b.router).register_forward_hook(router_hook(b)))
-        _run(model, windows, batch_size)
+        run_windows(model, windows, batch_size)
     finally:
         for h in handles:
             h.remove()

@@ -38,6 +38,15 @@ class CalibrationConfig:
             raise ValueError("check `min_expert_tokens`: it must be >= 0")
 
 
+@torch.no_grad()
+def run_windows(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> None:
+    """Forward ``windows`` through ``model`` in batches (for hooks that collect statistics)."""
+    device = next(model.parameters()).device
+    model.eval()
+    for i in range(0, len(windows), batch_size):
+        model(input_ids=windows[i:i + batch_size].to(device))
+
+
 def calibration_windows(token_ids: np.ndarray | torch.Tensor, num_windows: int, seq_len: int,
                         seed: int) -> torch.Tensor:
     """(num_windows, seq_len) windows at seeded random offsets: reruns give the same windows."""

@@ -11,6 +11,7 @@ import torch
 
 from quantmoe.anatomy import ModelAnatomy
 from quantmoe.atomic import atomic_write_text
+from quantmoe.calib.data import run_windows
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,8 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
 
     handles = [model.get_submodule(b.router).register_forward_hook(hook_for(b.index, b.num_experts))
                for b in blocks]
-    device = next(model.parameters()).device
     try:
-        model.eval()
-        for i in range(0, len(windows), batch_size):
-            model(input_ids=windows[i:i + batch_size].to(device))
+        run_windows(model, windows, batch_size)
     finally:
         for h in handles:
             h.remove()

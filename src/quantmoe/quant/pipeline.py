@@ -83,12 +83,15 @@ class QuantReport:
     block_seconds: tuple[float, ...] = field(default=())
 
 
-def stage_of(unit: LinearUnit) -> int:
+def stage_of_kind(kind: str) -> int:
     for i, stage in enumerate(STAGES):
-        if unit.kind in stage.kinds:
+        if kind in stage.kinds:
             return i
-    raise ValueError(f"linear kind {unit.kind!r} ({unit.name}) has no calibration stage: add it to "
-                     "quantmoe.quant.pipeline.STAGES")
+    raise ValueError(f"linear kind {kind!r} has no calibration stage: add it to quantmoe.quant.pipeline.STAGES")
+
+
+def stage_of(unit: LinearUnit) -> int:
+    return stage_of_kind(unit.kind)
 
 
 def _input_key(unit: LinearUnit) -> str:
@@ -215,10 +218,6 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                     "see the report", len(fallbacks))
     return QuantReport(units=reports, expert_tokens=expert_tokens, fallbacks=tuple(fallbacks),
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
-
-
-def stage_of_kind(kind: str) -> int:
-    return next(i for i, s in enumerate(STAGES) if kind in s.kinds)
 
 
 def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
