@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quantmoe import __version__
     from quantmoe.alloc.cli import add_plan_parser
     from quantmoe.alloc.solve_cli import add_solve_parser
+    from quantmoe.bench.cli import add_bench_parsers
     from quantmoe.quant.cli import add_quantize_parser
     from quantmoe.zoo.cli import add_zoo_parser
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_plan_parser(sub)
     add_solve_parser(sub)
+    add_bench_parsers(sub)
     add_zoo_parser(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""Sweeps, the results store and reports."""

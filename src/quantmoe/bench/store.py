@@ -1,0 +1,144 @@
+"""The results store: one SQLite row per finished run, everything needed to reproduce it.
+
+A row is written in a single transaction once its run has finished, so a run killed at any
+moment (even ``kill -9``) leaves either the complete row or nothing; rerunning the same
+sweep skips the keys already present. ``key`` is a hash of everything the run computes
+(model and its weights, allocation, quantizer, calibration and seed, evaluation), so a
+changed setting is a new run and never a stale hit.
+
+Per-model artifacts that reports need (the anatomy's expert layout, routing statistics)
+live in a second table, keyed by the model's weight hash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_JSON_FIELDS = ("spec", "plan", "bitmap", "quantizer", "calibration", "evaluation", "versions", "metrics",
+                "fallbacks")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    key: str
+    sweep: str
+    model: str  # as named in the sweep
+    model_sha256: str  # of the full-precision weights
+    run: str  # the run's name in the sweep
+    spec: Mapping[str, Any]  # policy / plan / solver / full_precision
+    seed: int | None  # calibration seed (None: nothing calibrated)
+    average_bits: float  # sum(bits x params) / sum(params) over quantizable linears
+    effective_bits: float  # including scales and zeros
+    plan: Mapping[str, int]  # module -> bits
+    bitmap: Mapping[str, Any]  # per block: attention / dense / shared bits and bits per routed expert
+    quantizer: Mapping[str, Any]
+    calibration: Mapping[str, Any]
+    evaluation: Mapping[str, Any]
+    versions: Mapping[str, str]
+    metrics: Mapping[str, Any]  # ppl, nll, kl_*, top1_agreement, task:<name>, task_mean
+    fallbacks: tuple[str, ...] | list[str]
+    quant_seconds: float
+    peak_rss_mb: float
+    peak_device_mb: float | None
+    checkpoint_bytes: int | None
+    created_at: str
+
+
+_COLUMNS = tuple(f.name for f in fields(RunRecord))
+_SQL_TYPES = {"seed": "INTEGER", "average_bits": "REAL", "effective_bits": "REAL", "quant_seconds": "REAL",
+              "peak_rss_mb": "REAL", "peak_device_mb": "REAL", "checkpoint_bytes": "INTEGER"}
+
+
+def _schema() -> str:
+    cols = ",\n  ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}{' PRIMARY KEY' if c == 'key' else ''}" for c in _COLUMNS)
+    return (f"CREATE TABLE IF NOT EXISTS runs (\n  {cols}\n);\n"
+            "CREATE TABLE IF NOT EXISTS artifacts (model_sha256 TEXT, kind TEXT, json TEXT, "
+            "PRIMARY KEY (model_sha256, kind));\n"
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);\n")
+
+
+class ResultsStore:
+    """``with ResultsStore(path) as store: ...`` — rows of finished runs and per-model artifacts."""
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(f"results store {self.path} not found: run `quantmoe bench SWEEP.yaml` first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_schema())
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._db.commit()
+            version = self._db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0]
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"{self.path} is not a quantmoe results store ({err}); give another --store path") \
+                from None
+        if int(version) != SCHEMA_VERSION:
+            raise ValueError(f"{self.path} has results schema {version}, this quantmoe reads {SCHEMA_VERSION}: "
+                             "use a new --store path")
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._db:  # commits on success, rolls back on error
+            yield self._db
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def keys(self) -> set[str]:
+        return {k for (k,) in self._db.execute("SELECT key FROM runs")}
+
+    def add(self, record: RunRecord) -> bool:
+        """Insert a finished run; False (and nothing written) when its key is already stored."""
+        row = asdict(record)
+        values = [json.dumps(row[c], sort_keys=True) if c in _JSON_FIELDS else row[c] for c in _COLUMNS]
+        with self._transaction() as db:
+            cur = db.execute(f"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) "
+                             f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+            return cur.rowcount == 1
+
+    def records(self, sweep: str | None = None) -> list[RunRecord]:
+        query = f"SELECT {', '.join(_COLUMNS)} FROM runs"
+        args: tuple = ()
+        if sweep is not None:
+            query += " WHERE sweep = ?"
+            args = (sweep,)
+        out = []
+        for row in self._db.execute(query + " ORDER BY created_at, key", args):
+            data = dict(zip(_COLUMNS, row))
+            for c in _JSON_FIELDS:
+                data[c] = json.loads(data[c])
+            data["fallbacks"] = tuple(data["fallbacks"])
+            data["plan"] = {k: int(v) for k, v in data["plan"].items()}
+            out.append(RunRecord(**data))
+        return out
+
+    # --- per-model artifacts ------------------------------------------------------------------
+
+    def put_artifact(self, model_sha256: str, kind: str, value: Any) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?)",
+                       (model_sha256, kind, json.dumps(value, sort_keys=True)))
+
+    def artifact(self, model_sha256: str, kind: str) -> Any | None:
+        row = self._db.execute("SELECT json FROM artifacts WHERE model_sha256 = ? AND kind = ?",
+                               (model_sha256, kind)).fetchone()
+        return None if row is None else json.loads(row[0])

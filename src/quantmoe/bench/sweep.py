@@ -1,0 +1,264 @@
+"""A sweep file: models x runs (plans, policies, the solver) x calibration seeds x metrics.
+
+Example ``sweep.yaml`` (every key but ``models`` and ``runs`` is optional)::
+
+    name: demo
+    store: runs/demo/results.sqlite      # relative to the current folder
+    models: [mixtral-s, deepseek-s]      # embedded names, local folders or hub ids
+    seeds: [0, 1, 2]                     # calibration seeds
+    calibration: {split: calibration, num_windows: 64, seq_len: 256}
+    quantizer: {method: gptq, group_size: 128, symmetric: true, damp: 0.01}
+    eval:
+      perplexity: {split: test, seq_len: 256, max_windows: 96}
+      tasks: [qmoe_nextsent, qmoe_cloze]  # lm-eval tasks (empty: none)
+    runs:
+      - {name: full precision, full_precision: true}
+      - {name: uniform 2-bit, policy: "uniform=2"}
+      - {name: attention 4 / experts 2, policy: "experts=2,attention=4,shared=4"}
+      - {name: solver 2.5, solver: {target_bits: 2.5}}
+
+A run is a ``policy`` (compact rules, a preset name or a policy YAML file; see ``quantmoe
+plan --help``), a ``plan`` (a plan YAML file), ``solver`` settings (the budget solver), or
+``full_precision``. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantmoe.calib.data import CalibrationConfig
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(where: str, data: Any, allowed: Sequence[str]) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"check {where}: expected a mapping of {', '.join(allowed)}, got {data!r}")
+    for key in data:
+        if key not in allowed:
+            raise ValueError(f"check {where}: unknown key {key!r}{_did_you_mean(str(key), allowed)}; "
+                             f"allowed: {', '.join(allowed)}")
+    return dict(data)
+
+
+def _build(cls: type, where: str, data: Any) -> Any:
+    names = [f.name for f in fields(cls)]
+    values = _check_keys(where, data, names)
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ValueError(f"check {where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the sweep: an embedded name, a local folder or a hub id."""
+
+    name: str
+    dtype: str = "float32"  # float32, bfloat16 or float16 (hub models: bfloat16)
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizerSettings:
+    method: str = "gptq"  # gptq or rtn
+    group_size: int | None = 128
+    symmetric: bool = True
+    damp: float = 0.01
+    act_order: bool = False
+    moe_mode: str = "routed"
+    min_expert_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        from quantmoe.quant.grid import QuantSpec
+        from quantmoe.quant.pipeline import GPTQConfig
+
+        QuantSpec(bits=4, group_size=self.group_size, symmetric=self.symmetric)
+        GPTQConfig(method=self.method, damp=self.damp, act_order=self.act_order)
+
+
+@dataclass(frozen=True)
+class PerplexitySettings:
+    split: str = "test"
+    seq_len: int = 256
+    max_windows: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or (self.max_windows is not None and self.max_windows < 1):
+            raise ValueError("check `eval.perplexity`: seq_len >= 2 and max_windows >= 1 (or null for all)")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None  # items per lm-eval task (None: all)
+    task_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class StatisticsSettings:
+    """Where the data-driven policies' statistics (routing, scorers, predictor) and the
+    solver's damage table come from: computed once per model on the full-precision model."""
+
+    split: str = "calibration"
+    rank_split: str = "validation"
+    windows: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    massive_threshold: float = 1000.0
+    damage_windows: int = 32
+    damage_metric: str = "fisher"
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    target_bits: float
+    widths: tuple[int, ...] = (2, 3, 4)
+    granularity: str = "linear"
+    tolerance: float = 0.01
+    min_bits: Mapping[str, int] | None = None
+    max_bits: Mapping[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(self.widths))
+        self.config()  # validates now
+
+    def config(self):
+        from quantmoe.alloc.solver import SolverConfig
+
+        return SolverConfig(target_bits=self.target_bits, widths=self.widths, granularity=self.granularity,
+                            tolerance=self.tolerance, role_min_bits=self.min_bits, role_max_bits=self.max_bits)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One allocation of the sweep; exactly one of policy, plan, solver, full_precision."""
+
+    name: str
+    policy: str | None = None
+    plan: str | None = None
+    solver: SolverSettings | None = None
+    full_precision: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = [k for k in ("policy", "plan", "solver") if getattr(self, k) is not None] + (
+            ["full_precision"] if self.full_precision else [])
+        if len(chosen) != 1:
+            raise ValueError(f"check run {self.name!r}: give exactly one of policy, plan, solver, full_precision "
+                             f"(got {', '.join(chosen) or 'none'})")
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-").lower()
+
+    def identity(self) -> dict[str, Any]:
+        """What the run computes (the name is a label and not part of it)."""
+        out = {k: v for k, v in asdict(self).items() if k != "name" and v not in (None, False)}
+        if self.plan is not None:  # a plan file counts by its content
+            out["plan"] = hashlib.sha256(Path(self.plan).read_bytes()).hexdigest()
+        return out
+
+
+RUN_KEYS = tuple(f.name for f in fields(RunSpec))
+SWEEP_KEYS = ("name", "store", "models", "seeds", "calibration", "quantizer", "eval", "statistics", "runs",
+              "device", "save_checkpoints")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    models: tuple[ModelSpec, ...]
+    runs: tuple[RunSpec, ...]
+    seeds: tuple[int, ...] = (0,)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quantizer: QuantizerSettings = field(default_factory=QuantizerSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
+    store: str = "runs/results.sqlite"
+    device: str | None = None  # where each block is quantized (None: where the model is)
+    save_checkpoints: bool = False  # keep every quantized checkpoint beside the store
+
+    def __post_init__(self) -> None:
+        if not self.models or not self.runs:
+            raise ValueError("check the sweep: it needs at least one model and one run")
+        if not self.seeds:
+            raise ValueError("check `seeds`: give at least one calibration seed")
+        names = [r.name for r in self.runs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"check `runs`: run names must be unique ({', '.join(sorted(dup))} repeated)")
+
+    def calibration_for(self, seed: int) -> CalibrationConfig:
+        from dataclasses import replace
+
+        return replace(self.calibration, seed=seed, moe_mode=self.quantizer.moe_mode,
+                       min_expert_tokens=self.quantizer.min_expert_tokens)
+
+
+def _run_from(item: Any, index: int) -> RunSpec:
+    where = f"runs[{index}]"
+    data = _check_keys(where, item, RUN_KEYS)
+    if "name" not in data:
+        raise ValueError(f"check {where}: every run needs a `name`")
+    if data.get("policy") is not None:  # validated now; a YAML list of rules becomes its compact form
+        from quantmoe.alloc.presets import format_policy, parse_policy
+
+        rules = parse_policy(data["policy"] if isinstance(data["policy"], list) else str(data["policy"]))
+        if isinstance(data["policy"], list):
+            data["policy"] = format_policy(rules)
+    if data.get("solver") is not None:
+        data["solver"] = _build(SolverSettings, f"{where}.solver", data["solver"])
+    return RunSpec(**{**data, "name": str(data["name"])})
+
+
+def sweep_from_dict(data: Any, source: str = "the sweep") -> SweepConfig:
+    data = _check_keys(source, data, SWEEP_KEYS)
+    for key in ("models", "runs"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"check {source}: `{key}` must be a list")
+    models = tuple(_build(ModelSpec, f"models[{i}]", m if isinstance(m, Mapping) else {"name": str(m)})
+                   for i, m in enumerate(data["models"]))
+    runs = tuple(_run_from(r, i) for i, r in enumerate(data["runs"]))
+    ev = _check_keys("eval", data.get("eval"), [f.name for f in fields(EvalSettings)])
+    if "perplexity" in ev:
+        ev["perplexity"] = _build(PerplexitySettings, "eval.perplexity", ev["perplexity"])
+    if "tasks" in ev:
+        ev["tasks"] = tuple(ev["tasks"] or ())
+    kwargs: dict[str, Any] = dict(
+        name=str(data.get("name", Path(source).stem)), models=models, runs=runs,
+        calibration=_build(CalibrationConfig, "calibration", data.get("calibration")),
+        quantizer=_build(QuantizerSettings, "quantizer", data.get("quantizer")),
+        eval=EvalSettings(**ev),
+        statistics=_build(StatisticsSettings, "statistics", data.get("statistics")))
+    if "seeds" in data:
+        seeds = data["seeds"]
+        if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+            raise ValueError("check `seeds`: a list of integers, e.g. [0, 1, 2]")
+        kwargs["seeds"] = tuple(seeds)
+    for key in ("store", "device", "save_checkpoints"):
+        if key in data:
+            kwargs[key] = data[key]
+    return SweepConfig(**kwargs)
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} not found")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return sweep_from_dict(data, str(path))
