@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy import (
+    UnfusedExperts,
     describe,
     family_of,
     fuse_experts,
@@ -184,3 +185,36 @@ def test_fuse_rejects_a_linear_without_dense_weight():
     model.set_submodule(block.experts[0][2], nn.Identity())
     with pytest.raises(ValueError, match="dequantize"):
         fuse_experts(model)
+
+
+def _one_hot_loop(experts: UnfusedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' eager experts loop (one-hot mask, one torch.where per expert): the reference."""
+    final = torch.zeros_like(hidden)
+    mask = nn.functional.one_hot(top_k_index, num_classes=experts.num_experts + 1).permute(2, 1, 0)  # (E+1, k, T)
+    for e in (mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist():
+        if e == experts.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(mask[e])
+        out = experts[e](hidden[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_sorted_dispatch_is_the_eager_loop_bit_for_bit(model_type):
+    model = unfuse_experts(_model(model_type))
+    experts = model.get_submodule(describe(model).blocks[0].experts_module)
+    g = torch.Generator().manual_seed(3)
+    T, k, E = 40, 2, experts.num_experts
+    hidden = torch.randn(T, model.config.hidden_size, generator=g)
+    top_k_index = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])  # expert E-1 idle
+    top_k_index[5, 1] = E  # transformers' expert-parallel sentinel: skipped
+    weights = torch.rand(T, k, generator=g)
+    routes = experts.routes(top_k_index)
+    assert [e for e, _, _ in routes] == sorted({e for e in top_k_index.flatten().tolist() if e < E})
+    for e, token_idx, top_k_pos in routes:
+        pos, tok = torch.where((top_k_index == e).T)
+        assert torch.equal(token_idx, tok) and torch.equal(top_k_pos, pos)
+    with torch.no_grad():
+        assert torch.equal(experts(hidden, top_k_index, weights), _one_hot_loop(experts, hidden, top_k_index, weights))

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS = "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"
 UNIT_KINDS: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+EXPERT_INPUT_KINDS: tuple[str, str] = UNIT_KINDS[:2]  # read the expert's input itself (ExpertMLP.forward)
 
 
 # --- activations (pure) -------------------------------------------------------------------
@@ -126,18 +127,30 @@ class UnfusedExperts(nn.ModuleList):
         self.layout = layout
         self._fused = (fused,)  # a tuple keeps it out of parameters(), state_dict() and .to()
 
+    def routes(self, top_k_index: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+        """(expert, token_idx, top_k_pos) for every expert that receives tokens, in expert order.
+
+        ``top_k_index`` (T, k). An expert's rows are ordered by (top-k position, token): the
+        order transformers' eager loop gives them. One stable sort of the (k, T) flattened
+        indices groups all experts at once; index ``num_experts`` (transformers'
+        expert-parallel sentinel) is skipped.
+        """
+        num_tokens = top_k_index.shape[0]
+        flat = top_k_index.T.reshape(-1)  # (k * T,) position-major
+        order = torch.argsort(flat, stable=True)  # (k * T,) grouped by expert, flat order inside a group
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        routes, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = order[start:start + count]
+                routes.append((e, rows % num_tokens, rows // num_tokens))
+            start += count
+        return routes
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         # hidden_states (T, H); top_k_index, top_k_weights (T, k)
         final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            # num_experts + 1 classes: index num_experts is transformers' expert-parallel sentinel
-            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
-            expert_mask = expert_mask.permute(2, 1, 0)  # (E + 1, k, T)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        for e in expert_hit:
-            if e == self.num_experts:
-                continue
-            top_k_pos, token_idx = torch.where(expert_mask[e])
+        for e, token_idx, top_k_pos in self.routes(top_k_index):
             out = self[e](hidden_states[token_idx])
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
