@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy import LinearUnit
+from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,17 @@ class StopForward(Exception):
 class HessianCollector:
     """Registers input hooks for a set of units; ``input_key`` decides which units share stats.
 
+    The inputs of routed experts' gate/up (which read the expert's input directly) are
+    recorded where the experts module dispatches its tokens (its pre-hook, from
+    ``UnfusedExperts.routes``): the same rows, in the same order, as a hook on each expert's
+    gate_proj would see, without running the experts. The other units are recorded by a
+    pre-hook on their linear.
+
     With ``stop_early`` the forward pass is cut (``StopForward``) as soon as every input of
-    the stage has been recorded for the current batch: stages that calibrate attention then
-    skip the MoE part of the block, which is most of its compute. Only for stages without
-    routed experts (which experts a batch reaches is not known in advance).
+    the stage has been recorded for the current batch: stages that calibrate attention skip
+    the MoE part of the block, and a stage of routed gate/up (with no shared expert) stops
+    at the dispatch, skipping the experts. Routed down inputs count as recorded once the
+    experts module has run.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[LinearUnit], input_key, experts: Sequence[ExpertsHookTarget],
@@ -85,49 +93,84 @@ class HessianCollector:
         self._experts = list(experts)
         self._expert_weights: dict[tuple[str, int], torch.Tensor] = {}
         self._suspended: set[str] = set()
-        self.stop_early = stop_early and all(u.expert is None for u in self.units)
+        self.stop_early = stop_early
         self._pending: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
+    # -- recording ----------------------------------------------------------------------------
+    def _add(self, key: str, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        stats = self.stats.get(key)
+        if stats is None:
+            stats = self.stats[key] = InputStats(x.shape[-1], x.device)
+        stats.add(x, weights)
+
+    def _done(self, keys) -> None:
+        """``keys`` are recorded for this batch; with ``stop_early``, cut the pass once nothing is pending."""
+        self._pending.difference_update(keys)
+        if self.stop_early and not self._pending:
+            raise StopForward
+
     # -- hooks ------------------------------------------------------------------------------
-    def _experts_pre_hook(self, target: ExpertsHookTarget):
+    def _experts_pre_hook(self, target: ExpertsHookTarget, readers: dict[int, list[str]], has_others: bool):
+        """``readers``: expert -> keys of its gate/up recorded here; ``has_others``: routed down units hooked."""
         def hook(module, args):
             hidden, top_k_index, top_k_weights = args[0], args[1], args[2]
-            idx = top_k_index.reshape(-1)
-            self.routed_tokens[target.module_name] += torch.bincount(
-                idx[idx < target.num_experts].cpu(), minlength=target.num_experts)[: target.num_experts]
+            routes = module.routes(top_k_index)
+            counts = torch.zeros(target.num_experts, dtype=torch.long)
+            for e, token_idx, _ in routes:
+                counts[e] = token_idx.numel()
+            self.routed_tokens[target.module_name] += counts
             if self.mode == "weighted":
-                for e in range(target.num_experts):
-                    pos, tok = torch.where((top_k_index == e).T)  # the order UnfusedExperts uses
-                    self._expert_weights[(target.module_name, e)] = top_k_weights[tok, pos]
-            elif self.mode == "all":
-                with torch.no_grad():
+                for e, token_idx, top_k_pos in routes:
+                    self._expert_weights[(target.module_name, e)] = top_k_weights[token_idx, top_k_pos]
+            if self.mode == "all":
+                keys = [k for e in range(target.num_experts) for k in readers.get(e, ())]
+                if keys:  # every expert sees every token: one statistic for all of them
+                    self._add(keys[0], hidden)
+                    for k in keys[1:]:
+                        self.stats[k] = self.stats[keys[0]]
+                if has_others:
                     for e in range(target.num_experts):
                         module[e](hidden)
                 self._suspended.add(target.module_name)
+            else:
+                for e, token_idx, _ in routes:
+                    for k in readers.get(e, ()):
+                        self._add(k, hidden[token_idx], self._expert_weights.get((target.module_name, e)))
+            self._done([k for keys in readers.values() for k in keys])
         return hook
 
-    def _experts_post_hook(self, target: ExpertsHookTarget):
+    def _experts_post_hook(self, target: ExpertsHookTarget, routed_keys: list[str]):
         def hook(_module, _args, _output):
             self._suspended.discard(target.module_name)
             self._expert_weights.clear()
+            self._done(routed_keys)
         return hook
 
     @contextmanager
     def attached(self, experts_module_of: dict[str, str | None]) -> Iterator[HessianCollector]:
         """Hooks live exactly as long as the ``with`` block."""
         try:
-            owners = {}
+            owners: dict[str, LinearUnit] = {}
             for u in self.units:
                 owners.setdefault(self.key_of[u.name], u)
+            targets = {t.module_name for t in self._experts}
+            readers: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
+            routed: dict[str, list[str]] = {name: [] for name in targets}
             for key, owner in owners.items():
+                experts_module = experts_module_of.get(owner.name)
+                if experts_module in targets and owner.kind in EXPERT_INPUT_KINDS:
+                    readers[experts_module].setdefault(owner.expert, []).append(key)
+                    continue
+                if experts_module in targets:
+                    routed[experts_module].append(key)
                 linear = self.model.get_submodule(owner.name)
-                self._handles.append(linear.register_forward_pre_hook(
-                    self._owner_hook(key, experts_module_of.get(owner.name), owner)))
+                self._handles.append(linear.register_forward_pre_hook(self._owner_hook(key, experts_module, owner)))
             for t in self._experts:
                 mod = self.model.get_submodule(t.module_name)
-                self._handles.append(mod.register_forward_pre_hook(self._experts_pre_hook(t)))
-                self._handles.append(mod.register_forward_hook(self._experts_post_hook(t)))
+                pre = self._experts_pre_hook(t, readers[t.module_name], bool(routed[t.module_name]))
+                self._handles.append(mod.register_forward_pre_hook(pre))
+                self._handles.append(mod.register_forward_hook(self._experts_post_hook(t, routed[t.module_name])))
             yield self
         finally:
             for h in self._handles:
@@ -140,30 +183,28 @@ class HessianCollector:
         def hook(_module, inputs):
             if experts_module is not None and experts_module in self._suspended:
                 return
-            x = inputs[0]
-            if not torch.isfinite(x).all():
-                raise ValueError(f"NaN/Inf calibration activations reach {unit.name}: check the model's weights "
-                                 "and dtype (float16 overflow?) before quantizing")
-            stats = self.stats.get(key)
-            if stats is None:
-                stats = self.stats[key] = InputStats(x.shape[-1], x.device)
             weights = self._expert_weights.get((experts_module, unit.expert)) if self.mode == "weighted" else None
-            stats.add(x, weights)
-            if self.stop_early:
-                self._pending.discard(key)
-                if not self._pending:
-                    raise StopForward
+            self._add(key, inputs[0], weights)
+            self._done([key])
         return hook
 
     def start_batch(self) -> None:
         """Call before each batch's forward when ``stop_early`` is on."""
         self._pending = set(self.key_of.values())
+        self._suspended.clear()
+        self._expert_weights.clear()
 
     def hessian(self, unit: LinearUnit) -> tuple[torch.Tensor, int]:
-        """(H, tokens seen) of a unit's input; zero tokens gives an all-zero H."""
+        """(H, tokens seen) of a unit's input; zero tokens gives an all-zero H.
+
+        Non-finite inputs make x x^T non-finite, so one check here names the unit they reached.
+        """
         stats = self.stats.get(self.key_of[unit.name])
         if stats is None:
             dev = next(self.model.get_submodule(unit.name).buffers(), None)
             device = dev.device if dev is not None else next(self.model.parameters()).device
             return torch.zeros(unit.in_features, unit.in_features, device=device), 0
+        if not torch.isfinite(stats.xtx).all():
+            raise ValueError(f"NaN/Inf calibration activations reach {unit.name}: check the model's weights "
+                             "and dtype (float16 overflow?) before quantizing")
         return stats.hessian(), stats.tokens
