@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -173,3 +174,26 @@ def test_cutting_attention_passes_short_changes_nothing(family, monkeypatch):
         quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1), progress=False)
         results.append(model.state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+@pytest.mark.parametrize(("family", "mode"), [("mixtral", "routed"), ("deepseek_v3", "routed"),
+                                              ("qwen2_moe", "weighted"), ("gpt_oss", "all")])
+def test_dense_stand_ins_and_attention_replay_change_nothing(family, mode, monkeypatch):
+    """The shortcuts of the later passes (dequantized weights kept dense, attention outputs
+    replayed) against the plain path: a QuantLinear dequantizing on every call, attention recomputed."""
+    import quantmoe.quant.pipeline as pipeline
+
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(QuantLinear, "dense", lambda self: self)
+            monkeypatch.setattr(pipeline.FrozenOutputs, "active", lambda self, on=True: contextlib.nullcontext(self))
+        model = tiny_model(family)
+        specs = Plan.uniform(3, group_size=16).resolve(describe(model))
+        calib = CalibrationConfig(min_expert_tokens=1, moe_mode=mode, batch_size=3)  # 3 batches, the last short
+        report = quantize_model(model, specs, _windows(model), calib, progress=False)
+        results.append((model.state_dict(), report.expert_tokens))
+    (fast_state, fast_tokens), (slow_state, slow_tokens) = results
+    assert fast_tokens == slow_tokens
+    assert fast_state.keys() == slow_state.keys()
+    assert all(torch.equal(fast_state[k], slow_state[k]) for k in fast_state)

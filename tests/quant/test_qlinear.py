@@ -81,3 +81,16 @@ def test_shape_mismatch_and_keep_are_errors():
         QuantLinear.from_result(torch.nn.Linear(32, 4), res)
     with pytest.raises(ValueError, match="`bits`"):
         QuantLinear.from_float(torch.nn.Linear(32, 4), QuantSpec(16))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_stand_in_computes_the_same_outputs(bias, dtype):
+    linear = torch.nn.Linear(72, 24, bias=bias).to(dtype)
+    q = QuantLinear.from_result(linear, gptq_linear(linear, QuantSpec(3, 32, False)))
+    dense = q.dense()
+    x = torch.randn(5, 72, dtype=dtype)
+    assert type(dense) is torch.nn.Linear and dense.weight.dtype == dtype
+    assert torch.equal(dense.weight, q.dequantize_weight())
+    with torch.no_grad():
+        assert torch.equal(dense(x), q(x))

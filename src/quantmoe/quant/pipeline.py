@@ -5,6 +5,13 @@ stage (attention inputs -> o_proj -> experts' gate/up -> down), each stage seein
 already-quantized earlier stages -> re-run the quantized block so the next block sees
 quantized inputs. Only the block being worked on needs to sit on ``device``; the rest of
 the model stays where it is (CPU).
+
+The later passes over a block skip work without changing a bit of what they compute
+(tested against the plain path): a quantized linear runs as a dense ``nn.Linear`` holding
+its dequantized weight until the block is done (then its packed ``QuantLinear`` is
+installed), and once the attention's linears are quantized its output for each batch is
+computed once and replayed (replay.py). The collector cuts passes short once a stage's
+inputs are recorded (calib/hessian.py).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +33,7 @@ from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForw
 from quantmoe.quant.gptq import gptq_quantize, gptq_quantize_batched
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
+from quantmoe.quant.replay import FrozenOutputs
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +139,34 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]],
+               replay: FrozenOutputs | None = None) -> list[torch.Tensor]:
     outs = []
-    for args, kwargs in inputs:
+    for i, (args, kwargs) in enumerate(inputs):
+        if replay is not None:
+            replay.batch = i
         out = block(*args, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 
 
-def _calibrate_block(block: nn.Module, inputs: list[tuple[tuple, dict]], collector: HessianCollector) -> None:
+def _calibrate_block(block: nn.Module, inputs: list[tuple[tuple, dict]], collector: HessianCollector,
+                     replay: FrozenOutputs | None = None) -> None:
     """Run the block over every batch for its hooks; a stopping collector cuts each pass short."""
-    for args, kwargs in inputs:
+    for i, (args, kwargs) in enumerate(inputs):
         collector.start_batch()
+        if replay is not None:
+            replay.batch = i
         try:
             block(*args, **kwargs)
         except StopForward:
             pass
+
+
+def _frozen_from(block_name: str, attention: str, units: Sequence[LinearUnit]) -> int:
+    """First stage after every linear of the block's attention is quantized (its output is then fixed)."""
+    prefix = f"{block_name}.{attention}."
+    return max((stage_of(u) + 1 for u in units if u.name.startswith(prefix)), default=0)
 
 
 @torch.no_grad()
@@ -188,6 +209,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         units = by_block[block_info.index]
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
+        staged: dict[str, QuantLinear] = {}  # computed as dense stand-ins until the block is done
+        attention = getattr(block, family.attention, None)
+        replay = FrozenOutputs(attention) if attention is not None else None
+        frozen_from = _frozen_from(block_info.module_name, family.attention, units)
         for stage_index in range(len(STAGES)):
             stage_units = [u for u in units if stage_of(u) == stage_index and not specs[u.name].keep]
             for u in units:
@@ -197,15 +222,18 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                 continue
             collector = HessianCollector(model, stage_units, _input_key, experts, calib.moe_mode, stop_early=True)
             if gptq.method == "gptq":
-                with collector.attached(experts_module_of):
-                    _calibrate_block(block, inputs, collector)
-            _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks)
+                with collector.attached(experts_module_of), _replaying(replay, stage_index >= frozen_from):
+                    _calibrate_block(block, inputs, collector, replay)
+            _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
-        outputs = _run_block(block, inputs)
+        with _replaying(replay, True):
+            outputs = _run_block(block, inputs, replay)
         for out in outputs:
             if not torch.isfinite(out).all():
                 raise ValueError(f"block {block_info.index} produced NaN/Inf after quantization")
+        for name, qlinear in staged.items():
+            _replace(model, name, qlinear)
         inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
         blocks[block_info.index].to(home)
         block_seconds.append(time.perf_counter() - t0)
@@ -220,22 +248,32 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
 
 
+def _replaying(replay: FrozenOutputs | None, on: bool):
+    return replay.active(on) if replay is not None else nullcontext()
+
+
+def _stage(model: nn.Module, name: str, qlinear: QuantLinear, staged: dict[str, QuantLinear]) -> None:
+    """Put the dense stand-in of ``qlinear`` in place; the driver installs ``qlinear`` once the block is done."""
+    staged[name] = qlinear
+    _replace(model, name, qlinear.dense())
+
+
 def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
                     collector: HessianCollector, calib: CalibrationConfig, gptq: GPTQConfig,
-                    reports: dict[str, UnitReport], fallbacks: list[str]) -> None:
+                    reports: dict[str, UnitReport], fallbacks: list[str], staged: dict[str, QuantLinear]) -> None:
     """GPTQ (batched over experts of equal shape and settings) or RTN for each unit of a stage."""
     batches: dict[tuple, list[tuple[LinearUnit, torch.Tensor, int]]] = defaultdict(list)
     for unit in units:
         spec = specs[unit.name]
         linear = model.get_submodule(unit.name)
         if gptq.method == "rtn":
-            _replace(model, unit.name, QuantLinear.from_float(linear, spec))
+            _stage(model, unit.name, QuantLinear.from_float(linear, spec), staged)
             reports[unit.name] = UnitReport(spec.bits, spec.group_size, spec.symmetric, "rtn", 0)
             continue
         H, tokens = collector.hessian(unit)
         if tokens == 0 or (unit.expert is not None and tokens < calib.min_expert_tokens):
             # never GPTQ on an empty Hessian: it would zero the weights
-            _replace(model, unit.name, QuantLinear.from_float(linear, spec))
+            _stage(model, unit.name, QuantLinear.from_float(linear, spec), staged)
             note = f"{tokens} calibration tokens < min_expert_tokens={calib.min_expert_tokens}"
             reports[unit.name] = UnitReport(spec.bits, spec.group_size, spec.symmetric, "rtn-fallback", tokens,
                                             note=note)
@@ -253,8 +291,7 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
             results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
                                      act_order=gptq.act_order, name=u.name) for w, (u, H, _) in zip(weights, items)]
         for (unit, _, tokens), result in zip(items, results):
-            linear = model.get_submodule(unit.name)
-            _replace(model, unit.name, QuantLinear.from_result(linear, result))
+            _stage(model, unit.name, QuantLinear.from_result(model.get_submodule(unit.name), result), staged)
             method = "rtn-fallback" if result.fallback else "gptq"
             if result.fallback:
                 fallbacks.append(unit.name)

@@ -107,6 +107,18 @@ class QuantLinear(nn.Module):
         g = self.g_idx.long()
         return (self.scales.float()[:, g] * (codes - zeros[:, g])).to(self.scales.dtype)
 
+    @torch.no_grad()
+    def dense(self) -> nn.Linear:
+        """An ``nn.Linear`` holding the dequantized weight: the same outputs, bit for bit, without
+        dequantizing on every call (the driver's stand-in while a block's later passes run)."""
+        weight = self.dequantize_weight()  # (out, in)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                           dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.clone(), requires_grad=False)
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize_weight(), self.bias)
 
