@@ -19,14 +19,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from quantmoe.eval.metrics import evaluate, make_windows
-    from quantmoe.zoo.embedded import load_model, split_tokens
+    from quantmoe.zoo.embedded import load_model
 
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise ValueError("check `--tasks`: give lm-eval task names separated by commas")
+    if args.limit is not None and not tasks:
+        raise ValueError("`--limit` applies to `--tasks`: add --tasks, or use --max-windows for perplexity")
     model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    windows = make_windows(split_tokens(args.split, tokenizer), args.seq_len, args.max_windows)
-    res = evaluate(model, windows, batch_size=args.batch_size, progress=True)
-    print(f"{args.model}: {args.split} perplexity {res.ppl:.3f} over {res.tokens:,} predicted tokens "
-          f"({len(windows)} windows of {args.seq_len})")
+    if args.split is not None or not tasks:
+        from quantmoe.eval.corpora import load_tokens
+        from quantmoe.eval.metrics import evaluate, make_windows
+
+        split = args.split or "test"
+        windows = make_windows(load_tokens(split, tokenizer), args.seq_len, args.max_windows)
+        res = evaluate(model, windows, batch_size=args.batch_size, progress=True)
+        print(f"{args.model}: {split} perplexity {res.ppl:.3f} over {res.tokens:,} predicted tokens "
+              f"({len(windows)} windows of {args.seq_len})")
+    if tasks:
+        from quantmoe.eval.tasks import format_results, run_tasks
+
+        res = run_tasks(model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                        batch_size=args.batch_size, seed=args.seed)
+        limit = "" if args.limit is None else f", first {args.limit} documents per task"
+        print(format_results(res, f"{args.model}: lm-eval ({res.seconds:.1f} s{limit})"))
     return 0
 
 
@@ -62,12 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("eval", help="perplexity of a model on an embedded text split",
-                       description="Perplexity over non-overlapping windows of an embedded text split.")
+    p = sub.add_parser("eval", help="perplexity on a text, and lm-eval tasks",
+                       description="Perplexity over non-overlapping windows of a text (an embedded split, "
+                                   "wikitext2, c4 or a .txt file), and/or lm-evaluation-harness tasks "
+                                   "(--tasks; qmoe_suite is the local suite of the embedded models).")
     _add_model_args(p)
-    p.add_argument("--split", default="test", choices=("calibration", "validation", "test"))
+    p.add_argument("--split", default=None, metavar="TEXT",
+                   help="calibration, validation, test, wikitext2, c4 or a .txt path "
+                        "(default: test, unless only --tasks is given)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--tasks", default=None, metavar="A,B",
+                   help="lm-eval tasks, e.g. qmoe_suite or winogrande,piqa (the paper's: "
+                        "winogrande,copa,openbookqa,hellaswag,piqa,mmlu)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each task (quick checks)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="default: the paper's (mmlu 5), else the task's")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval seeds")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
     p.set_defaults(func=_cmd_eval)
