@@ -176,11 +176,13 @@ def test_cutting_attention_passes_short_changes_nothing(family, monkeypatch):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-@pytest.mark.parametrize(("family", "mode"), [("mixtral", "routed"), ("deepseek_v3", "routed"),
-                                              ("qwen2_moe", "weighted"), ("gpt_oss", "all")])
-def test_dense_stand_ins_and_attention_replay_change_nothing(family, mode, monkeypatch):
+@pytest.mark.parametrize(("family", "mode", "attention"), [
+    ("mixtral", "routed", "sdpa"), ("deepseek_v3", "routed", "sdpa"), ("qwen2_moe", "weighted", "sdpa"),
+    ("olmoe", "all", "sdpa"), ("gpt_oss", "all", "eager"), ("qwen3_moe", "routed", "eager")])
+def test_dense_stand_ins_and_attention_replay_change_nothing(family, mode, attention, monkeypatch):
     """The shortcuts of the later passes (dequantized weights kept dense, attention outputs
-    replayed) against the plain path: a QuantLinear dequantizing on every call, attention recomputed."""
+    replayed, from o_proj's input with sdpa) against the plain path: a QuantLinear
+    dequantizing on every call, attention recomputed."""
     import quantmoe.quant.pipeline as pipeline
 
     results = []
@@ -189,6 +191,7 @@ def test_dense_stand_ins_and_attention_replay_change_nothing(family, mode, monke
             monkeypatch.setattr(QuantLinear, "dense", lambda self: self)
             monkeypatch.setattr(pipeline.FrozenOutputs, "active", lambda self, on=True: contextlib.nullcontext(self))
         model = tiny_model(family)
+        model.set_attn_implementation(attention)
         specs = Plan.uniform(3, group_size=16).resolve(describe(model))
         calib = CalibrationConfig(min_expert_tokens=1, moe_mode=mode, batch_size=3)  # 3 batches, the last short
         report = quantize_model(model, specs, _windows(model), calib, progress=False)

@@ -1,8 +1,11 @@
 import doctest
 
+import pytest
 import torch
 
 import quantmoe.quant.replay as replay_module
+from quantmoe.anatomy import tiny_model
+from quantmoe.quant.pipeline import _run_block, capture_block_inputs
 from quantmoe.quant.replay import FrozenOutputs
 
 
@@ -28,3 +31,24 @@ def test_records_per_batch_replays_later_and_restores_forward():
             assert all(torch.equal(o, lin(x)) for o, x in zip(outs, xs))
     assert "forward" not in vars(lin)  # the class's forward again
     assert len(replay.outputs) == 2 and len(calls) == 2 * 2 + 2 * 2  # hooks on the module still run
+
+
+@pytest.mark.parametrize(("impl", "exact"), [("sdpa", True), ("eager", False)])
+def test_attention_output_from_its_tail_input(impl, exact):
+    model = tiny_model("mixtral")
+    model.set_attn_implementation(impl)
+    block = model.model.layers[0]
+    windows = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, block, windows, 2, torch.device("cpu"))  # 3 batches
+        replay = FrozenOutputs(block.self_attn, tail="o_proj")
+        with replay.recording_tail():  # the o_proj stage's pass
+            _run_block(block, inputs, replay)
+        block.self_attn.o_proj.weight.mul_(0.5)  # o_proj quantized: the attention output changes, its input not
+        expected = _run_block(block, inputs)
+        with replay.active():
+            got = _run_block(block, inputs, replay)
+            again = _run_block(block, inputs, replay)
+    assert replay.tail_exact is exact  # eager attention also returns its weights: no shortcut
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(torch.equal(a, b) for a, b in zip(expected, again))

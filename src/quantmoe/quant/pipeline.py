@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -163,10 +163,21 @@ def _calibrate_block(block: nn.Module, inputs: list[tuple[tuple, dict]], collect
             pass
 
 
-def _frozen_from(block_name: str, attention: str, units: Sequence[LinearUnit]) -> int:
-    """First stage after every linear of the block's attention is quantized (its output is then fixed)."""
+def _attention_replay(block: nn.Module, block_name: str, attention: str,
+                      units: Sequence[LinearUnit]) -> tuple[FrozenOutputs | None, int]:
+    """The replay of the block's attention and the first stage after all its linears are quantized.
+
+    The attention's tail is the linear alone in its last stage (o_proj).
+    """
+    module = getattr(block, attention, None)
+    if module is None:
+        return None, len(STAGES)
     prefix = f"{block_name}.{attention}."
-    return max((stage_of(u) + 1 for u in units if u.name.startswith(prefix)), default=0)
+    mine = [u for u in units if u.name.startswith(prefix)]
+    frozen_from = max((stage_of(u) + 1 for u in mine), default=0)
+    last = [u.name.removeprefix(prefix) for u in mine if stage_of(u) == frozen_from - 1]
+    tail = last[0] if len(last) == 1 and "." not in last[0] else None
+    return FrozenOutputs(module, tail), frozen_from
 
 
 @torch.no_grad()
@@ -210,9 +221,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
         staged: dict[str, QuantLinear] = {}  # computed as dense stand-ins until the block is done
-        attention = getattr(block, family.attention, None)
-        replay = FrozenOutputs(attention) if attention is not None else None
-        frozen_from = _frozen_from(block_info.module_name, family.attention, units)
+        replay, frozen_from = _attention_replay(block, block_info.module_name, family.attention, units)
         for stage_index in range(len(STAGES)):
             stage_units = [u for u in units if stage_of(u) == stage_index and not specs[u.name].keep]
             for u in units:
@@ -222,12 +231,12 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                 continue
             collector = HessianCollector(model, stage_units, _input_key, experts, calib.moe_mode, stop_early=True)
             if gptq.method == "gptq":
-                with collector.attached(experts_module_of), _replaying(replay, stage_index >= frozen_from):
+                with _replaying(replay, stage_index, frozen_from), collector.attached(experts_module_of):
                     _calibrate_block(block, inputs, collector, replay)
             _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
-        with _replaying(replay, True):
+        with _replaying(replay, len(STAGES), frozen_from):
             outputs = _run_block(block, inputs, replay)
         for out in outputs:
             if not torch.isfinite(out).all():
@@ -248,8 +257,14 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
 
 
-def _replaying(replay: FrozenOutputs | None, on: bool):
-    return replay.active(on) if replay is not None else nullcontext()
+@contextmanager
+def _replaying(replay: FrozenOutputs | None, stage_index: int, frozen_from: int) -> Iterator[None]:
+    """The attention is replayed from ``frozen_from`` on; the pass just before keeps its tail's inputs."""
+    if replay is None:
+        yield
+        return
+    with replay.recording_tail(stage_index == frozen_from - 1), replay.active(stage_index >= frozen_from):
+        yield
 
 
 def _stage(model: nn.Module, name: str, qlinear: QuantLinear, staged: dict[str, QuantLinear]) -> None:

@@ -4,9 +4,16 @@ The driver runs a block over the same calibration batches several times (once pe
 then once more for its outputs). A module whose weights and inputs no longer change
 computes the same output on each of those passes: the block's attention once its linears
 are quantized (its input is the normalized block input, fixed while the block is worked
-on). `FrozenOutputs` runs such a module for real the first time it sees a batch, keeps the
-output, and returns the kept output on every later pass, so the later passes skip its
-compute. Exact by construction: what is returned is what the module computed.
+on). `FrozenOutputs` runs such a module the first time it sees a batch, keeps the output,
+and returns the kept output on every later pass, so the later passes skip its compute.
+
+The first time can be cheap too. An attention ends with its output projection (its
+"tail", o_proj): the pass that calibrates o_proj sees the tail's input, which the
+quantization of o_proj does not change. Kept from that pass, it gives the attention's
+output as ``(tail(input), None)`` without recomputing the attention. This is checked on
+the first batch against the real forward (bit for bit, and the rest of the output must be
+None, as transformers' sdpa/flash attention returns); if the check fails, every batch runs
+the real forward. Either way what is returned is what the module computes.
 
 Example:
     >>> import torch
@@ -23,24 +30,46 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class FrozenOutputs:
-    """Per-batch outputs of ``module``, recorded on first sight and replayed afterwards.
+    """Per-batch outputs of ``module``, computed once and replayed afterwards.
 
-    Set ``batch`` before each forward of the block; outputs are kept until the object is
-    dropped (one per block, as much memory as the block's inputs for an attention).
+    ``tail``: the name (inside ``module``) of a last linear whose inputs may be recorded
+    with ``recording_tail`` to compute the outputs from (see the module docstring). Set
+    ``batch`` before each forward of the block; everything is kept until the object is
+    dropped (one per block: as much memory as the block's inputs for an attention).
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, tail: str | None = None) -> None:
         self.module = module
+        self.tail = tail
         self.batch = 0
         self.outputs: dict[int, Any] = {}
+        self.tail_inputs: dict[int, torch.Tensor] = {}
+        self.tail_exact: bool | None = None  # None until checked on a batch
+
+    @contextmanager
+    def recording_tail(self, on: bool = True) -> Iterator[FrozenOutputs]:
+        """Keep the tail's input of each batch (its hook runs before any other, e.g. one that stops the pass)."""
+        if not on or self.tail is None:
+            yield self
+            return
+        keep = lambda _module, args: self.tail_inputs.__setitem__(self.batch, args[0])  # noqa: E731
+        handle = self.module.get_submodule(self.tail).register_forward_pre_hook(keep, prepend=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
     @contextmanager
     def active(self, on: bool = True) -> Iterator[FrozenOutputs]:
@@ -52,7 +81,7 @@ class FrozenOutputs:
 
         def forward(*args, **kwargs):
             if self.batch not in self.outputs:
-                self.outputs[self.batch] = compute(*args, **kwargs)
+                self.outputs[self.batch] = self._first(compute, args, kwargs)
             return self.outputs[self.batch]
 
         self.module.forward = forward  # hooks on the module itself still run
@@ -60,3 +89,18 @@ class FrozenOutputs:
             yield self
         finally:
             del self.module.forward
+
+    def _first(self, compute, args, kwargs) -> Any:
+        x = self.tail_inputs.pop(self.batch, None)
+        if x is None or self.tail_exact is False:
+            return compute(*args, **kwargs)
+        out = (self.module.get_submodule(self.tail)(x), None)
+        if self.tail_exact is None:
+            real = compute(*args, **kwargs)
+            self.tail_exact = (isinstance(real, tuple) and len(real) == len(out) and real[1] is None
+                               and torch.equal(real[0], out[0]))
+            if not self.tail_exact:
+                log.debug("%s: output is not (%s(input), None); computing it on every batch",
+                          type(self.module).__name__, self.tail)
+            return real
+        return out
