@@ -8,20 +8,19 @@ from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, InputSta
 from quantmoe.quant.pipeline import _input_key
 
 
-def _setup(family="qwen2_moe"):
+def _setup(family, kinds):
     model = unfuse_experts(tiny_model(family))
     anatomy = describe(model)
     block = next(b for b in anatomy.blocks if b.is_moe)
-    units = [u for u in anatomy.units if u.block == block.index and u.kind in ("gate_proj", "up_proj")]
+    units = [u for u in anatomy.units if u.block == block.index and u.kind in kinds]
     batches = [torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(s))
                for s in (0, 1)]
     return model, block, units, batches
 
 
-def _reference(model, block, batches, mode):
-    """Per expert: the inputs its gate_proj sees in plain forwards, accumulated in call order."""
+def _reference(model, block, batches, mode, kind):
+    """Per expert: what a hook on its ``kind`` linear sees when the expert runs on its rows."""
     experts = model.get_submodule(block.experts_module)
-    stats = {e: InputStats(model.config.hidden_size, torch.device("cpu")) for e in range(block.num_experts)}
     dispatched = []
     hook = experts.register_forward_pre_hook(lambda m, args: dispatched.append(args))
     try:
@@ -30,36 +29,53 @@ def _reference(model, block, batches, mode):
                 model(input_ids=ids)
     finally:
         hook.remove()
+    stats = {}
     for hidden, top_k_index, top_k_weights in dispatched:
         for e in range(block.num_experts):
             pos, tok = torch.where((top_k_index == e).T)  # transformers' eager order
-            if mode == "all":
-                stats[e].add(hidden)
-            elif len(tok):
-                stats[e].add(hidden[tok], top_k_weights[tok, pos] if mode == "weighted" else None)
+            rows = hidden if mode == "all" else hidden[tok]
+            if not len(rows):
+                continue
+            seen = []
+            h = getattr(experts[e], kind).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+            try:
+                with torch.no_grad():
+                    experts[e](rows)
+            finally:
+                h.remove()
+            stats.setdefault(e, InputStats(seen[0].shape[-1], torch.device("cpu")))
+            stats[e].add(seen[0], top_k_weights[tok, pos] if mode == "weighted" else None)
     return stats
 
 
+# shared expert: none, before the routed ones, after them (routed down then recorded by its own hook)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["gate_proj", "down_proj"])
 @pytest.mark.parametrize("mode", ["routed", "weighted", "all"])
-def test_dispatch_hessians_equal_per_expert_hooks(mode):
-    model, block, units, batches = _setup()
-    ref = _reference(model, block, batches, mode)
+def test_expert_hessians_equal_per_expert_hooks(family, kind, mode):
+    kinds = ("gate_proj", "up_proj") if kind == "gate_proj" else ("down_proj",)
+    model, block, units, batches = _setup(family, kinds)
+    ref = _reference(model, block, batches, mode, kind)
     collector = HessianCollector(model, units, _input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
-                                 mode)
+                                 mode, stop_early=True)
     with collector.attached({u.name: block.experts_module if u.expert is not None else None for u in units}):
         with torch.no_grad():
             for ids in batches:
-                model(input_ids=ids)
+                collector.start_batch()
+                with pytest.raises(StopForward):
+                    model(input_ids=ids)
     for u in units:
         if u.expert is None:
+            assert collector.hessian(u)[1] == sum(ids.numel() for ids in batches)  # a shared expert
             continue
         H, tokens = collector.hessian(u)
-        assert tokens == ref[u.expert].tokens
+        assert tokens == (ref[u.expert].tokens if u.expert in ref else 0)
         assert torch.equal(H, ref[u.expert].hessian() if tokens else torch.zeros_like(H)), u.name
 
 
-def test_routed_gate_up_stage_stops_at_the_dispatch():
-    model, block, units, batches = _setup("mixtral")  # no shared expert: nothing else to wait for
+@pytest.mark.parametrize("kinds", [("gate_proj", "up_proj"), ("down_proj",)])
+def test_routed_stages_stop_at_the_dispatch(kinds):
+    model, block, units, batches = _setup("mixtral", kinds)  # no shared expert: nothing else to wait for
     ran = []
     hooks = [model.get_submodule(name).register_forward_pre_hook(lambda m, a: ran.append(1))
              for expert in block.experts for name in expert]
@@ -73,5 +89,6 @@ def test_routed_gate_up_stage_stops_at_the_dispatch():
     finally:
         for h in hooks:
             h.remove()
-    assert ran == []  # no expert ran
-    assert sum(collector.hessian(u)[1] for u in units if u.kind == "gate_proj") == batches[0].numel() * block.top_k
+    # the experts module itself did not run: only the gate/up that compute down's input, once per expert
+    assert len(ran) == (0 if "gate_proj" in kinds else 2 * len({u.expert for u in units if collector.hessian(u)[1]}))
+    assert sum(collector.hessian(u)[1] for u in units if u.kind == kinds[0]) == batches[0].numel() * block.top_k

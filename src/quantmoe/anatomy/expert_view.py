@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS = "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"
 UNIT_KINDS: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 EXPERT_INPUT_KINDS: tuple[str, str] = UNIT_KINDS[:2]  # read the expert's input itself (ExpertMLP.forward)
+EXPERT_HIDDEN_KIND: str = UNIT_KINDS[2]  # reads ExpertMLP.hidden of the expert's input
 
 
 # --- activations (pure) -------------------------------------------------------------------
@@ -108,8 +109,11 @@ class ExpertMLP(nn.Module):
         self.down_proj = down_proj
         self.activation = activation  # plain callable, not a submodule
 
+    def hidden(self, x: Tensor) -> Tensor:  # (tokens, H) -> (tokens, I): what down_proj reads
+        return self.activation(self.gate_proj(x), self.up_proj(x))
+
     def forward(self, x: Tensor) -> Tensor:  # (tokens, H) -> (tokens, H)
-        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.hidden(x))
 
 
 class UnfusedExperts(nn.ModuleList):

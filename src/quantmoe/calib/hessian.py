@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy import LinearUnit
-from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
+from quantmoe.anatomy.expert_view import EXPERT_HIDDEN_KIND, EXPERT_INPUT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,17 @@ class HessianCollector:
             raise StopForward
 
     # -- hooks ------------------------------------------------------------------------------
-    def _experts_pre_hook(self, target: ExpertsHookTarget, readers: dict[int, list[str]], has_others: bool):
-        """``readers``: expert -> keys of its gate/up recorded here; ``has_others``: routed down units hooked."""
+    def _experts_pre_hook(self, target: ExpertsHookTarget, inputs: dict[int, list[str]],
+                          hiddens: dict[int, list[str]]):
+        """``inputs``/``hiddens``: expert -> keys of its gate/up / of its down in this collector.
+
+        gate/up are recorded here. down is recorded here too (from ``ExpertMLP.hidden``,
+        without running the experts) when the pass would end with the experts anyway;
+        otherwise the experts run and down's own hook records it.
+        """
+        input_keys = [k for keys in inputs.values() for k in keys]
+        hidden_keys = [k for keys in hiddens.values() for k in keys]
+
         def hook(module, args):
             hidden, top_k_index, top_k_weights = args[0], args[1], args[2]
             routes = module.routes(top_k_index)
@@ -123,21 +132,30 @@ class HessianCollector:
             if self.mode == "weighted":
                 for e, token_idx, top_k_pos in routes:
                     self._expert_weights[(target.module_name, e)] = top_k_weights[token_idx, top_k_pos]
-            if self.mode == "all":
-                keys = [k for e in range(target.num_experts) for k in readers.get(e, ())]
-                if keys:  # every expert sees every token: one statistic for all of them
-                    self._add(keys[0], hidden)
-                    for k in keys[1:]:
-                        self.stats[k] = self.stats[keys[0]]
-                if has_others:
-                    for e in range(target.num_experts):
-                        module[e](hidden)
-                self._suspended.add(target.module_name)
+            if self.mode == "all":  # every expert sees every token: one statistic for all gate/up
+                routes = [(e, None, None) for e in range(target.num_experts)]
+                if input_keys:
+                    self._add(input_keys[0], hidden)
+                    for k in input_keys[1:]:
+                        self.stats[k] = self.stats[input_keys[0]]
             else:
                 for e, token_idx, _ in routes:
-                    for k in readers.get(e, ()):
+                    for k in inputs.get(e, ()):
                         self._add(k, hidden[token_idx], self._expert_weights.get((target.module_name, e)))
-            self._done([k for keys in readers.values() for k in keys])
+            self._pending.difference_update(input_keys)
+            here = bool(hidden_keys) and self.stop_early and self._pending <= set(hidden_keys)
+            if here:
+                for e, token_idx, _ in routes:
+                    if hiddens.get(e):
+                        x = module[e].hidden(hidden if token_idx is None else hidden[token_idx])
+                        for k in hiddens[e]:
+                            self._add(k, x, self._expert_weights.get((target.module_name, e)))
+            elif self.mode == "all" and hidden_keys:
+                for e in range(target.num_experts):
+                    module[e](hidden)  # down's hook records
+            if self.mode == "all":
+                self._suspended.add(target.module_name)  # the routed forward that follows is not recorded
+            self._done(hidden_keys if here else ())
         return hook
 
     def _experts_post_hook(self, target: ExpertsHookTarget, routed_keys: list[str]):
@@ -155,22 +173,23 @@ class HessianCollector:
             for u in self.units:
                 owners.setdefault(self.key_of[u.name], u)
             targets = {t.module_name for t in self._experts}
-            readers: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
-            routed: dict[str, list[str]] = {name: [] for name in targets}
+            inputs: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
+            hiddens: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
             for key, owner in owners.items():
                 experts_module = experts_module_of.get(owner.name)
                 if experts_module in targets and owner.kind in EXPERT_INPUT_KINDS:
-                    readers[experts_module].setdefault(owner.expert, []).append(key)
+                    inputs[experts_module].setdefault(owner.expert, []).append(key)
                     continue
-                if experts_module in targets:
-                    routed[experts_module].append(key)
+                if experts_module in targets and owner.kind == EXPERT_HIDDEN_KIND:
+                    hiddens[experts_module].setdefault(owner.expert, []).append(key)
                 linear = self.model.get_submodule(owner.name)
                 self._handles.append(linear.register_forward_pre_hook(self._owner_hook(key, experts_module, owner)))
             for t in self._experts:
                 mod = self.model.get_submodule(t.module_name)
-                pre = self._experts_pre_hook(t, readers[t.module_name], bool(routed[t.module_name]))
+                pre = self._experts_pre_hook(t, inputs[t.module_name], hiddens[t.module_name])
+                routed = [k for keys in hiddens[t.module_name].values() for k in keys]
                 self._handles.append(mod.register_forward_pre_hook(pre))
-                self._handles.append(mod.register_forward_hook(self._experts_post_hook(t, routed[t.module_name])))
+                self._handles.append(mod.register_forward_hook(self._experts_post_hook(t, routed)))
             yield self
         finally:
             for h in self._handles:
