@@ -1,11 +1,16 @@
-"""``quantmoe bench SWEEP.yaml``."""
+"""``quantmoe bench SWEEP.yaml`` and ``quantmoe report STORE``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def _default_report_dir(store: Path) -> Path:
+    return store.parent / "report"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -15,23 +20,52 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from quantmoe.bench.sweep import load_sweep
 
     config = load_sweep(args.sweep)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     outcome = run_sweep(config, store_path=args.store, cache_dir=args.cache_dir, progress=not args.quiet)
     with ResultsStore(outcome.store, create=False) as store:
         records = store.records(sweep=config.name)
     print(f"\n{config.name}: {outcome.ran} runs done now, {outcome.skipped} already in {outcome.store} "
           f"({outcome.seconds:.0f} s)\n")
     print(format_table(aggregate(records)))
+    if not args.no_report:
+        from quantmoe.bench.report import build_report
+
+        path = build_report(outcome.store, args.report_dir or _default_report_dir(Path(outcome.store)), config.name)
+        print(f"\nreport: {path} (and {path.with_suffix('.html').name})")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from quantmoe.bench.report import build_report
+
+    store = Path(args.store)
+    path = build_report(store, args.out or _default_report_dir(store), args.sweep)
+    print(f"report: {path} (and {path.with_suffix('.html').name})")
     return 0
 
 
 def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a sweep (models x plans x seeds x metrics) into a results store",
                        description="Run every (model, run, calibration seed) of SWEEP.yaml that is not yet in the "
-                                   "results store, then print the summary. Resumable: rerun "
+                                   "results store, then print the summary and build the report. Resumable: rerun "
                                    "the same command after an interruption. See docs/benchmark.md for the format.")
     p.add_argument("sweep", help="sweep YAML file (e.g. sweeps/demo.yaml)")
     p.add_argument("--store", help="results store (SQLite); default: the sweep's `store`")
     p.add_argument("--cache-dir", help="shared statistics and reference cache (default $QUANTMOE_CACHE)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    p.add_argument("--report-dir", help="where the report goes (default: `report` beside the store)")
     p.set_defaults(func=_cmd_bench)
 
+    p = sub.add_parser("report", help="build the Markdown/HTML report of a results store (no model runs)",
+                       description="Summary tables (mean ± std over calibration seeds), quality vs bits with the "
+                                   "Pareto frontier, bit maps of the best mixed-precision plans and routing "
+                                   "frequency, from the results store alone: report.md, report.html and PNGs.")
+    p.add_argument("store", help="results store (SQLite) written by `quantmoe bench`")
+    p.add_argument("--out", help="output folder (default: `report` beside the store)")
+    p.add_argument("--sweep", help="which sweep of the store (needed when it holds several)")
+    p.set_defaults(func=_cmd_report)
