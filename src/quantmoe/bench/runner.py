@@ -152,7 +152,7 @@ def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_d
         for spec in config.models:
             ctx = ModelContext.load(spec, config, cache)
             store.put_artifact(ctx.sha256, "routing", ctx.routing_summary())
-            jobs = [(run, seed) for run in config.runs for seed in _seeds(run, config)]
+            jobs = [(run, seed) for run in config.runs if run.applies_to(spec.name) for seed in _seeds(run, config)]
             keyed = [(run, seed, run_key(ctx.sha256, _identity(ctx, run, seed))) for run, seed in jobs]
             todo = [(run, seed, key) for run, seed, key in keyed if key not in done]
             skipped += len(keyed) - len(todo)

@@ -10,7 +10,7 @@ Example ``sweep.yaml`` (every key but ``models`` and ``runs`` is optional)::
     quantizer: {method: gptq, group_size: 128, symmetric: true, damp: 0.01}
     eval:
       perplexity: {split: test, seq_len: 256, max_windows: 96}
-      tasks: [qmoe_nextsent, qmoe_cloze]  # lm-eval tasks (empty: none)
+      tasks: [qmoe_ending, qmoe_cloze]  # lm-eval tasks (empty: none)
     runs:
       - {name: full precision, full_precision: true}
       - {name: uniform 2-bit, policy: "uniform=2"}
@@ -154,6 +154,7 @@ class RunSpec:
     plan: str | None = None
     solver: SolverSettings | None = None
     full_precision: bool = False
+    models: tuple[str, ...] | None = None  # only these models of the sweep (default: all)
 
     def __post_init__(self) -> None:
         chosen = [k for k in ("policy", "plan", "solver") if getattr(self, k) is not None] + (
@@ -166,9 +167,12 @@ class RunSpec:
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-").lower()
 
+    def applies_to(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
     def identity(self) -> dict[str, Any]:
-        """What the run computes (the name is a label and not part of it)."""
-        out = {k: v for k, v in asdict(self).items() if k != "name" and v not in (None, False)}
+        """What the run computes (the name and model filter are labels and not part of it)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("name", "models") and v not in (None, False)}
         if self.plan is not None:  # a plan file counts by its content
             out["plan"] = hashlib.sha256(Path(self.plan).read_bytes()).hexdigest()
         return out
@@ -202,6 +206,12 @@ class SweepConfig:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"check `runs`: run names must be unique ({', '.join(sorted(dup))} repeated)")
+        known = [m.name for m in self.models]
+        for run in self.runs:
+            for name in run.models or ():
+                if name not in known:
+                    raise ValueError(f"check run {run.name!r}: `models` names {name!r}, which is not a model of "
+                                     f"the sweep{_did_you_mean(name, known)}")
 
     def calibration_for(self, seed: int) -> CalibrationConfig:
         from dataclasses import replace
@@ -223,6 +233,9 @@ def _run_from(item: Any, index: int) -> RunSpec:
             data["policy"] = format_policy(rules)
     if data.get("solver") is not None:
         data["solver"] = _build(SolverSettings, f"{where}.solver", data["solver"])
+    if data.get("models") is not None:
+        models = data["models"]
+        data["models"] = (str(models),) if isinstance(models, str) else tuple(str(m) for m in models)
     return RunSpec(**{**data, "name": str(data["name"])})
 
 

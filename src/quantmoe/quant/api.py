@@ -30,17 +30,10 @@ class QuantizeResult:
 
 
 def calibration_tokens(source: str, tokenizer) -> np.ndarray:
-    """Token stream of an embedded split name or of a local UTF-8 text file."""
-    from quantmoe.zoo.embedded import TEXT_SPLITS, split_tokens
-    from quantmoe.zoo.train import tokenize_text
+    """Token ids of an embedded split, a hub corpus (wikitext2, c4) or a local UTF-8 text file."""
+    from quantmoe.eval.corpora import load_tokens
 
-    if source in TEXT_SPLITS:
-        return split_tokens(source, tokenizer)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration text {source!r}: give an embedded split "
-                                f"({', '.join(TEXT_SPLITS)}) or a local text file")
-    return tokenize_text(tokenizer, path.read_text(encoding="utf-8"))
+    return load_tokens(source, tokenizer)
 
 
 def model_fingerprint(model: nn.Module) -> str:
