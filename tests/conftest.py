@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,3 +15,17 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Mixtral with the embedded tokenizer, saved as a local model folder."""
+    from quantmoe.anatomy import tiny_model
+    from quantmoe.zoo.embedded import embedded_root
+
+    folder = tmp_path_factory.mktemp("tiny-mixtral")
+    model = tiny_model("mixtral", vocab_size=8192, max_position_embeddings=256)
+    model.save_pretrained(folder)
+    for f in (embedded_root() / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder

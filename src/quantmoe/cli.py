@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on the embedded models",
-                       description="Inspect the embedded models and evaluate them on the test split.")
+                       description="The default benchmark sweep (sweeps/demo.yaml) on the embedded models: full "
+                                   "precision, uniform GPTQ, the paper's heuristics and the budget solver over "
+                                   "three calibration seeds, into runs/demo/ with a report. Resumable.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.set_defaults(func=_cmd_demo)
 
