@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from quantmoe.alloc.cli import add_plan_parser
-from quantmoe.alloc.policies import assign_bits, build_plan, plan_from_bits, policy_needs
+from quantmoe.alloc.plan_from_bits import plan_from_bits
+from quantmoe.alloc.policies import assign_bits, build_plan, policy_needs
 from quantmoe.alloc.predictor import BlockImportance
 from quantmoe.alloc.presets import format_policy, parse_policy
 from quantmoe.alloc.scorers import Evidence, ExpertScores
