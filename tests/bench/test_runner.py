@@ -120,3 +120,27 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     config = sweep_from_dict({**TINY, "models": [str(tmp_path / "nope")]})
     with pytest.raises(FileNotFoundError, match="no such folder"):
         run_sweep(config, tmp_path / "s.sqlite", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_evaluation_through_dequantized_linears_gives_identical_logits():
+    import copy
+
+    import torch
+
+    from quantmoe.anatomy import describe, tiny_model
+    from quantmoe.bench.runner import _dequantize_in_place
+    from quantmoe.calib.data import CalibrationConfig
+    from quantmoe.quant.pipeline import GPTQConfig, quantize_model
+    from quantmoe.quant.plan import Plan
+    from quantmoe.quant.qlinear import QuantLinear
+
+    model = tiny_model("mixtral")
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    specs = Plan.uniform(3, group_size=16).resolve(describe(model))
+    quantize_model(model, specs, windows, CalibrationConfig(num_windows=4, seq_len=32), GPTQConfig(), progress=False)
+    dense = copy.deepcopy(model)
+    _dequantize_in_place(dense)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not any(isinstance(m, QuantLinear) for m in dense.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, dense(input_ids=windows).logits)

@@ -64,6 +64,16 @@ def _task_metrics(model: torch.nn.Module, ctx: ModelContext) -> dict[str, float]
     return out
 
 
+def _dequantize_in_place(model: torch.nn.Module) -> None:
+    """Swap every QuantLinear for the nn.Linear of its dequantized weight (the same outputs, bit for
+    bit): evaluation then does not unpack the integer codes on every forward pass."""
+    from quantmoe.quant.qlinear import QuantLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            model.set_submodule(name, module.dense())
+
+
 def _evaluate(model: torch.nn.Module, ctx: ModelContext) -> dict[str, Any]:
     from quantmoe.eval.metrics import evaluate
 
@@ -113,10 +123,10 @@ def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_
         if seed is not None:
             result = api.quantize(model, ctx.tokenizer, plan, calib, gptq, device=config.device, progress=False)
             seconds, fallbacks = result.report.seconds, tuple(result.report.fallbacks)
+            label = f"{Path(ctx.spec.name).name}-{run.slug}-seed{seed}"
+            checkpoint = _checkpoint_bytes(result, ctx, plan, calib, gptq, store_dir, label)
+            _dequantize_in_place(model)
         metrics = _evaluate(model, ctx)
-    if seed is not None:
-        label = f"{Path(ctx.spec.name).name}-{run.slug}-seed{seed}"
-        checkpoint = _checkpoint_bytes(result, ctx, plan, calib, gptq, store_dir, label)
     del model
     return RunRecord(
         key=key, sweep=config.name, model=ctx.spec.name, model_sha256=ctx.sha256, run=run.name,
