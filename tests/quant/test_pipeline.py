@@ -179,10 +179,10 @@ def test_cutting_attention_passes_short_changes_nothing(family, monkeypatch):
 @pytest.mark.parametrize(("family", "mode", "attention"), [
     ("mixtral", "routed", "sdpa"), ("deepseek_v3", "routed", "sdpa"), ("qwen2_moe", "weighted", "sdpa"),
     ("olmoe", "all", "sdpa"), ("gpt_oss", "all", "eager"), ("qwen3_moe", "routed", "eager")])
-def test_dense_stand_ins_and_attention_replay_change_nothing(family, mode, attention, monkeypatch):
-    """The shortcuts of the later passes (dequantized weights kept dense, attention outputs
-    replayed, from o_proj's input with sdpa) against the plain path: a QuantLinear
-    dequantizing on every call, attention recomputed."""
+def test_later_pass_shortcuts_change_nothing(family, mode, attention, monkeypatch):
+    """The shortcuts of the later passes (dequantized weights kept dense; attention outputs
+    replayed, from o_proj's input with sdpa; experts' down inputs replayed in the final pass)
+    against the plain path: a QuantLinear dequantizing on every call, everything recomputed."""
     import quantmoe.quant.pipeline as pipeline
 
     results = []

@@ -6,7 +6,7 @@ import torch
 import quantmoe.quant.replay as replay_module
 from quantmoe.anatomy import tiny_model
 from quantmoe.quant.pipeline import _run_block, capture_block_inputs
-from quantmoe.quant.replay import FrozenOutputs
+from quantmoe.quant.replay import BlockReplay, FrozenOutputs
 
 
 def test_docstring_example():
@@ -42,13 +42,15 @@ def test_attention_output_from_its_tail_input(impl, exact):
     with torch.no_grad():
         inputs = capture_block_inputs(model, block, windows, 2, torch.device("cpu"))  # 3 batches
         replay = FrozenOutputs(block.self_attn, tail="o_proj")
-        with replay.recording_tail():  # the o_proj stage's pass
-            _run_block(block, inputs, replay)
+        passes = BlockReplay([(replay, 1)])  # replayed from stage 1 on
+        with passes.stage(0):  # the o_proj stage's pass keeps its inputs
+            _run_block(block, inputs, passes)
         block.self_attn.o_proj.weight.mul_(0.5)  # o_proj quantized: the attention output changes, its input not
         expected = _run_block(block, inputs)
-        with replay.active():
-            got = _run_block(block, inputs, replay)
-            again = _run_block(block, inputs, replay)
+        with passes.stage(1):
+            got = _run_block(block, inputs, passes)
+        with passes.stage(2):
+            again = _run_block(block, inputs, passes)
     assert replay.tail_exact is exact  # eager attention also returns its weights: no shortcut
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert all(torch.equal(a, b) for a, b in zip(expected, again))

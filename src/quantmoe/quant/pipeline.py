@@ -19,21 +19,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from quantmoe.anatomy import LinearUnit, ModelAnatomy, describe, family_of, unfuse_experts
+from quantmoe.anatomy import BlockAnatomy, LinearUnit, ModelAnatomy, describe, family_of, unfuse_experts
+from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
 from quantmoe.quant.gptq import gptq_quantize, gptq_quantize_batched
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
-from quantmoe.quant.replay import FrozenOutputs
+from quantmoe.quant.replay import BlockReplay, FrozenOutputs
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,17 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = False
     batch_experts: bool = True  # one batched GPTQ over a block's experts of equal shape and settings
+    # device memory a block may use to keep its routed experts' down inputs from the down stage's
+    # pass for its final pass (which then skips their gate/up); 0 turns it off
+    expert_cache_mb: float = 2048
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"check `damp`: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)")
+        if self.expert_cache_mb < 0:
+            raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
 
 
 @dataclass(frozen=True)
@@ -140,44 +145,55 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]],
-               replay: FrozenOutputs | None = None) -> list[torch.Tensor]:
+               replay: BlockReplay = BlockReplay()) -> list[torch.Tensor]:
     outs = []
     for i, (args, kwargs) in enumerate(inputs):
-        if replay is not None:
-            replay.batch = i
+        replay.at_batch(i)
         out = block(*args, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 
 
 def _calibrate_block(block: nn.Module, inputs: list[tuple[tuple, dict]], collector: HessianCollector,
-                     replay: FrozenOutputs | None = None) -> None:
+                     replay: BlockReplay = BlockReplay()) -> None:
     """Run the block over every batch for its hooks; a stopping collector cuts each pass short."""
     for i, (args, kwargs) in enumerate(inputs):
         collector.start_batch()
-        if replay is not None:
-            replay.batch = i
+        replay.at_batch(i)
         try:
             block(*args, **kwargs)
         except StopForward:
             pass
 
 
-def _attention_replay(block: nn.Module, block_name: str, attention: str,
-                      units: Sequence[LinearUnit]) -> tuple[FrozenOutputs | None, int]:
-    """The replay of the block's attention and the first stage after all its linears are quantized.
+def _first_frozen_stage(units: Sequence[LinearUnit]) -> int:
+    """The first stage after every one of ``units`` is quantized."""
+    return max((stage_of(u) + 1 for u in units), default=0)
 
-    The attention's tail is the linear alone in its last stage (o_proj).
-    """
+
+def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUnit], attention: str,
+                  inputs: list[tuple[tuple, dict]], calib: CalibrationConfig, gptq: GPTQConfig) -> BlockReplay:
+    """The attention from the stage after its linears (its tail: the linear alone in its last
+    stage, o_proj); each routed expert's down input from the stage after gate/up, within
+    ``gptq.expert_cache_mb`` (not in the ``all`` MoE mode: experts also run on every token there)."""
+    parts = []
     module = getattr(block, attention, None)
-    if module is None:
-        return None, len(STAGES)
-    prefix = f"{block_name}.{attention}."
-    mine = [u for u in units if u.name.startswith(prefix)]
-    frozen_from = max((stage_of(u) + 1 for u in mine), default=0)
-    last = [u.name.removeprefix(prefix) for u in mine if stage_of(u) == frozen_from - 1]
-    tail = last[0] if len(last) == 1 and "." not in last[0] else None
-    return FrozenOutputs(module, tail), frozen_from
+    if module is not None:
+        prefix = f"{info.module_name}.{attention}."
+        mine = [u for u in units if u.name.startswith(prefix)]
+        first = _first_frozen_stage(mine)
+        last = [u.name.removeprefix(prefix) for u in mine if stage_of(u) == first - 1]
+        parts.append((FrozenOutputs(module, tail=last[0] if len(last) == 1 and "." not in last[0] else None), first))
+    readers = [u for u in units if u.expert is not None and u.kind in EXPERT_INPUT_KINDS]
+    if info.is_moe and readers and calib.moe_mode != "all":
+        experts = block.get_submodule(info.experts_module.removeprefix(info.module_name + "."))
+        hidden = max(u.out_features for u in readers)
+        tokens = sum(args[0].shape[:-1].numel() for args, _ in inputs)
+        size_mb = info.top_k * tokens * hidden * inputs[0][0][0].element_size() / 2**20
+        if size_mb <= gptq.expert_cache_mb:
+            first = _first_frozen_stage(readers)
+            parts += [(FrozenOutputs(expert, method="hidden"), first) for expert in experts]
+    return BlockReplay(parts)
 
 
 @torch.no_grad()
@@ -221,7 +237,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
         staged: dict[str, QuantLinear] = {}  # computed as dense stand-ins until the block is done
-        replay, frozen_from = _attention_replay(block, block_info.module_name, family.attention, units)
+        replay = _block_replay(block, block_info, units, family.attention, inputs, calib, gptq)
         for stage_index in range(len(STAGES)):
             stage_units = [u for u in units if stage_of(u) == stage_index and not specs[u.name].keep]
             for u in units:
@@ -231,12 +247,12 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                 continue
             collector = HessianCollector(model, stage_units, _input_key, experts, calib.moe_mode, stop_early=True)
             if gptq.method == "gptq":
-                with _replaying(replay, stage_index, frozen_from), collector.attached(experts_module_of):
+                with replay.stage(stage_index), collector.attached(experts_module_of):
                     _calibrate_block(block, inputs, collector, replay)
             _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
-        with _replaying(replay, len(STAGES), frozen_from):
+        with replay.stage(len(STAGES)):
             outputs = _run_block(block, inputs, replay)
         for out in outputs:
             if not torch.isfinite(out).all():
@@ -255,16 +271,6 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                     "see the report", len(fallbacks))
     return QuantReport(units=reports, expert_tokens=expert_tokens, fallbacks=tuple(fallbacks),
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
-
-
-@contextmanager
-def _replaying(replay: FrozenOutputs | None, stage_index: int, frozen_from: int) -> Iterator[None]:
-    """The attention is replayed from ``frozen_from`` on; the pass just before keeps its tail's inputs."""
-    if replay is None:
-        yield
-        return
-    with replay.recording_tail(stage_index == frozen_from - 1), replay.active(stage_index >= frozen_from):
-        yield
 
 
 def _stage(model: nn.Module, name: str, qlinear: QuantLinear, staged: dict[str, QuantLinear]) -> None:

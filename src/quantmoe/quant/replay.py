@@ -7,6 +7,11 @@ are quantized (its input is the normalized block input, fixed while the block is
 on). `FrozenOutputs` runs such a module the first time it sees a batch, keeps the output,
 and returns the kept output on every later pass, so the later passes skip its compute.
 
+The same holds inside a routed expert once its gate/up are quantized: its down input
+(`ExpertMLP.hidden`) is computed on the down stage's pass and replayed on the final pass
+(the routing is replayed too: the router's input is fixed). `BlockReplay` holds what one
+block replays and from which stage on.
+
 The first time can be cheap too. An attention ends with its output projection (its
 "tail", o_proj): the pass that calibrates o_proj sees the tail's input, which the
 quantization of o_proj does not change. Kept from that pass, it gives the attention's
@@ -31,8 +36,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 class FrozenOutputs:
-    """Per-batch outputs of ``module``, computed once and replayed afterwards.
+    """Per-batch outputs of ``module`` (its ``method``), computed once and replayed afterwards.
 
     ``tail``: the name (inside ``module``) of a last linear whose inputs may be recorded
     with ``recording_tail`` to compute the outputs from (see the module docstring). Set
@@ -50,9 +55,10 @@ class FrozenOutputs:
     dropped (one per block: as much memory as the block's inputs for an attention).
     """
 
-    def __init__(self, module: nn.Module, tail: str | None = None) -> None:
+    def __init__(self, module: nn.Module, tail: str | None = None, method: str = "forward") -> None:
         self.module = module
         self.tail = tail
+        self.method = method
         self.batch = 0
         self.outputs: dict[int, Any] = {}
         self.tail_inputs: dict[int, torch.Tensor] = {}
@@ -77,18 +83,18 @@ class FrozenOutputs:
         if not on:
             yield self
             return
-        compute = self.module.forward
+        compute = getattr(self.module, self.method)
 
-        def forward(*args, **kwargs):
+        def replayed(*args, **kwargs):
             if self.batch not in self.outputs:
                 self.outputs[self.batch] = self._first(compute, args, kwargs)
             return self.outputs[self.batch]
 
-        self.module.forward = forward  # hooks on the module itself still run
+        setattr(self.module, self.method, replayed)  # hooks on the module itself still run
         try:
             yield self
         finally:
-            del self.module.forward
+            delattr(self.module, self.method)
 
     def _first(self, compute, args, kwargs) -> Any:
         x = self.tail_inputs.pop(self.batch, None)
@@ -104,3 +110,26 @@ class FrozenOutputs:
                           type(self.module).__name__, self.tail)
             return real
         return out
+
+
+class BlockReplay:
+    """What the passes over one block replay: ``(FrozenOutputs, first stage that replays it)``.
+
+    The pass of the stage just before a part's first stage keeps that part's tail inputs.
+    """
+
+    def __init__(self, parts: Sequence[tuple[FrozenOutputs, int]] = ()) -> None:
+        self.parts = list(parts)
+
+    def at_batch(self, batch: int) -> None:
+        for part, _ in self.parts:
+            part.batch = batch
+
+    @contextmanager
+    def stage(self, stage_index: int) -> Iterator[BlockReplay]:
+        """Replay during a pass of ``stage_index`` (one past the last stage: the block's final pass)."""
+        with ExitStack() as stack:
+            for part, first in self.parts:
+                stack.enter_context(part.recording_tail(stage_index == first - 1))
+                stack.enter_context(part.active(stage_index >= first))
+            yield self
