@@ -87,10 +87,12 @@ def test_shape_mismatch_and_keep_are_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_stand_in_computes_the_same_outputs(bias, dtype):
     linear = torch.nn.Linear(72, 24, bias=bias).to(dtype)
-    q = QuantLinear.from_result(linear, gptq_linear(linear, QuantSpec(3, 32, False)))
+    res = gptq_linear(linear, QuantSpec(3, 32, False))
+    q = QuantLinear.from_result(linear, res)
     dense = q.dense()
     x = torch.randn(5, 72, dtype=dtype)
     assert type(dense) is torch.nn.Linear and dense.weight.dtype == dtype
     assert torch.equal(dense.weight, q.dequantize_weight())
     with torch.no_grad():
         assert torch.equal(dense(x), q(x))
+        assert torch.equal(q.dense(res.Q)(x), q(x))  # the result's Q is the dequantized weight

@@ -273,10 +273,12 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
 
 
-def _stage(model: nn.Module, name: str, qlinear: QuantLinear, staged: dict[str, QuantLinear]) -> None:
-    """Put the dense stand-in of ``qlinear`` in place; the driver installs ``qlinear`` once the block is done."""
+def _stage(model: nn.Module, name: str, qlinear: QuantLinear, staged: dict[str, QuantLinear],
+           weight: torch.Tensor | None = None) -> None:
+    """Put the dense stand-in of ``qlinear`` (its dequantized ``weight``, if at hand) in place; the
+    driver installs ``qlinear`` once the block is done."""
     staged[name] = qlinear
-    _replace(model, name, qlinear.dense())
+    _replace(model, name, qlinear.dense(weight))
 
 
 def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
@@ -312,7 +314,8 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
             results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
                                      act_order=gptq.act_order, name=u.name) for w, (u, H, _) in zip(weights, items)]
         for (unit, _, tokens), result in zip(items, results):
-            _stage(model, unit.name, QuantLinear.from_result(model.get_submodule(unit.name), result), staged)
+            qlinear = QuantLinear.from_result(model.get_submodule(unit.name), result)
+            _stage(model, unit.name, qlinear, staged, weight=result.Q)
             method = "rtn-fallback" if result.fallback else "gptq"
             if result.fallback:
                 fallbacks.append(unit.name)

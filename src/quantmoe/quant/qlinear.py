@@ -108,10 +108,14 @@ class QuantLinear(nn.Module):
         return (self.scales.float()[:, g] * (codes - zeros[:, g])).to(self.scales.dtype)
 
     @torch.no_grad()
-    def dense(self) -> nn.Linear:
+    def dense(self, weight: torch.Tensor | None = None) -> nn.Linear:
         """An ``nn.Linear`` holding the dequantized weight: the same outputs, bit for bit, without
-        dequantizing on every call (the driver's stand-in while a block's later passes run)."""
-        weight = self.dequantize_weight()  # (out, in)
+        dequantizing on every call (the driver's stand-in while a block's later passes run).
+
+        ``weight``: the dequantized weight if already at hand (the ``GPTQResult.Q`` this module
+        was built from is, bit for bit); computed otherwise.
+        """
+        weight = self.dequantize_weight() if weight is None else weight  # (out, in)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
                            dtype=weight.dtype)
         linear.weight = nn.Parameter(weight, requires_grad=False)
