@@ -96,3 +96,13 @@ def test_dense_stand_in_computes_the_same_outputs(bias, dtype):
     with torch.no_grad():
         assert torch.equal(dense(x), q(x))
         assert torch.equal(q.dense(res.Q)(x), q(x))  # the result's Q is the dequantized weight
+
+
+def test_from_results_packs_several_at_once_like_from_result():
+    linears = [torch.nn.Linear(72, 24) for _ in range(3)]
+    results = [gptq_linear(linear, QuantSpec(3, 32, False)) for linear in linears]
+    for q, linear, res in zip(QuantLinear.from_results(linears, results), linears, results, strict=True):
+        one = QuantLinear.from_result(linear, res)
+        assert q.state_dict().keys() == one.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), one.state_dict().values()))
+        assert torch.equal(q.dequantize_weight(), res.Q)

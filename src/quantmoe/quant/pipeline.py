@@ -305,7 +305,8 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
         key = (unit.kind, spec, tuple(linear.weight.shape), unit.expert is not None)
         batches[key].append((unit, H, tokens))
     for (_, spec, _, is_expert), items in batches.items():
-        weights = [model.get_submodule(u.name).weight for u, _, _ in items]
+        linears = [model.get_submodule(u.name) for u, _, _ in items]
+        weights = [linear.weight for linear in linears]
         if is_expert and len(items) > 1 and gptq.batch_experts:
             results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
                                             damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
@@ -313,8 +314,8 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
         else:
             results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
                                      act_order=gptq.act_order, name=u.name) for w, (u, H, _) in zip(weights, items)]
-        for (unit, _, tokens), result in zip(items, results):
-            qlinear = QuantLinear.from_result(model.get_submodule(unit.name), result)
+        qlinears = QuantLinear.from_results(linears, results)
+        for (unit, _, tokens), result, qlinear in zip(items, results, qlinears):
             _stage(model, unit.name, qlinear, staged, weight=result.Q)
             method = "rtn-fallback" if result.fallback else "gptq"
             if result.fallback:

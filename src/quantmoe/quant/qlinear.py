@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,10 +70,20 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_result(cls, linear: nn.Linear, result: GPTQResult) -> QuantLinear:
         """Store a GPTQ result for ``linear``; the module computes ``F.linear(x, result.Q, bias)``."""
-        shape, want = tuple(result.qweight.shape), tuple(linear.weight.shape)
-        if shape != want:
-            raise ValueError(f"GPTQ result is for a {shape} weight, the linear's weight is {want}")
-        return cls._build(linear, result.qweight, result.scale, result.zero, result.bits, result.group_size)
+        return cls.from_results([linear], [result])[0]
+
+    @classmethod
+    def from_results(cls, linears: Sequence[nn.Linear], results: Sequence[GPTQResult]) -> list[QuantLinear]:
+        """``from_result`` for linears of one shape and bit width, packed in one call (e.g. a block's experts)."""
+        for linear, result in zip(linears, results, strict=True):
+            shape, want = tuple(result.qweight.shape), tuple(linear.weight.shape)
+            if shape != want:
+                raise ValueError(f"GPTQ result is for a {shape} weight, the linear's weight is {want}")
+        bits = results[0].bits
+        words = pack(torch.stack([r.qweight for r in results]), bits)  # (n, out, words)
+        zeros = pack(torch.stack([r.zero for r in results]).transpose(1, 2), bits)  # (n, groups, words)
+        return [cls._build(linear, words[i], zeros[i], r.scale, bits, r.group_size)
+                for i, (linear, r) in enumerate(zip(linears, results))]
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
@@ -84,17 +96,18 @@ class QuantLinear(nn.Module):
         in_f = W.shape[1]
         codes = quantize(W.float(), expand_groups(scale, qp.group_size, in_f),
                          expand_groups(qp.zero, qp.group_size, in_f), spec.maxq)  # (out, in)
-        return cls._build(linear, codes, scale, qp.zero, spec.bits, qp.group_size)
+        return cls._build(linear, pack(codes, spec.bits), pack(qp.zero.T, spec.bits), scale, spec.bits, qp.group_size)
 
     @classmethod
     @torch.no_grad()
-    def _build(cls, linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    def _build(cls, linear: nn.Linear, qweight: torch.Tensor, qzeros: torch.Tensor, scale: torch.Tensor,
                bits: int, group_size: int) -> QuantLinear:
+        """A module for ``linear`` from packed codes (out, words) and zero points (groups, words)."""
         W = linear.weight
         out_f, in_f = W.shape
         module = cls(in_f, out_f, bits, group_size, bias=linear.bias is not None, dtype=W.dtype, device=W.device)
-        module.qweight.copy_(pack(codes, bits))
-        module.qzeros.copy_(pack(zero.T, bits))
+        module.qweight.copy_(qweight)
+        module.qzeros.copy_(qzeros)
         module.scales.copy_(scale.to(W.dtype))
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
