@@ -200,3 +200,16 @@ def test_later_pass_shortcuts_change_nothing(family, mode, attention, monkeypatc
     assert fast_tokens == slow_tokens
     assert fast_state.keys() == slow_state.keys()
     assert all(torch.equal(fast_state[k], slow_state[k]) for k in fast_state)
+
+
+def test_expert_cache_off_gives_the_same_model_and_negative_is_an_error():
+    states = []
+    for cache_mb in (2048, 0):
+        model = tiny_model("mixtral")
+        specs = Plan.uniform(4, group_size=16).resolve(describe(model))
+        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1, batch_size=3),
+                       GPTQConfig(expert_cache_mb=cache_mb), progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    with pytest.raises(ValueError, match="expert_cache_mb"):
+        GPTQConfig(expert_cache_mb=-1)

@@ -9,9 +9,10 @@ the model stays where it is (CPU).
 The later passes over a block skip work without changing a bit of what they compute
 (tested against the plain path): a quantized linear runs as a dense ``nn.Linear`` holding
 its dequantized weight until the block is done (then its packed ``QuantLinear`` is
-installed), and once the attention's linears are quantized its output for each batch is
-computed once and replayed (replay.py). The collector cuts passes short once a stage's
-inputs are recorded (calib/hessian.py).
+installed); once the attention's linears are quantized its output for each batch is
+computed once and replayed, and so is each routed expert's down input on the final pass
+(replay.py). The collector cuts passes short once a stage's inputs are recorded
+(calib/hessian.py).
 """
 
 from __future__ import annotations
@@ -257,6 +258,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         for out in outputs:
             if not torch.isfinite(out).all():
                 raise ValueError(f"block {block_info.index} produced NaN/Inf after quantization")
+        del replay  # what it kept (the block's device memory) goes before the next block arrives
         for name, qlinear in staged.items():
             _replace(model, name, qlinear)
         inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]

@@ -9,8 +9,8 @@ and returns the kept output on every later pass, so the later passes skip its co
 
 The same holds inside a routed expert once its gate/up are quantized: its down input
 (`ExpertMLP.hidden`) is computed on the down stage's pass and replayed on the final pass
-(the routing is replayed too: the router's input is fixed). `BlockReplay` holds what one
-block replays and from which stage on.
+(each expert gets the same tokens on both: the router's input is fixed). `BlockReplay`
+holds what one block replays and from which stage on.
 
 The first time can be cheap too. An attention ends with its output projection (its
 "tail", o_proj): the pass that calibrates o_proj sees the tail's input, which the
