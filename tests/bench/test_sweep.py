@@ -30,6 +30,8 @@ def test_policy_list_becomes_compact_form():
     ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 2.5, "granularity": "row"}}]}, "granularity"),
     ({**BASE, "runs": [{"name": "x", "policy": "uniform=2"}, {"name": "x", "policy": "uniform=3"}]}, "unique"),
     ({**BASE, "quantizer": {"method": "awq"}}, "method"),
+    ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 1.5}}]}, "impossible budget"),
+    ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 2.5, "widths": [2, 5]}}]}, "bits"),
     ({**BASE, "quantizer": {"group_size": 100}}, "group_size"),
     ({**BASE, "seeds": "0"}, "seeds"),
     ({"runs": BASE["runs"]}, "models"),

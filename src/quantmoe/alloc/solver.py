@@ -23,6 +23,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from quantmoe.alloc.damage import DamageTable
 from quantmoe.anatomy import ModelAnatomy
+from quantmoe.quant.grid import SUPPORTED_BITS
 from quantmoe.quant.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,13 @@ class SolverConfig:
             raise ValueError("check `widths`: give at least one bit width")
         if not 0 < self.tolerance < 1:
             raise ValueError("check `tolerance`: it must be in (0, 1) bits")
+        bad = [w for w in self.widths if w not in SUPPORTED_BITS]
+        if bad:
+            raise ValueError(f"check `widths`: {bad[0]} bits is not one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if not min(self.widths) <= self.target_bits <= max(self.widths):
+            raise ValueError(f"impossible budget: check `target_bits`: {self.target_bits} is outside "
+                             f"[{min(self.widths)}, {max(self.widths)}], the range of the allowed widths "
+                             f"{', '.join(map(str, sorted(self.widths)))}")
 
 
 @dataclass(frozen=True)
