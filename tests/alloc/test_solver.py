@@ -75,5 +75,7 @@ def test_role_limits_and_impossible_budgets(measured):
         solve(anatomy, tables["output"], SolverConfig(target_bits=1.9))
     with pytest.raises(ValueError, match="impossible budget"):
         solve(anatomy, tables["output"], SolverConfig(target_bits=4.5))
-    with pytest.raises(ValueError, match="no column for"):
-        solve(anatomy, tables["output"], SolverConfig(target_bits=3.0, widths=(2, 3, 5)))
+    with pytest.raises(ValueError, match="not one of 2, 3, 4, 8, 16"):
+        SolverConfig(target_bits=3.0, widths=(2, 3, 5))
+    with pytest.raises(ValueError, match="no column for"):  # 16 bits was not measured
+        solve(anatomy, tables["output"], SolverConfig(target_bits=3.0, widths=(2, 3, 16)))
