@@ -128,7 +128,7 @@ def test_evaluation_through_dequantized_linears_gives_identical_logits():
     import torch
 
     from quantmoe.anatomy import describe, tiny_model
-    from quantmoe.bench.runner import _dequantize_in_place
+    from quantmoe.bench.runner import dequantize_in_place
     from quantmoe.calib.data import CalibrationConfig
     from quantmoe.quant.pipeline import GPTQConfig, quantize_model
     from quantmoe.quant.plan import Plan
@@ -139,7 +139,7 @@ def test_evaluation_through_dequantized_linears_gives_identical_logits():
     specs = Plan.uniform(3, group_size=16).resolve(describe(model))
     quantize_model(model, specs, windows, CalibrationConfig(num_windows=4, seq_len=32), GPTQConfig(), progress=False)
     dense = copy.deepcopy(model)
-    _dequantize_in_place(dense)
+    dequantize_in_place(dense)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert not any(isinstance(m, QuantLinear) for m in dense.modules())
     with torch.no_grad():

@@ -64,7 +64,7 @@ def _task_metrics(model: torch.nn.Module, ctx: ModelContext) -> dict[str, float]
     return out
 
 
-def _dequantize_in_place(model: torch.nn.Module) -> None:
+def dequantize_in_place(model: torch.nn.Module) -> None:
     """Swap every QuantLinear for the nn.Linear of its dequantized weight (the same outputs, bit for
     bit): evaluation then does not unpack the integer codes on every forward pass."""
     from quantmoe.quant.qlinear import QuantLinear
@@ -125,7 +125,7 @@ def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_
             seconds, fallbacks = result.report.seconds, tuple(result.report.fallbacks)
             label = f"{Path(ctx.spec.name).name}-{run.slug}-seed{seed}"
             checkpoint = _checkpoint_bytes(result, ctx, plan, calib, gptq, store_dir, label)
-            _dequantize_in_place(model)
+            dequantize_in_place(model)
         metrics = _evaluate(model, ctx)
     del model
     return RunRecord(
