@@ -76,9 +76,10 @@ class HessianCollector:
 
     With ``stop_early`` the forward pass is cut (``StopForward``) as soon as every input of
     the stage has been recorded for the current batch: stages that calibrate attention skip
-    the MoE part of the block, and a stage of routed gate/up (with no shared expert) stops
-    at the dispatch, skipping the experts. Routed down inputs count as recorded once the
-    experts module has run.
+    the MoE part of the block, and a stage of routed gate/up stops at the dispatch unless a
+    shared expert runs after the routed ones. Routed down inputs count as recorded once the
+    experts module has run; when nothing else would be left, they are recorded at the
+    dispatch too (``ExpertMLP.hidden`` of each expert's rows) and the pass stops there.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[LinearUnit], input_key, experts: Sequence[ExpertsHookTarget],
