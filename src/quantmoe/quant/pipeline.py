@@ -146,21 +146,23 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]],
-               replay: BlockReplay = BlockReplay()) -> list[torch.Tensor]:
+               replay: BlockReplay | None = None) -> list[torch.Tensor]:
     outs = []
     for i, (args, kwargs) in enumerate(inputs):
-        replay.at_batch(i)
+        if replay is not None:
+            replay.at_batch(i)
         out = block(*args, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 
 
 def _calibrate_block(block: nn.Module, inputs: list[tuple[tuple, dict]], collector: HessianCollector,
-                     replay: BlockReplay = BlockReplay()) -> None:
+                     replay: BlockReplay | None = None) -> None:
     """Run the block over every batch for its hooks; a stopping collector cuts each pass short."""
     for i, (args, kwargs) in enumerate(inputs):
         collector.start_batch()
-        replay.at_batch(i)
+        if replay is not None:
+            replay.at_batch(i)
         try:
             block(*args, **kwargs)
         except StopForward:
