@@ -31,10 +31,10 @@ def demo_sweep_path() -> Path:
 
 def run_demo(threads: int | None = None, sweep: Path | None = None, store: Path | None = None,
              report_dir: Path | None = None) -> int:
+    from quantmoe.bench.cli import default_report_dir
     from quantmoe.bench.report import build_report
     from quantmoe.bench.runner import run_sweep
-    from quantmoe.bench.store import ResultsStore
-    from quantmoe.bench.summary import aggregate, format_table
+    from quantmoe.bench.summary import stored_table
     from quantmoe.bench.sweep import load_sweep
 
     if threads:
@@ -46,14 +46,12 @@ def run_demo(threads: int | None = None, sweep: Path | None = None, store: Path 
     print(f"\nsweep {config.name}: {len(config.models)} models x {len(config.runs)} runs x "
           f"{len(config.seeds)} calibration seeds", flush=True)
     outcome = run_sweep(config, store_path=store)
-    with ResultsStore(outcome.store, create=False) as results:
-        records = results.records(sweep=config.name)
-    report = build_report(outcome.store, report_dir or outcome.store.parent / "report", sweep=config.name)
+    report = build_report(outcome.store, report_dir or default_report_dir(outcome.store), sweep=config.name)
     ppl = config.eval.perplexity
     print(f"\n{config.name}: mean ± std over calibration seeds; ppl and KL (mean per-token KL(full precision || "
           f"quantized)) on {ppl.max_windows or 'all'} {ppl.split} windows of {ppl.seq_len} tokens; task mean = "
           f"plain mean of {', '.join(config.eval.tasks) or 'no tasks'}\n")
-    print(format_table(aggregate(records)))
+    print(stored_table(outcome.store, config.name))
     print(f"\nreport: {report}\n{outcome.ran} runs now, {outcome.skipped} reused from {outcome.store}; "
           f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0

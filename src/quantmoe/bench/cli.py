@@ -9,14 +9,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _default_report_dir(store: Path) -> Path:
+def default_report_dir(store: Path) -> Path:
     return store.parent / "report"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from quantmoe.bench.runner import run_sweep
-    from quantmoe.bench.store import ResultsStore
-    from quantmoe.bench.summary import aggregate, format_table
+    from quantmoe.bench.summary import stored_table
     from quantmoe.bench.sweep import load_sweep
 
     config = load_sweep(args.sweep)
@@ -25,15 +24,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     outcome = run_sweep(config, store_path=args.store, cache_dir=args.cache_dir, progress=not args.quiet)
-    with ResultsStore(outcome.store, create=False) as store:
-        records = store.records(sweep=config.name)
     print(f"\n{config.name}: {outcome.ran} runs done now, {outcome.skipped} already in {outcome.store} "
           f"({outcome.seconds:.0f} s)\n")
-    print(format_table(aggregate(records)))
+    print(stored_table(outcome.store, config.name))
     if not args.no_report:
         from quantmoe.bench.report import build_report
 
-        path = build_report(outcome.store, args.report_dir or _default_report_dir(Path(outcome.store)), config.name)
+        path = build_report(outcome.store, args.report_dir or default_report_dir(Path(outcome.store)), config.name)
         print(f"\nreport: {path} (and {path.with_suffix('.html').name})")
     return 0
 
@@ -42,7 +39,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from quantmoe.bench.report import build_report
 
     store = Path(args.store)
-    path = build_report(store, args.out or _default_report_dir(store), args.sweep)
+    path = build_report(store, args.out or default_report_dir(store), args.sweep)
     print(f"report: {path} (and {path.with_suffix('.html').name})")
     return 0
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantmoe.bench.store import RunRecord
+from pathlib import Path
+
+from quantmoe.bench.store import ResultsStore, RunRecord
 
 # headline metrics: (key, column title, format, lower is better)
 METRICS: tuple[tuple[str, str, str, bool], ...] = (
@@ -83,3 +85,9 @@ def format_table(aggs: Sequence[Aggregate], model: str | None = None) -> str:
             f"{a.quant_seconds:.1f}", size]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def stored_table(store_path: str | Path, sweep: str | None = None) -> str:
+    """``format_table`` of the aggregated runs of ``sweep`` in a results store."""
+    with ResultsStore(store_path, create=False) as store:
+        return format_table(aggregate(store.records(sweep=sweep)))
