@@ -92,3 +92,42 @@ def test_routed_stages_stop_at_the_dispatch(kinds):
     # the experts module itself did not run: only the gate/up that compute down's input, once per expert
     assert len(ran) == (0 if "gate_proj" in kinds else 2 * len({u.expert for u in units if collector.hessian(u)[1]}))
     assert sum(collector.hessian(u)[1] for u in units if u.kind == kinds[0]) == batches[0].numel() * block.top_k
+
+
+@pytest.mark.parametrize("kind", ["gate_proj", "down_proj"])
+def test_weighted_hessian_is_2_over_sum_w_xt_diag_w_x(kind):
+    """``weighted`` mode, one expert, by hand: H = 2/n X^T diag(w) X where X holds the rows routed
+    to the expert, w their router weights, and n = sum(w) (the weights' sum, not the row count:
+    InputStats.weight_sum). Computed in float64 from the dispatch's own arguments."""
+    kinds = ("gate_proj", "up_proj") if kind == "gate_proj" else ("down_proj",)
+    model, block, units, batches = _setup("mixtral", kinds)
+    experts = model.get_submodule(block.experts_module)
+    dispatched = []
+    spy = experts.register_forward_pre_hook(lambda m, args: dispatched.append(args))
+    collector = HessianCollector(model, units, _input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
+                                 "weighted")
+    with collector.attached({u.name: block.experts_module for u in units}), torch.no_grad():
+        for ids in batches:
+            collector.start_batch()
+            model(input_ids=ids)
+    spy.remove()
+    e = 1
+    rows, w = [], []
+    with torch.no_grad():
+        for hidden, top_k_index, top_k_weights in dispatched:
+            tok, pos = torch.where(top_k_index == e)
+            x = hidden[tok]
+            if kind == "down_proj":  # down reads act(gate(x)) * up(x)
+                ex = experts[e]
+                x = ex.activation(ex.gate_proj(x), ex.up_proj(x))
+            rows.append(x.double())
+            w.append(top_k_weights[tok, pos].double())
+    X, w = torch.cat(rows), torch.cat(w)  # (n_rows, in), (n_rows,)
+    assert len(w) > 4 and not torch.allclose(w, w[0].expand_as(w))  # the weights differ: the test can tell
+    expected = 2 / w.sum() * X.T @ torch.diag(w) @ X
+    unit = next(u for u in units if u.expert == e and u.kind == kind)
+    H, tokens = collector.hessian(unit)
+    assert tokens == len(w)
+    torch.testing.assert_close(H.double(), expected, rtol=1e-5, atol=1e-6)
+    # the unweighted H of the same rows is another matrix: the check above sees the weights
+    assert not torch.allclose(H.double(), 2 / len(w) * X.T @ X, rtol=1e-3)
