@@ -68,6 +68,18 @@ def reference_logprobs(model: torch.nn.Module, windows: torch.Tensor, batch_size
 Reference = torch.nn.Module | list[torch.Tensor]
 
 
+def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P) over the last axis from log-probabilities: sum_v p_ref(v) (log p_ref(v) - log p(v)).
+
+    Example (p = [1/2, 1/2], q = [9/10, 1/10]: KL(p || q) = ln(5/3)):
+        >>> import math
+        >>> p, q = torch.tensor([0.5, 0.5]).log(), torch.tensor([0.9, 0.1]).log()
+        >>> round(kl_divergence(p, q).item(), 6), round(math.log(5 / 3), 6)
+        (0.510826, 0.510826)
+    """
+    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, reference: Reference | None = None,
              batch_size: int = 8, progress: bool = False) -> EvalResult:
@@ -92,7 +104,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, reference: Reference
                 ref = _logprobs(reference, batch).to(lp.device)
             else:
                 ref = reference[n].to(lp.device, torch.float32)
-            kls.append((ref.exp() * (ref - lp)).sum(-1).reshape(-1).cpu())
+            kls.append(kl_divergence(ref, lp).reshape(-1).cpu())
             agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
     model.train(was_training)
     nll = nll_sum / count
