@@ -14,8 +14,8 @@ from quantmoe.quant.plan import Plan
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
 
 
-def _quantized(family, plan=None):
-    model = tiny_model(family)
+def _quantized(family, plan=None, tied=False):
+    model = tiny_model(family, tied=tied)
     plan = plan or Plan.from_dict({"default": {"bits": 4, "group_size": 16},
                                    "kinds": {"down_proj": {"bits": 3, "symmetric": False}},
                                    "roles": {"attention": {"bits": 8}}})
@@ -34,6 +34,24 @@ def test_reload_gives_identical_logits(tmp_path, family):
         assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)
     cfg = json.loads((tmp_path / "q" / "quantization_config.json").read_text())
     assert cfg["modules"].keys() == specs.keys() and cfg["note"] == "test"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tied_embeddings_stay_tied_through_quantize_save_and_reload(tmp_path, family):
+    model, specs, windows = _quantized(family, tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the fixture is tied
+    assert not any(name.startswith("lm_head") for name in specs)  # never quantized
+    save_quantized(model, tmp_path / "q", specs, {})
+    loaded = quantmoe.load(tmp_path / "q", attn_implementation="eager")
+    assert loaded.config.tie_word_embeddings
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # one matrix, not an equal copy
+    from safetensors import safe_open
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:  # stored once
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)
+        loaded.model.embed_tokens.weight.mul_(2)  # and it stays one matrix after a change
+        assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
 
 
 def test_disk_size_close_to_theory(tmp_path):

@@ -3,7 +3,9 @@
 Each config is a few layers of width 32-64 with a 128-token vocabulary and a handful of
 experts, chosen so that every structural feature of the family appears at least once
 (dense blocks next to MoE blocks, shared experts, MLA low-rank projections, biases,
-attention sinks). Models are fp32, eager attention and eager experts.
+attention sinks). Models are fp32, eager attention and eager experts. Every family also
+comes tied (`tied=True`: `tie_word_embeddings`, lm_head shares the embedding matrix), as
+small models of several families ship.
 
 Example:
     >>> model = tiny_model("mixtral")
@@ -34,7 +36,6 @@ _COMMON: dict[str, Any] = {
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,
-    "tie_word_embeddings": False,
 }
 
 # Per family: what differs from _COMMON. Kept small enough that a forward pass over a
@@ -93,17 +94,18 @@ _TINY: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
+def tiny_config(model_type: str, tied: bool = False, **overrides: Any) -> PretrainedConfig:
     """A tiny transformers config of `model_type` with eager attention and eager experts.
 
-    `overrides` replace any config field, e.g. `tiny_config("deepseek_v3", q_lora_rank=None)`.
+    `tied` ties lm_head to the input embeddings. `overrides` replace any config field, e.g.
+    `tiny_config("deepseek_v3", q_lora_rank=None)`.
     """
     if model_type not in _TINY:
         raise UnsupportedModelError(
             f"no tiny config for model_type {model_type!r}; known: {', '.join(sorted(_TINY))}. "
             "Add one to quantmoe/anatomy/tiny.py (see docs/adding-a-family.md)."
         )
-    kwargs = {**_COMMON, **_TINY[model_type], **overrides}
+    kwargs = {**_COMMON, **_TINY[model_type], "tie_word_embeddings": tied, **overrides}
     config = AutoConfig.for_model(model_type, **kwargs)
     config._attn_implementation = "eager"
     config._experts_implementation = "eager"
@@ -131,11 +133,12 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
     return model
 
 
-def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> nn.Module:
-    """A tiny fp32 eager model of `model_type` with every parameter random (see `randomize_`)."""
+def tiny_model(model_type: str, seed: int = 0, tied: bool = False, **overrides: Any) -> nn.Module:
+    """A tiny fp32 eager model of `model_type` with every parameter random (see `randomize_`);
+    `tied`: lm_head is the embedding matrix itself."""
     if model_type not in FAMILIES:
         raise UnsupportedModelError(f"model_type {model_type!r} is not one of {', '.join(sorted(FAMILIES))}")
-    config = tiny_config(model_type, **overrides)
+    config = tiny_config(model_type, tied=tied, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.set_experts_implementation("eager")
