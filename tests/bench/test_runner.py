@@ -1,5 +1,6 @@
 """Sweeps on a tiny random model: rerun identity, resume, kill -9 and resume."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -144,3 +145,35 @@ def test_evaluation_through_dequantized_linears_gives_identical_logits():
     assert not any(isinstance(m, QuantLinear) for m in dense.modules())
     with torch.no_grad():
         assert torch.equal(model(input_ids=windows).logits, dense(input_ids=windows).logits)
+
+
+def test_kill_9_inside_the_row_transaction_leaves_no_partial_row(tmp_path, sweep):
+    """The worst moment: the row is written but not committed (QUANTMOE_STORE_PAUSE holds the
+    process there). After kill -9 the store holds no row of that run, or a complete one; the
+    resumed sweep then stores the run with all its metrics."""
+    from quantmoe.bench.store import PAUSE_ENV
+
+    path, store, marker = tmp_path / "sweep.yaml", tmp_path / "r.sqlite", tmp_path / "in-transaction"
+    path.write_text(yaml.safe_dump({**sweep, "store": str(store), "seeds": [0], "runs": TINY["runs"][1:2]}))
+    env = {**os.environ, "QUANTMOE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "quantmoe.cli", "bench", str(path), "--quiet", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env={**env, PAUSE_ENV: str(marker), f"{PAUSE_ENV}_S": "120"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists() and proc.poll() is None, "the sweep never reached its row's transaction"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = db.execute("SELECT key, metrics FROM runs").fetchall()
+    assert all({"ppl", "kl_mean"} <= json.loads(m).keys() for _, m in rows), rows  # nothing half-written
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _metrics_by_key(store)
+    assert len(after) == 1
+    (_, seed, bits, metrics, _), = after.values()
+    assert seed == 0 and bits == 2 and metrics["ppl"] > 1 and metrics["kl_mean"] > 0

@@ -8,12 +8,19 @@ changed setting is a new run and never a stale hit.
 
 Per-model artifacts that reports need (the anatomy's expert layout, routing statistics)
 live in a second table, keyed by the model's weight hash.
+
+Testing hook: with ``QUANTMOE_STORE_PAUSE=FILE`` in the environment, ``add`` creates FILE
+and sleeps (``QUANTMOE_STORE_PAUSE_S`` seconds, 60 by default) inside the row's transaction,
+after the row is written and before it is committed: the worst moment for a ``kill -9``
+(tests/bench/test_runner.py). Unset, it does nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -53,6 +60,7 @@ class RunRecord:
 
 
 _COLUMNS = tuple(f.name for f in fields(RunRecord))
+PAUSE_ENV = "QUANTMOE_STORE_PAUSE"
 _SQL_TYPES = {"seed": "INTEGER", "average_bits": "REAL", "effective_bits": "REAL", "quant_seconds": "REAL",
               "peak_rss_mb": "REAL", "peak_device_mb": "REAL", "checkpoint_bytes": "INTEGER"}
 
@@ -63,6 +71,13 @@ def _schema() -> str:
             "CREATE TABLE IF NOT EXISTS artifacts (model_sha256 TEXT, kind TEXT, json TEXT, "
             "PRIMARY KEY (model_sha256, kind));\n"
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);\n")
+
+
+def _pause_for_kill_test() -> None:
+    marker = os.environ.get(PAUSE_ENV)
+    if marker:
+        Path(marker).touch()
+        time.sleep(float(os.environ.get(f"{PAUSE_ENV}_S", "60")))
 
 
 class ResultsStore:
@@ -107,12 +122,14 @@ class ResultsStore:
         return {k for (k,) in self._db.execute("SELECT key FROM runs")}
 
     def add(self, record: RunRecord) -> bool:
-        """Insert a finished run; False (and nothing written) when its key is already stored."""
+        """Insert a finished run, all its columns and metrics in one statement and one transaction;
+        False (and nothing written) when its key is already stored."""
         row = asdict(record)
         values = [json.dumps(row[c], sort_keys=True) if c in _JSON_FIELDS else row[c] for c in _COLUMNS]
         with self._transaction() as db:
             cur = db.execute(f"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) "
                              f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+            _pause_for_kill_test()
             return cur.rowcount == 1
 
     def records(self, sweep: str | None = None) -> list[RunRecord]:
