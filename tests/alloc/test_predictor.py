@@ -49,25 +49,77 @@ def test_predictor_learns_a_simple_target_and_is_seeded():
                                                                   net2.state_dict().values(), strict=True))
 
 
+def _block_io(model, index, ids):
+    """Input and output rows (tokens, hidden) of block ``index``, from hooks of the test's own."""
+    seen = {}
+    block = model.model.layers[index]
+    pre = block.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("x", a[0] if a else k["hidden_states"]),
+                                          with_kwargs=True)
+    post = block.register_forward_hook(lambda m, a, o: seen.__setitem__("y", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        pre.remove()
+        post.remove()
+    return seen["x"].reshape(-1, seen["x"].shape[-1]), seen["y"].reshape(-1, seen["y"].shape[-1])
+
+
 def test_block_similarity_is_cosine_of_block_input_and_output(model):
     anatomy = describe(model)
-    sims = block_similarity(model, anatomy, windows(0))
+    ids = windows(0)
+    sims = block_similarity(model, anatomy, ids)
     assert sorted(sims) == [1, 2]
-    X, cos = sims[1]
-    assert X.shape == (32, 32) and cos.shape == (32,) and (cos.abs() <= 1 + 1e-6).all()
-    assert all(not m._forward_hooks for m in model.modules())
+    for b in (1, 2):
+        X, cos = sims[b]
+        x, y = _block_io(model, b, ids)
+        by_hand = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))  # (tokens,)
+        assert torch.equal(X, x)
+        torch.testing.assert_close(cos, by_hand, rtol=1e-5, atol=1e-6)
+        assert cos.std() > 0.01  # per token, not one value broadcast
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_block_importance_ranks_every_moe_block_reproducibly(model, tmp_path):
+def _with_identity_block(index: int):
+    """The tiny DeepSeek with block ``index`` made an identity (attention and MoE outputs zero):
+    its output equals its input, similarity 1, so it is the least important block."""
+    m = tiny_model("deepseek_v3")
+    with torch.no_grad():
+        layer = m.model.layers[index]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.experts.down_proj.zero_()
+        layer.mlp.shared_experts.down_proj.weight.zero_()
+    return m
+
+
+@pytest.mark.parametrize("identity", [1, 2])
+def test_block_importance_ranks_the_identity_block_last(identity, tmp_path):
+    model = _with_identity_block(identity)
     anatomy = describe(model)
     result = block_importance(model, anatomy, windows(0), windows(1), SMALL)
-    assert sorted(result.ranking()) == sorted(result.ranking("measured")) == [1, 2]
-    assert math.isnan(result.spearman) or -1 <= result.spearman <= 1
+    other = 3 - identity
+    assert result.measured[identity] == pytest.approx(1.0, abs=1e-5) and result.measured[other] < 0.99
+    assert result.ranking("measured") == (other, identity)  # most important (least similar) first
+    # Spearman of predicted vs measured over the two blocks, by hand: +1 if they order them alike
+    alike = (result.predicted[1] < result.predicted[2]) == (result.measured[1] < result.measured[2])
+    assert result.spearman == pytest.approx(1.0 if alike else -1.0, abs=1e-12)
+    assert result.ranking() == tuple(sorted(result.predicted, key=result.predicted.get))
+    # a block whose target is the constant 1 is easy: the trained predictor ranks it last too
+    assert result.ranking() == (other, identity) and alike
     assert set(result.epochs.values()) <= set(range(1, 9))
     again = block_importance(model, anatomy, windows(0), windows(1), SMALL)
-    assert again.to_json() == result.to_json()  # (== would fail on a nan Spearman)
+    assert again.to_json() == result.to_json()
     result.save(tmp_path / "importance.json")
-    assert BlockImportance.from_json((tmp_path / "importance.json").read_text()).to_json() == result.to_json()
+    assert BlockImportance.from_json((tmp_path / "importance.json").read_text()) == result
+
+
+def test_spearman_matches_its_definition_on_random_data():
+    """1 - 6 sum d^2 / (n (n^2 - 1)) with distinct values, d the rank differences."""
+    gen = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = gen.normal(size=9), gen.normal(size=9)
+        d = np.argsort(np.argsort(a)) - np.argsort(np.argsort(b))
+        assert spearman(a, b) == pytest.approx(1 - 6 * (d**2).sum() / (9 * (81 - 1)), abs=1e-12)
 
 
 def test_bad_predictor_settings_are_errors():

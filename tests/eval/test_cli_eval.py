@@ -1,3 +1,8 @@
+import math
+import re
+
+import pytest
+
 from quantmoe.cli import main
 
 
@@ -14,7 +19,22 @@ def test_eval_perplexity_on_a_text_file(tmp_path, capsys):
     path = tmp_path / "few.txt"
     path.write_text(split_path("test").read_text(encoding="utf-8")[:6000], encoding="utf-8")
     assert main(["eval", "mixtral-s", "--split", str(path), "--seq-len", "64", "--max-windows", "4"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    match = re.search(r"perplexity ([0-9.]+) over ([0-9,]+) predicted tokens", out)
+    assert match, out
+    # the printed value is the model's perplexity on the first 4 windows of 64 tokens of the file
+    import torch
+
+    from quantmoe.eval.corpora import load_tokens
+    from quantmoe.zoo.embedded import load_model
+
+    model, tokenizer = load_model("mixtral-s")
+    ids = torch.as_tensor(load_tokens(str(path), tokenizer)[:4 * 64], dtype=torch.long).reshape(4, 64)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert float(match.group(1)) == pytest.approx(math.exp(nll.item()), abs=1e-3)
+    assert int(match.group(2).replace(",", "")) == 4 * 63
 
 
 def test_eval_bad_input_is_a_clear_error(caplog):
