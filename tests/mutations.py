@@ -1,0 +1,226 @@
+"""Mutation check: each claim the docs make must have a test that fails when the claim breaks.
+
+For each named mutation below: copy this checkout's ``src/`` to a temporary folder, apply a
+textual patch to it (every anchor must occur exactly once, or the script stops: the code
+drifted and the mutation must be rewritten), run the relevant tests against the copy
+(``PYTHONPATH`` first, so the tests and any subprocess they start import the mutated
+package) and report ``killed`` (a test failed) or ``survived``. A baseline run of the same
+tests on an unmodified copy comes first: a mutation only counts as killed if the tests
+pass without it.
+
+    .venv/bin/python tests/mutations.py              # all mutations
+    .venv/bin/python tests/mutations.py kl-direction # some of them
+    .venv/bin/python tests/mutations.py --list
+
+Exit status 0 when every mutation is killed; 1 when one survives; 2 on drift or a broken
+baseline. Not a pytest module (no ``test_`` prefix): it runs pytest itself, a few minutes.
+
+Not covered: removing an fsync is invisible to ``kill -9`` (written pages survive the
+process in the page cache; only a power loss shows it), so the checkpoint mutation removes
+the temporary folder and the rename, which a real kill does show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Patch:
+    file: str  # relative to src/quantmoe
+    anchor: str
+    replacement: str
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    claim: str
+    patches: tuple[Patch, ...]
+    tests: tuple[str, ...]  # pytest node ids or files, relative to the repository root
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "stage-sees-fp",
+        "each stage sees the already quantized earlier stages (quantized linears enter the block only "
+        "for its final pass)",
+        (Patch("quant/pipeline.py",
+               "    staged[name] = qlinear\n    _replace(model, name, qlinear.dense(weight))\n",
+               "    staged[name] = qlinear\n"),
+         Patch("quant/pipeline.py",
+               "        with replay.stage(len(STAGES)):\n",
+               "        for name, qlinear in staged.items():\n"
+               "            _replace(model, name, qlinear.dense())\n"
+               "        with replay.stage(len(STAGES)):\n")),
+        ("tests/quant/test_pipeline_reference.py",),
+    ),
+    Mutation(
+        "next-block-fp",
+        "the quantized block is re-run so the next block sees quantized inputs (here: the next block is "
+        "calibrated on the full-precision outputs)",
+        (Patch("quant/pipeline.py",
+               "        staged: dict[str, QuantLinear] = {}",
+               "        fp_outputs = _run_block(block, inputs)\n        staged: dict[str, QuantLinear] = {}"),
+         Patch("quant/pipeline.py", "zip(outputs, inputs)", "zip(fp_outputs, inputs)")),
+        ("tests/quant/test_pipeline_reference.py",),
+    ),
+    Mutation(
+        "weighted-w-not-sqrt",
+        "weighted mode: H = 2/n X^T diag(w) X (rows scaled by sqrt(w); here by w)",
+        (Patch("calib/hessian.py", "x = x * weights.float().sqrt().unsqueeze(-1)",
+               "x = x * weights.float().unsqueeze(-1)"),),
+        ("tests/calib/test_hessian.py",),
+    ),
+    Mutation(
+        "kl-direction",
+        "evaluate reports KL(reference || model), not KL(model || reference)",
+        (Patch("eval/metrics.py", "kl_divergence(ref, lp)", "kl_divergence(lp, ref)"),),
+        ("tests/eval/test_metrics.py",),
+    ),
+    Mutation(
+        "untie-on-load",
+        "a tied lm_head stays tied after save and reload (here: an equal but separate copy)",
+        (Patch("quant/checkpoint.py", "        model.tie_weights()\n",
+               "        model.get_output_embeddings().weight = torch.nn.Parameter(\n"
+               "            model.get_input_embeddings().weight.detach().clone())\n"),),
+        ("tests/quant/test_checkpoint.py",),
+    ),
+    Mutation(
+        "half-written-row",
+        "a run's row appears in one transaction with all its metrics (here: the row first, the metrics "
+        "in a second transaction)",
+        (Patch("bench/store.py",
+               "        with self._transaction() as db:\n"
+               "            cur = db.execute(f\"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) \"\n"
+               "                             f\"VALUES ({', '.join('?' * len(_COLUMNS))})\", values)\n"
+               "            _pause_for_kill_test()\n"
+               "            return cur.rowcount == 1\n",
+               "        metrics = values[_COLUMNS.index('metrics')]\n"
+               "        empty = ['{}' if c == 'metrics' else v for c, v in zip(_COLUMNS, values)]\n"
+               "        with self._transaction() as db:\n"
+               "            cur = db.execute(f\"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) \"\n"
+               "                             f\"VALUES ({', '.join('?' * len(_COLUMNS))})\", empty)\n"
+               "        _pause_for_kill_test()\n"
+               "        with self._transaction() as db:\n"
+               "            db.execute('UPDATE runs SET metrics = ? WHERE key = ?', (metrics, record.key))\n"
+               "        return cur.rowcount == 1\n"),),
+        ("tests/bench/test_runner.py::test_kill_9_inside_the_row_transaction_leaves_no_partial_row",),
+    ),
+    Mutation(
+        "save-in-place",
+        "a checkpoint save is atomic (here: written straight into the path, no temporary folder, no rename)",
+        (Patch("quant/checkpoint.py",
+               "    tmp = Path(tempfile.mkdtemp(prefix=f\".{out_dir.name}.\", suffix=\".partial\", "
+               "dir=out_dir.parent))\n",
+               "    tmp = out_dir\n    tmp.mkdir(exist_ok=True)\n"),
+         Patch("quant/checkpoint.py",
+               "        old = None\n"
+               "        if out_dir.exists():\n"
+               "            old = out_dir.with_name(f\".{out_dir.name}.old-{os.getpid()}\")\n"
+               "            os.replace(out_dir, old)\n"
+               "        os.replace(tmp, out_dir)\n",
+               "        old = None\n")),
+        ("tests/quant/test_checkpoint_kill.py",),
+    ),
+)
+
+
+class DriftError(RuntimeError):
+    pass
+
+
+def apply(src: Path, mutation: Mutation) -> None:
+    for patch in mutation.patches:
+        path = src / "quantmoe" / patch.file
+        text = path.read_text(encoding="utf-8")
+        count = text.count(patch.anchor)
+        if count != 1:
+            raise DriftError(f"{mutation.name}: the anchor occurs {count} times in src/quantmoe/{patch.file} "
+                             f"(expected once); the code changed, rewrite this mutation:\n{patch.anchor}")
+        path.write_text(text.replace(patch.anchor, patch.replacement), encoding="utf-8")
+
+
+def run_tests(src: Path, tests: tuple[str, ...], cache: Path) -> tuple[int, list[str], str]:
+    """(pytest's exit code, failed test ids, output tail) of ``tests`` against the package in ``src``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "QUANTMOE_CACHE": str(cache)}
+    check = f"import quantmoe, sys; sys.exit(0 if quantmoe.__file__.startswith({str(src)!r}) else 1)"
+    if subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT).returncode != 0:
+        raise RuntimeError(f"`import quantmoe` does not resolve to the copy in {src}: check PYTHONPATH")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-rf", *tests],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    failed = [line.removeprefix("FAILED ") for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+    return proc.returncode, failed, (proc.stdout + proc.stderr)[-3000:]
+
+
+def fresh_copy(work: Path, name: str) -> Path:
+    src = work / name / "src"
+    shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (work / name / "embedded").symlink_to(ROOT / "embedded")  # found beside the source tree, as in a clone
+    return src
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run on an unmodified copy")
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:22} {m.claim}\n{'':22} tests: {' '.join(m.tests)}")
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        print(f"unknown mutation(s) {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    chosen = [known[n] for n in args.names] if args.names else list(MUTATIONS)
+    with tempfile.TemporaryDirectory(prefix="quantmoe-mutations-") as tmp:
+        work = Path(tmp)
+        try:  # every anchor first: drift is reported before minutes of tests
+            for m in chosen:
+                apply(fresh_copy(work, f"check-{m.name}"), m)
+        except DriftError as err:
+            print(f"DRIFT: {err}", file=sys.stderr)
+            return 2
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            t0 = time.perf_counter()
+            code, failed, tail = run_tests(fresh_copy(work, "baseline"), tests, work / "cache-baseline")
+            print(f"{'baseline':22} {'pass' if code == 0 else 'FAIL':9} {time.perf_counter() - t0:6.1f} s", flush=True)
+            if code != 0:
+                print(f"the tests fail without any mutation ({', '.join(failed) or 'see below'}):\n{tail}",
+                      file=sys.stderr)
+                return 2
+        survived = errors = 0
+        for m in chosen:
+            src = fresh_copy(work, m.name)
+            apply(src, m)
+            t0 = time.perf_counter()
+            code, failed, tail = run_tests(src, m.tests, work / f"cache-{m.name}")
+            verdict = {0: "SURVIVED", 1: "killed"}.get(code, "ERROR")
+            survived += code == 0
+            errors += code not in (0, 1)
+            detail = f"by {failed[0][:150]}" if failed else ("" if code == 0 else tail.strip().splitlines()[-1])
+            print(f"{m.name:22} {verdict:9} {time.perf_counter() - t0:6.1f} s  {detail}", flush=True)
+            if code not in (0, 1):
+                print(tail, file=sys.stderr)
+    print(f"{len(chosen) - survived - errors} of {len(chosen)} mutations killed"
+          + (f", {survived} survived" if survived else "") + (f", {errors} errors" if errors else ""))
+    return 1 if survived else (2 if errors else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
