@@ -1,4 +1,5 @@
 import argparse
+import re
 
 import pytest
 
@@ -28,12 +29,19 @@ def test_every_command_has_help(path, capsys):
 
 
 def test_inspect_of_a_local_config(tmp_path, capsys):
-    from quantmoe.anatomy import tiny_config
+    from quantmoe.anatomy import tiny_config, tiny_model
 
     tiny_config("qwen2_moe").save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "qwen2_moe" in out and "sum of roles" in out
+    assert "qwen2_moe" in out
+    # by hand, tiny qwen2_moe (hidden 32, 4 heads, 2 KV heads of 8, qkv biases, 3 blocks, block 0 dense):
+    # attention 3 x (q 32x32+32, k 16x32+16, v 16x32+16, o 32x32) = 9,408;
+    # quantizable linears 3 x 4 attention + 3 dense MLP + 2 MoE blocks x (4 experts x 3 + 3 shared) = 45
+    assert re.search(r"^attention\*\s+9,408\s", out, flags=re.M), out
+    assert re.search(r"^quantizable units\s+45 linears$", out, flags=re.M), out
+    total = sum(p.numel() for p in tiny_model("qwen2_moe").parameters())
+    assert f"sum of roles {total:,} = model parameters {total:,}" in out
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, caplog):
