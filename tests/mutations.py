@@ -72,7 +72,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         (Patch("quant/pipeline.py",
                "        staged: dict[str, QuantLinear] = {}",
                "        fp_outputs = _run_block(block, inputs)\n        staged: dict[str, QuantLinear] = {}"),
-         Patch("quant/pipeline.py", "zip(outputs, inputs)", "zip(fp_outputs, inputs)")),
+         Patch("quant/pipeline.py", "zip(outputs, layer_inputs[block_info.index + 1])",
+               "zip(fp_outputs, layer_inputs[block_info.index + 1])")),
+        ("tests/quant/test_pipeline_reference.py",),
+    ),
+    Mutation(
+        "block-0-mask-everywhere",
+        "every block runs with its own keyword inputs (GPT-OSS: sliding-window and full attention masks "
+        "alternate); here every block gets block 0's",
+        (Patch("quant/pipeline.py", "zip(outputs, layer_inputs[block_info.index + 1])", "zip(outputs, inputs)"),),
         ("tests/quant/test_pipeline_reference.py",),
     ),
     Mutation(

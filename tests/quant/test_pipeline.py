@@ -213,3 +213,39 @@ def test_expert_cache_off_gives_the_same_model_and_negative_is_an_error():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     with pytest.raises(ValueError, match="expert_cache_mb"):
         GPTQConfig(expert_cache_mb=-1)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_every_block_gets_its_own_mask_and_positions(family):
+    """GPT-OSS alternates sliding-window and full attention: each block's keyword inputs are what
+    the model's own forward passes that block, not block 0's."""
+    from quantmoe.quant.pipeline import capture_layer_inputs
+
+    model = tiny_model(family)
+    blocks = model.model.layers
+    windows = _windows(model, n=4, t=16)  # longer than GPT-OSS's tiny window of 8
+    seen = [[] for _ in blocks]
+    hooks = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen[i].append((a, k)), with_kwargs=True)
+             for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        for i in range(0, 4, 2):
+            model(input_ids=windows[i:i + 2], use_cache=False)
+    for h in hooks:
+        h.remove()
+    captured = capture_layer_inputs(model, blocks, windows, 2, torch.device("cpu"))
+    assert len(captured) == len(blocks) and all(len(c) == 2 for c in captured)
+    for i in range(len(blocks)):
+        for (args, kwargs), (ref_args, ref_kwargs) in zip(captured[i], seen[i]):
+            assert kwargs.keys() == ref_kwargs.keys()
+            for key, value in kwargs.items():
+                ref = ref_kwargs[key]
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, ref), (i, key)
+                elif isinstance(value, tuple):
+                    assert all(torch.equal(a, b) for a, b in zip(value, ref)), (i, key)
+            assert torch.equal(args[0], ref_args[0]) if i == 0 else args[0] is None
+    assert all(not b._forward_pre_hooks and "forward" not in vars(b) for b in blocks)
+    masks = [c[0][1]["attention_mask"] for c in captured]
+    if family == "gpt_oss":  # sliding then full attention: the masks differ
+        assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+        assert not torch.equal(masks[0], masks[1])

@@ -146,9 +146,12 @@ def _windows(vocab: int) -> torch.Tensor:
 
 
 # mixtral: 2 MoE blocks, no shared expert; qwen2_moe: dense block 0, shared expert + its gate;
-# deepseek_v3: MLA attention (three attention stages), dense block 0, shared expert after the routed ones
-@pytest.mark.parametrize("mode", ["routed", "all", "weighted"])
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+# deepseek_v3: MLA attention (three attention stages), dense block 0, shared expert after the routed ones;
+# all three MoE modes on those, the routed one on the other families (gpt_oss: sliding-window and full
+# attention blocks alternate, each with its own mask; biases; attention sinks)
+@pytest.mark.parametrize(("family", "mode"), [
+    *((family, mode) for family in ("mixtral", "qwen2_moe", "deepseek_v3") for mode in ("routed", "all", "weighted")),
+    ("qwen3_moe", "routed"), ("olmoe", "routed"), ("gpt_oss", "routed"), ("gpt_oss", "weighted")])
 def test_quantize_model_equals_the_naive_sequential_loop(family, mode):
     model = tiny_model(family)
     windows = _windows(model.config.vocab_size)

@@ -1,6 +1,6 @@
 """The sequential quantization driver: one block at a time.
 
-capture block 0's inputs -> for each block: calibrate and quantize its linears stage by
+capture every block's inputs (block 0's hidden states; each block's own mask) -> for each block: calibrate and quantize its linears stage by
 stage (attention inputs -> o_proj -> experts' gate/up -> down), each stage seeing the
 already-quantized earlier stages -> re-run the quantized block so the next block sees
 quantized inputs. Only the block being worked on needs to sit on ``device``; the rest of
@@ -140,6 +140,45 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
     return captured
 
 
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, blocks: Sequence[nn.Module], windows: torch.Tensor, batch_size: int,
+                         device: torch.device) -> list[list[tuple[tuple, dict]]]:
+    """Per block, per calibration batch: the positional and keyword inputs the model's forward gives it.
+
+    Each block gets its own: models that mix layer types pass each block its own attention
+    mask (GPT-OSS and Qwen2-MoE alternate sliding-window and full attention), so block 0's
+    mask is not every block's. No block runs: each ``forward`` is swapped for a recorder that
+    passes the hidden states through, and the last one stops the pass. Blocks after the first
+    get ``None`` for their hidden states: the driver puts in the outputs of the quantized
+    block before.
+    """
+    captured: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            captured[i].append((args if i == 0 else (None,) + args[1:], kwargs))  # later hidden states: filled in
+            if i == len(blocks) - 1:
+                raise _Captured
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        for i in range(0, len(windows), batch_size):
+            try:
+                model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    if any(len(c) != len(captured[0]) for c in captured):
+        raise RuntimeError(f"{type(model).__name__} did not call each of its {len(blocks)} blocks once per batch: "
+                           "its decoder loop is not the plain one quantmoe expects (see docs/adding-a-family.md)")
+    return captured
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
@@ -224,7 +263,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     rotary = getattr(model.get_submodule(family.layers.rsplit(".", 1)[0]), "rotary_emb", None)
     if rotary is not None:
         rotary.to(device)
-    inputs = capture_block_inputs(model, blocks[0], windows, calib.batch_size, device)
+    layer_inputs = capture_layer_inputs(model, blocks, windows, calib.batch_size, device)
+    inputs = layer_inputs[0]
     reports: dict[str, UnitReport] = {}
     expert_tokens: dict[int, tuple[int, ...]] = {}
     fallbacks: list[str] = []
@@ -263,7 +303,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         del replay  # what it kept (the block's device memory) goes before the next block arrives
         for name, qlinear in staged.items():
             _replace(model, name, qlinear)
-        inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
+        if block_info.index + 1 < len(layer_inputs):  # the next block's own mask and positions
+            layer_inputs[block_info.index] = []
+            inputs = [((out,) + args[1:], kwargs)
+                      for out, (args, kwargs) in zip(outputs, layer_inputs[block_info.index + 1])]
         blocks[block_info.index].to(home)
         block_seconds.append(time.perf_counter() - t0)
         bar.set_postfix(block=block_info.index, s=f"{block_seconds[-1]:.1f}")
