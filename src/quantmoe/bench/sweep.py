@@ -19,7 +19,8 @@ Example ``sweep.yaml`` (every key but ``models`` and ``runs`` is optional)::
 
 A run is a ``policy`` (compact rules, a preset name or a policy YAML file; see ``quantmoe
 plan --help``), a ``plan`` (a plan YAML file), ``solver`` settings (the budget solver), or
-``full_precision``. Unknown keys are errors.
+``full_precision``. Every value is type- and range-checked first (``sweep_schema.py``, strict:
+nothing is coerced); errors name the key path. Unknown keys are errors.
 """
 
 from __future__ import annotations
