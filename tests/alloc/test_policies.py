@@ -214,9 +214,9 @@ def test_plan_command_computes_routing_once_and_reuses_it(tmp_path, capsys, capl
     AutoTokenizer.from_pretrained(embedded_root() / "tokenizer").save_pretrained(folder)
     argv = [str(folder), "--policy", "experts=2,attention=4,topk=1:8", "--windows", "2", "--seq-len", "16",
             "--cache-dir", str(tmp_path / "cache")]
-    with caplog.at_level(logging.INFO, logger="quantmoe.alloc.cli"):
+    with caplog.at_level(logging.INFO, logger="quantmoe.alloc.evidence"):
         assert run_plan(argv) == 0
         first = capsys.readouterr().out
         assert run_plan(argv) == 0
-    assert len(list((tmp_path / "cache").rglob("routing-calibration-2x16-seed0.json"))) == 1
+    assert len(list((tmp_path / "cache").rglob("routing-*.json"))) == 1
     assert "reusing" in caplog.text and capsys.readouterr().out == first

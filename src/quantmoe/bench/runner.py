@@ -151,7 +151,7 @@ def _describe(record: RunRecord) -> str:
 def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_dir: str | Path | None = None,
               progress: bool = True) -> SweepOutcome:
     """Run every (model, run, seed) of ``config`` not yet in the store."""
-    from quantmoe.alloc.cli import cache_root
+    from quantmoe.cache import cache_root
 
     t0 = time.perf_counter()
     store_path = Path(store_path or config.store)
