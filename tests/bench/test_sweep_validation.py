@@ -151,3 +151,13 @@ def test_the_bench_command_reports_a_bad_sweep_without_a_traceback(tmp_path, cap
     assert main(["bench", str(path), "--quiet"]) == 2
     assert "save_checkpoints: expected true or false" in caplog.text
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_solver_time_limit_is_settable_and_keeps_earlier_run_keys():
+    default = sweep_from_dict({**BASE, "runs": [RUN]}).runs[0]
+    assert default.solver.config().time_limit == 120.0
+    assert "time_limit" not in default.identity()["solver"]  # rows stored before the setting still match
+    short = sweep_from_dict({**BASE, "runs": [{"name": "s", "solver": {"target_bits": 2.5, "time_limit": 5}}]}).runs[0]
+    assert short.solver.config().time_limit == 5 and short.identity()["solver"]["time_limit"] == 5
+    with pytest.raises(ValueError, match=r"runs\[0\].solver.time_limit: input should be greater than 0"):
+        sweep_from_dict({**BASE, "runs": [{"name": "s", "solver": {"target_bits": 2.5, "time_limit": 0}}]})

@@ -37,7 +37,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
-                          role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits))
+                          role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits),
+                          time_limit=args.time_limit)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     anatomy = describe(model)
     damage = DamageConfig(split=args.calib, windows=args.calib_windows, seq_len=args.calib_len, seed=args.seed,
@@ -47,7 +48,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     sol = solve(anatomy, table, config, group_size=args.group_size or None, symmetric=not args.asym)
     stats = bit_stats(sol.plan.resolve(anatomy), anatomy.units)
     print(f"{args.model}: {stats.average_bits:.4f} average bits ({stats.effective_bits:.3f} effective), "
-          f"estimated {table.metric} damage {sol.damage:.4g}, {sol.groups} groups")
+          f"estimated {table.metric} damage {sol.damage:.4g}, {sol.groups} groups, {sol.status}")
     by_role: dict[str, dict[int, int]] = {}
     for u in anatomy.units:
         by_role.setdefault(u.role, {}).setdefault(sol.bits[u.name], 0)
@@ -82,6 +83,8 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=120.0,
+                   help="seconds for the exact program; then the best plan found, with its gap to the optimum")
     p.add_argument("--damage-cache", help="npz file to reuse measured damage across targets (reused only when "
                                           "measured on the same weights, text and settings; else measured again)")
     p.add_argument("--out", help="write the plan YAML here")

@@ -126,6 +126,7 @@ class SolverSettings:
     tolerance: float = 0.01
     min_bits: Mapping[str, int] | None = None
     max_bits: Mapping[str, int] | None = None
+    time_limit: float = 120.0  # seconds; then the best plan found, reported with its gap
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
@@ -135,7 +136,8 @@ class SolverSettings:
         from quantmoe.alloc.solver import SolverConfig
 
         return SolverConfig(target_bits=self.target_bits, widths=self.widths, granularity=self.granularity,
-                            tolerance=self.tolerance, role_min_bits=self.min_bits, role_max_bits=self.max_bits)
+                            tolerance=self.tolerance, role_min_bits=self.min_bits, role_max_bits=self.max_bits,
+                            time_limit=self.time_limit)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,8 @@ class RunSpec:
     def identity(self) -> dict[str, Any]:
         """What the run computes (the name and model filter are labels and not part of it)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("name", "models") and v not in (None, False)}
+        if self.solver is not None and self.solver.time_limit == 120.0:  # added later: keep earlier rows' keys
+            del out["solver"]["time_limit"]
         if self.plan is not None:  # a plan file counts by its content
             out["plan"] = hashlib.sha256(Path(self.plan).read_bytes()).hexdigest()
         return out

@@ -106,6 +106,7 @@ class SolverSection(_Section):
     tolerance: float = Field(0.01, gt=0, lt=1)
     min_bits: dict[str, int] | None = None
     max_bits: dict[str, int] | None = None
+    time_limit: float = Field(120.0, gt=0)
 
     _roles = field_validator("min_bits", "max_bits")(_role_bits)
 
