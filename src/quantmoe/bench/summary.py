@@ -21,6 +21,11 @@ METRICS: tuple[tuple[str, str, str, bool], ...] = (
 )
 
 
+def default_report_dir(store: Path) -> Path:
+    """Where `quantmoe bench`, `quantmoe report` and the demo put the report of a store."""
+    return Path(store).parent / "report"
+
+
 @dataclass(frozen=True)
 class Aggregate:
     model: str
