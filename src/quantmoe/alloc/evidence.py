@@ -91,6 +91,7 @@ def gather_evidence(needs: Sequence[str], model, tokenizer, anatomy, config: Sta
                            **settings})
         return folder / f"{kind}-{key[:24]}.json"
 
+    pconfig = PredictorConfig(**{**asdict(config.predictor), "seed": config.seed})
     for need in todo:
         if need == "routing":
             found[need] = _cached(path("routing"), RoutingStats.from_json,
@@ -105,7 +106,6 @@ def gather_evidence(needs: Sequence[str], model, tokenizer, anatomy, config: Sta
         elif need == "outlier":  # weights only: cheap, not cached
             found[need] = scorers.outlier_scores(model, anatomy)
         elif need == "importance":
-            pconfig = PredictorConfig(**{**asdict(config.predictor), "seed": config.seed})
             found[need] = _cached(path("importance", predictor=asdict(pconfig),
                                        rank_windows=array_sha256(windows(config.rank_split))),
                                   predictor.BlockImportance.from_json,
