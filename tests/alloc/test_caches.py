@@ -138,3 +138,45 @@ def test_damage_cache_refuses_a_file_it_did_not_write(tiny, tmp_path):
     with pytest.raises(ValueError, match="not a damage table written by quantmoe"):
         load_or_measure_damage(model, tok, anatomy, (2,), DamageConfig(windows=2, seq_len=16), path)
     assert path.read_text(encoding="utf-8") == "my notes"
+
+
+def test_solve_command_puts_every_damage_setting_in_the_key(monkeypatch, tmp_path):
+    """`quantmoe solve` hands all its damage settings to the content-keyed cache."""
+    from quantmoe.cli import build_parser
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, tokenizer, anatomy, widths, config, cache=None, fingerprint=None):
+        seen.update(config=config, cache=cache, widths=widths)
+        raise Stop
+
+    monkeypatch.setattr(damage_module, "load_or_measure_damage", capture)
+    text = _text(tmp_path / "data.txt", seed=0)
+    args = build_parser().parse_args(["solve", "mixtral-s", "--target", "3", "--widths", "2,4", "--metric", "output",
+                                      "--group-size", "64", "--asym", "--calib", text, "--calib-windows", "3",
+                                      "--calib-len", "16", "--seed", "2", "--damage-cache", str(tmp_path / "d.npz")])
+    with pytest.raises(Stop):
+        args.func(args)
+    assert seen["config"] == DamageConfig(split=text, windows=3, seq_len=16, seed=2, group_size=64, symmetric=False,
+                                          metric="output")
+    assert seen["widths"] == (2, 4) and seen["cache"] == tmp_path / "d.npz"
+
+
+def test_sweep_statistics_and_quantizer_reach_the_damage_and_statistics_settings():
+    from quantmoe.bench.shared import ModelContext
+    from quantmoe.bench.sweep import sweep_from_dict
+
+    sweep = sweep_from_dict({"models": ["mixtral-s"], "runs": [{"name": "s", "solver": {"target_bits": 3}}],
+                             "quantizer": {"group_size": 32, "symmetric": False},
+                             "statistics": {"split": "validation", "rank_split": "test", "windows": 5, "seq_len": 64,
+                                            "seed": 4, "massive_threshold": 50.0, "damage_windows": 6,
+                                            "damage_metric": "output"}})
+    ctx = ModelContext(spec=sweep.models[0], sweep=sweep, cache_dir=None, model=None, tokenizer=None, anatomy=None,
+                       sha256="0" * 64)
+    assert ctx.damage_config() == DamageConfig(split="validation", windows=6, seq_len=64, seed=4, group_size=32,
+                                               symmetric=False, metric="output")
+    assert ctx.statistics_config() == StatisticsConfig(split="validation", rank_split="test", windows=5, seq_len=64,
+                                                       seed=4, massive_threshold=50.0)

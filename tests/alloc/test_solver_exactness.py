@@ -142,3 +142,10 @@ def test_large_problems_solved_by_the_greedy_match_the_exact_program(monkeypatch
                                 2.6 - config.tolerance, 2.6, time_limit=60)
     assert exact.status == 0
     assert exact.fun * scale * (1 - 2 * MIP_REL_GAP) <= sol.damage <= exact.fun * scale * (1 + 2 * MIP_REL_GAP)
+
+
+def test_unknown_roles_in_limits_are_errors_not_ignored():
+    with pytest.raises(ValueError, match="check `role_min_bits`: unknown role 'atention'; did you mean 'attention'"):
+        SolverConfig(target_bits=3.0, role_min_bits={"atention": 4})
+    with pytest.raises(ValueError, match="check `role_max_bits`: unknown role 'experts'"):
+        SolverConfig(target_bits=3.0, role_max_bits={"experts": 3})

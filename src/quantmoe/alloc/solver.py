@@ -30,9 +30,10 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from quantmoe.alloc.damage import DamageTable
-from quantmoe.anatomy import ModelAnatomy
+from quantmoe.anatomy import QUANTIZABLE_ROLES, ModelAnatomy
 from quantmoe.quant.grid import SUPPORTED_BITS
 from quantmoe.quant.plan import Plan
+from quantmoe.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ class SolverConfig:
             raise ValueError("check `widths`: give at least one bit width")
         if not 0 < self.tolerance < 1:
             raise ValueError("check `tolerance`: it must be in (0, 1) bits")
+        for key in ("role_min_bits", "role_max_bits"):
+            for role in getattr(self, key) or {}:
+                if role not in QUANTIZABLE_ROLES:
+                    hint = did_you_mean(role, QUANTIZABLE_ROLES)
+                    raise ValueError(f"check `{key}`: unknown role {role!r}; {hint + ' ' if hint else ''}"
+                                     f"roles: {', '.join(QUANTIZABLE_ROLES)}")
         bad = [w for w in self.widths if w not in SUPPORTED_BITS]
         if bad:
             raise ValueError(f"check `widths`: {bad[0]} bits is not one of {', '.join(map(str, SUPPORTED_BITS))}")
