@@ -15,3 +15,14 @@ def test_nothing_close_gives_no_hint():
 def test_cutoff_and_count_are_respected():
     assert did_you_mean("unifrm", ["uniform", "unit"], n=1) == "did you mean 'uniform'?"
     assert did_you_mean("abc", ["abd"], cutoff=0.9) == ""
+
+
+def test_plan_files_suggest_the_closest_key():
+    import pytest
+
+    from quantmoe.quant.plan import Plan
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) defaults; did you mean 'default'\? allowed: default"):
+        Plan.from_dict({"defaults": {"bits": 4}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) bitz; did you mean 'bits'\? allowed: bits"):
+        Plan.from_dict({"default": {"bitz": 4}})
