@@ -196,8 +196,8 @@ def load_or_measure_damage(model: nn.Module, tokenizer, anatomy: ModelAnatomy, w
 
     windows = calibration_windows(calibration_tokens(config.split, tokenizer), config.windows, config.seq_len,
                                   config.seed)
-    key = content_key({"kind": "damage", "model": fingerprint or model_fingerprint(model), "windows": array_sha256(windows),
-                       **config.measure_settings()})
+    key = content_key({"kind": "damage", "model": fingerprint or model_fingerprint(model),
+                       "windows": array_sha256(windows), **config.measure_settings()})
     if cache is not None and Path(cache).exists():
         table, stored = _read_table(Path(cache))
         if stored == key and set(widths) <= set(table.widths) and table.units == tuple(u.name for u in anatomy.units):

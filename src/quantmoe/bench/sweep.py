@@ -257,7 +257,8 @@ def sweep_from_dict(data: Any, source: str = "the sweep") -> SweepConfig:
         ev["tasks"] = tuple(ev["tasks"])
     kwargs: dict[str, Any] = dict(
         name=doc.name if doc.name is not None else Path(source).stem,
-        models=tuple(_build(f"{source}: models[{i}]", lambda m=m: ModelSpec(**m)) for i, m in enumerate(given["models"])),
+        models=tuple(_build(f"{source}: models[{i}]", lambda m=m: ModelSpec(**m))
+                     for i, m in enumerate(given["models"])),
         runs=tuple(_run_from(r, f"{source}: runs[{i}]") for i, r in enumerate(doc.runs)),
         calibration=section("calibration", CalibrationConfig), quantizer=section("quantizer", QuantizerSettings),
         eval=_build(f"{source}: eval", lambda: EvalSettings(**ev)),

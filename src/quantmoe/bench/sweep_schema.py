@@ -95,7 +95,8 @@ def _role_bits(value: dict[str, int] | None) -> dict[str, int] | None:
     for role in value or {}:
         if role not in QUANTIZABLE_ROLES:
             hint = did_you_mean(role, QUANTIZABLE_ROLES)
-            raise ValueError(f"unknown role {role!r}; {hint + ' ' if hint else ''}roles: {', '.join(QUANTIZABLE_ROLES)}")
+            raise ValueError(f"unknown role {role!r}; {hint + ' ' if hint else ''}"
+                             f"roles: {', '.join(QUANTIZABLE_ROLES)}")
     return value
 
 
