@@ -20,15 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-
-from quantmoe.alloc.evidence import StatisticsConfig, gather_evidence
 from quantmoe.alloc.damage import measure_damage
+from quantmoe.alloc.evidence import StatisticsConfig, gather_evidence
 from quantmoe.alloc.policies import build_plan, policy_needs
 from quantmoe.alloc.presets import parse_policy
 from quantmoe.alloc.solver import SolverConfig, solve
 from quantmoe.anatomy import describe
-from quantmoe.bench.runner import dequantize_in_place
 from quantmoe.atomic import atomic_write_text
+from quantmoe.bench.runner import dequantize_in_place
 from quantmoe.calib.data import CalibrationConfig, calibration_windows
 from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
 from quantmoe.quant import api

@@ -5,8 +5,17 @@ import dataclasses
 import pytest
 
 from quantmoe.bench import sweep_schema
-from quantmoe.bench.sweep import (EvalSettings, ModelSpec, PerplexitySettings, QuantizerSettings, SolverSettings,
-                                  StatisticsSettings, SweepConfig, load_sweep, sweep_from_dict)
+from quantmoe.bench.sweep import (
+    EvalSettings,
+    ModelSpec,
+    PerplexitySettings,
+    QuantizerSettings,
+    SolverSettings,
+    StatisticsSettings,
+    SweepConfig,
+    load_sweep,
+    sweep_from_dict,
+)
 from quantmoe.calib.data import CalibrationConfig
 
 BASE = {"models": ["mixtral-s"], "runs": [{"name": "u2", "policy": "uniform=2"}]}

@@ -29,10 +29,10 @@ from torch import nn
 from tqdm import tqdm
 
 from quantmoe.anatomy import ModelAnatomy, per_expert_view
+from quantmoe.calib.data import run_windows
 from quantmoe.calib.hessian import HessianCollector
 from quantmoe.quant.gptq import gptq_quantize
 from quantmoe.quant.grid import QuantSpec, rtn
-from quantmoe.calib.data import run_windows
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ def load_or_measure_damage(model: nn.Module, tokenizer, anatomy: ModelAnatomy, w
     it matches; any difference measures again and replaces the file. ``fingerprint``: the model's weight
     hash when the caller has it (else computed).
     """
-    from quantmoe.calib.data import calibration_windows
     from quantmoe.cache import array_sha256, content_key
+    from quantmoe.calib.data import calibration_windows
     from quantmoe.quant.api import calibration_tokens, model_fingerprint
 
     windows = calibration_windows(calibration_tokens(config.split, tokenizer), config.windows, config.seq_len,

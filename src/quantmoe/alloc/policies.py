@@ -47,10 +47,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from quantmoe.alloc.plan_from_bits import plan_from_bits
 from quantmoe.alloc.scorers import EXPERT_RANKINGS, Evidence
 from quantmoe.anatomy import QUANTIZABLE_ROLES, BlockAnatomy, ModelAnatomy
 from quantmoe.quant.grid import SUPPORTED_BITS
-from quantmoe.alloc.plan_from_bits import plan_from_bits
 from quantmoe.quant.plan import Plan
 from quantmoe.suggest import did_you_mean
 
