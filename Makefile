@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/quantmoe demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benches
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:
