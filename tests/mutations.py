@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     known = {m.name: m for m in MUTATIONS}
     if args.list:
         for m in MUTATIONS:
-            print(f"{m.name:22} {m.claim}\n{'':22} tests: {' '.join(m.tests)}")
+            print(f"{m.name:24} {m.claim}\n{'':24} tests: {' '.join(m.tests)}")
         return 0
     unknown = [n for n in args.names if n not in known]
     if unknown:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
             t0 = time.perf_counter()
             code, failed, tail = run_tests(fresh_copy(work, "baseline"), tests, work / "cache-baseline")
-            print(f"{'baseline':22} {'pass' if code == 0 else 'FAIL':9} {time.perf_counter() - t0:6.1f} s", flush=True)
+            print(f"{'baseline':24} {'pass' if code == 0 else 'FAIL':9} {time.perf_counter() - t0:6.1f} s", flush=True)
             if code != 0:
                 print(f"the tests fail without any mutation ({', '.join(failed) or 'see below'}):\n{tail}",
                       file=sys.stderr)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             survived += code == 0
             errors += code not in (0, 1)
             detail = f"by {failed[0][:150]}" if failed else ("" if code == 0 else tail.strip().splitlines()[-1])
-            print(f"{m.name:22} {verdict:9} {time.perf_counter() - t0:6.1f} s  {detail}", flush=True)
+            print(f"{m.name:24} {verdict:9} {time.perf_counter() - t0:6.1f} s  {detail}", flush=True)
             if code not in (0, 1):
                 print(tail, file=sys.stderr)
     print(f"{len(chosen) - survived - errors} of {len(chosen)} mutations killed"
