@@ -74,11 +74,16 @@ def report_dict(result: QuantizeResult) -> dict[str, Any]:
 
 
 def save(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: CalibrationConfig, gptq: GPTQConfig,
-         source: str, source_fingerprint: str | None = None) -> Path:
+         source: str, source_fingerprint: str | None = None, overwrite: bool = False) -> Path:
+    """Save a checkpoint to ``out_dir``: never over the source model or a folder quantmoe did not write."""
+    from quantmoe.zoo.embedded import resolve_model
+
+    source_path = Path(resolve_model(source)).expanduser()
     metadata = {"source_model": source, "source_sha256": source_fingerprint, "plan": plan.to_dict(),
                 "calibration": asdict(calib), "gptq": asdict(gptq),
                 "average_bits": result.bits.average_bits, "effective_bits": result.bits.effective_bits}
-    return save_quantized(result.model, out_dir, result.specs, metadata, report_dict(result), tokenizer)
+    return save_quantized(result.model, out_dir, result.specs, metadata, report_dict(result), tokenizer,
+                          overwrite=overwrite, protect=(source_path,) if source_path.exists() else ())
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,

@@ -271,8 +271,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     if rotary is not None:
         rotary.to(home)
     if fallbacks:
-        log.warning("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian); "
-                    "see the report", len(fallbacks))
+        log.info("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian): "
+                 "%s", len(fallbacks), ", ".join(fallbacks[:3]) + (", ..." if len(fallbacks) > 3 else ""))
     return QuantReport(units=reports, expert_tokens=expert_tokens, fallbacks=tuple(fallbacks),
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
 
