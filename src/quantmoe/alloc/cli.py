@@ -20,10 +20,12 @@ from typing import Any
 
 from quantmoe.alloc.presets import PAPER_MODELS, PRESETS, format_policy, paper_config, parse_policy
 from quantmoe.alloc.scorers import Evidence
+from quantmoe.safeout import check_file_output, starts_with
 
 log = logging.getLogger(__name__)
 
 BIT_CHAR = {2: "2", 3: "3", 4: "4", 8: "8", 16: "K"}
+PLAN_HEADER = "# quantmoe"  # first line of every plan file quantmoe writes (so --out can tell ours)
 
 
 # --- printing -----------------------------------------------------------------------------------
@@ -150,6 +152,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from quantmoe.atomic import atomic_write_text
     from quantmoe.zoo.embedded import load_model, resolve_model
 
+    if args.out:
+        check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")
     rules = parse_policy(args.policy)
     needs = policy_needs(rules)
     preset = PRESETS.get(args.policy.strip())
@@ -181,7 +185,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from quantmoe.quant.plan import bit_stats
 
         stats = bit_stats(specs, anatomy.units)
-        header = (f"# quantmoe plan {args.model} --policy '{format_policy(rules)}'\n"
+        header = (f"{PLAN_HEADER} plan {args.model} --policy '{format_policy(rules)}'\n"
                   f"# average bits {stats.average_bits:.4f}, effective bits {stats.effective_bits:.4f}\n")
         atomic_write_text(Path(args.out), header + plan.to_yaml())
         print(f"wrote {args.out}")
@@ -205,7 +209,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="embedded model (mixtral-s, deepseek-s), local folder, hub id, or the paper's "
                                  f"shapes on the meta device ({', '.join(PAPER_MODELS)})")
     p.add_argument("--policy", required=True, help="compact rules, a preset name, or a policy YAML file")
-    p.add_argument("--out", help="write the plan here as YAML (for `quantmoe quantize --plan`)")
+    p.add_argument("--out", help="write the plan here as YAML (for `quantmoe quantize --plan`); an existing file "
+                                 "is replaced only if quantmoe wrote it and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan file quantmoe wrote earlier at --out")
     p.add_argument("--group-size", type=int, default=None,
                    help="group size of the plan; 0 = per-channel (default: the preset's, else 128)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid")

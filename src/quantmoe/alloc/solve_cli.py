@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from quantmoe.alloc.cli import PLAN_HEADER
+from quantmoe.safeout import check_file_output, starts_with
+
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +63,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from quantmoe.quant.plan import bit_stats
     from quantmoe.zoo.embedded import load_model
 
+    if args.out:
+        check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
                           role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits))
@@ -79,7 +84,10 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         total = sum(counts.values())
         print(f"  {role:<14} " + ", ".join(f"{b}-bit {100 * n / total:.0f}%" for b, n in sorted(counts.items())))
     if args.out:
-        atomic_write_text(Path(args.out), sol.plan.to_yaml())
+        header = (f"{PLAN_HEADER} solve {args.model} --target {args.target:g} --widths {args.widths} "
+                  f"--granularity {args.granularity} --metric {table.metric}\n"
+                  f"# average bits {stats.average_bits:.4f}, effective bits {stats.effective_bits:.4f}\n")
+        atomic_write_text(Path(args.out), header + sol.plan.to_yaml())
         print(f"plan written to {args.out}")
     if args.json:
         print(json.dumps(sol.bits))

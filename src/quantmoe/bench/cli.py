@@ -6,11 +6,48 @@ import argparse
 import logging
 from pathlib import Path
 
+from quantmoe.safeout import check_file_output
+
 log = logging.getLogger(__name__)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def default_report_dir(store: Path) -> Path:
     return store.parent / "report"
+
+
+def is_results_store(path: Path) -> bool:
+    """Whether ``path`` is a results store quantmoe wrote (an SQLite file with its ``runs`` and ``meta`` tables)."""
+    import sqlite3
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                return False
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            db.close()
+    except (OSError, sqlite3.DatabaseError):
+        return False
+    return {"runs", "meta"} <= tables
+
+
+def check_store(store: Path) -> Path:
+    """A results store path quantmoe may append to: new, or a store of ours (never a foreign file)."""
+    return check_file_output(store, overwrite=False, ours=is_results_store, what="results store",
+                             option="--store", append=True)
+
+
+def prepare_report_dir(out: Path) -> Path:
+    """A report folder quantmoe may (re)write: new, empty or an earlier report; marked as ours."""
+    from quantmoe.safeout import check_folder_output, claim_folder
+
+    check_folder_output(out, overwrite=False, what="report", refresh_ours=True)
+    return claim_folder(out, "report")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -19,6 +56,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from quantmoe.bench.sweep import load_sweep
 
     config = load_sweep(args.sweep)
+    check_store(Path(args.store or config.store))
+    report_dir = None if args.no_report else Path(args.report_dir or default_report_dir(Path(args.store or
+                                                                                              config.store)))
+    if report_dir is not None:
+        from quantmoe.safeout import check_folder_output
+
+        check_folder_output(report_dir, overwrite=False, what="report", refresh_ours=True)  # before any run
     if args.threads:
         import torch
 
@@ -30,7 +74,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_report:
         from quantmoe.bench.report import build_report
 
-        path = build_report(outcome.store, args.report_dir or default_report_dir(Path(outcome.store)), config.name)
+        path = build_report(outcome.store, prepare_report_dir(report_dir), config.name)
         print(f"\nreport: {path} (and {path.with_suffix('.html').name})")
     return 0
 
@@ -39,7 +83,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from quantmoe.bench.report import build_report
 
     store = Path(args.store)
-    path = build_report(store, args.out or default_report_dir(store), args.sweep)
+    if store.exists() and not is_results_store(store):
+        raise ValueError(f"{store} is not a quantmoe results store: give the store written by `quantmoe bench`")
+    path = build_report(store, prepare_report_dir(Path(args.out) if args.out else default_report_dir(store)),
+                        args.sweep)
     print(f"report: {path} (and {path.with_suffix('.html').name})")
     return 0
 

@@ -88,6 +88,7 @@ def _evaluate(model: torch.nn.Module, ctx: ModelContext) -> dict[str, Any]:
 def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: Path, label: str) -> int:
     """Save the quantized model (atomically) and measure it; kept only when the sweep asks to."""
     from quantmoe.quant import api
+    from quantmoe.safeout import check_folder_output
 
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=store_dir))
     try:
@@ -95,7 +96,8 @@ def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: P
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         if ctx.sweep.save_checkpoints:
             final = store_dir / "checkpoints" / label
-            if final.exists():
+            if final.exists():  # an earlier checkpoint of this run; anything else is refused, untouched
+                check_folder_output(final, overwrite=True)
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             path.rename(final)

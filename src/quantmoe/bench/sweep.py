@@ -32,9 +32,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quantmoe.calib.data import CalibrationConfig
+from quantmoe.yamlfile import read_yaml
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -271,7 +270,5 @@ def sweep_from_dict(data: Any, source: str = "the sweep") -> SweepConfig:
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep file {path} not found")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path, "sweep file")
     return sweep_from_dict(data, str(path))
