@@ -165,7 +165,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif without_data:
         anatomy = inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
     else:
-        model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                                      tokenizer=args.tokenizer)
         anatomy = describe(model)
     if args.bits_only:
         evidence = Evidence(placeholder=True)
@@ -222,11 +223,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                                                           "(embedded split or text file)")
     p.add_argument("--rank-split", default="validation", help="text the block-importance predictor ranks on")
     p.add_argument("--windows", type=int, default=64, help="windows of text for statistics")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per statistics window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window offsets (and of randomk/the predictor)")
     p.add_argument("--massive-threshold", type=float, default=1000.0,
                    help="|h| at or above which a token is a massive-activation token")
     p.add_argument("--cache-dir", help="statistics cache (default $QUANTMOE_CACHE or ~/.cache/quantmoe)")
     p.add_argument("--device", default="cpu", help="torch device for computing statistics")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_plan)

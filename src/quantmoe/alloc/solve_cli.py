@@ -68,7 +68,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
                           role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits))
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     anatomy = describe(model)
     table = load_or_measure_damage(model, tokenizer, anatomy, widths, args,
                                    Path(args.damage_cache) if args.damage_cache else None)
@@ -99,22 +99,27 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                        description="Measure what each unit costs at each width (empirical-Fisher loss estimate or "
                                    "GPTQ output error) and pick widths by mixed-integer programming so that the "
                                    "average bits hit the target within the tolerance.")
-    p.add_argument("model")
+    p.add_argument("model", help="embedded model name (mixtral-s, deepseek-s), local folder or hub id")
     p.add_argument("--target", type=float, required=True, help="average bits, e.g. 2.5")
     p.add_argument("--widths", default="2,3,4", help="allowed widths, e.g. 2,3,4,8")
     p.add_argument("--granularity", default="linear", choices=("linear", "expert", "block"),
                    help="unit of choice for routed experts; 'block' = serving-compatible")
-    p.add_argument("--metric", default="fisher", choices=("fisher", "output"))
+    p.add_argument("--metric", default="fisher", choices=("fisher", "output"),
+                   help="damage estimate: empirical-Fisher loss change, or GPTQ output error")
     p.add_argument("--min-bits", nargs="*", metavar="ROLE=BITS", help="e.g. attention=4")
-    p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS")
+    p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS", help="e.g. routed_expert=3")
     p.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
-    p.add_argument("--asym", action="store_true")
-    p.add_argument("--calib", default="calibration")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--asym", action="store_true", help="asymmetric grid")
+    p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows for measuring damage")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
     p.add_argument("--damage-cache", help="npz file to reuse measured damage across targets")
-    p.add_argument("--out", help="write the plan YAML here")
+    p.add_argument("--out", help="write the plan YAML here; an existing file is replaced only if quantmoe wrote "
+                                 "it and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan file quantmoe wrote earlier at --out")
     p.add_argument("--json", action="store_true", help="also print unit -> bits as JSON")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_solve)

@@ -46,12 +46,22 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf in any tensor, naming the tensor (before any calibration runs)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"the model's tensor {name} has {bad:,} NaN/Inf values of {t.numel():,}: the source "
+                             "weights are broken; quantization needs finite weights")
+
+
 def quantize(model: nn.Module, tokenizer, plan: Plan, calib: CalibrationConfig = CalibrationConfig(),
              gptq: GPTQConfig = GPTQConfig(), device: str | torch.device | None = None,
              progress: bool = True) -> QuantizeResult:
     """Quantize ``model`` in place following ``plan``; calibration text from ``calib.split``."""
     anatomy = describe(model)
     specs = plan.resolve(anatomy)
+    check_finite_weights(model)
     bits = bit_stats(specs, anatomy.units)
     log.info("plan: %.3f average bits (%.3f effective) over %s quantizable parameters",
              bits.average_bits, bits.effective_bits, f"{bits.params:,}")
@@ -76,14 +86,14 @@ def report_dict(result: QuantizeResult) -> dict[str, Any]:
 def save(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: CalibrationConfig, gptq: GPTQConfig,
          source: str, source_fingerprint: str | None = None, overwrite: bool = False) -> Path:
     """Save a checkpoint to ``out_dir``: never over the source model or a folder quantmoe did not write."""
-    from quantmoe.zoo.embedded import resolve_model
+    from quantmoe.zoo.embedded import local_model_folder
 
-    source_path = Path(resolve_model(source)).expanduser()
+    source_path = local_model_folder(source)
     metadata = {"source_model": source, "source_sha256": source_fingerprint, "plan": plan.to_dict(),
                 "calibration": asdict(calib), "gptq": asdict(gptq),
                 "average_bits": result.bits.average_bits, "effective_bits": result.bits.effective_bits}
     return save_quantized(result.model, out_dir, result.specs, metadata, report_dict(result), tokenizer,
-                          overwrite=overwrite, protect=(source_path,) if source_path.exists() else ())
+                          overwrite=overwrite, protect=(source_path,) if source_path is not None else ())
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,

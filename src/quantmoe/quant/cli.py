@@ -33,10 +33,10 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def _source_folders(model: str) -> tuple[Path, ...]:
-    from quantmoe.zoo.embedded import resolve_model
+    from quantmoe.zoo.embedded import local_model_folder
 
-    path = Path(resolve_model(model)).expanduser()
-    return (path,) if path.exists() else ()
+    path = local_model_folder(model)
+    return (path,) if path is not None else ()
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -53,7 +53,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     fingerprint = api.model_fingerprint(model)
     windows = ref = None
     if args.eval:
@@ -79,8 +79,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     bits = ", ".join(str(b) for b in SUPPORTED_BITS)
     p = sub.add_parser("quantize", help="quantize a model (GPTQ or RTN) with a plan and save it",
                        description="Quantize MODEL block by block with GPTQ (or RTN) following a plan, and "
-                                   "write a checkpoint that `quantmoe.load` reloads.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "write a checkpoint that `quantmoe.load` reloads.")
     p.add_argument("model", help="embedded model name (mixtral-s, deepseek-s), local folder or hub id")
     p.add_argument("--plan", help="plan YAML (default/roles/kinds/patterns/modules), e.g. from `quantmoe plan`")
     p.add_argument("--bits", type=int, help=f"uniform bits instead of a plan: one of {bits} (16 = keep)")
@@ -105,6 +104,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="device for the block being quantized, e.g. cuda:0 "
                                                   "(default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_quantize)
