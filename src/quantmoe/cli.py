@@ -151,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # bad input: a clear message, no traceback
+    except (ValueError, OSError) as err:  # bad input: one clear line, no traceback (-v shows it)
         if args.verbose:
             raise
-        log.error("%s", err)
+        log.error("%s", " ".join(line.strip() for line in str(err).splitlines() if line.strip()))
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        log.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":
