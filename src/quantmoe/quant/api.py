@@ -46,27 +46,21 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with NaN or Inf in any tensor, naming the tensor (before any calibration runs)."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"the model's tensor {name} has {bad:,} NaN/Inf values of {t.numel():,}: the source "
-                             "weights are broken; quantization needs finite weights")
-
-
 def quantize(model: nn.Module, tokenizer, plan: Plan, calib: CalibrationConfig = CalibrationConfig(),
              gptq: GPTQConfig = GPTQConfig(), device: str | torch.device | None = None,
              progress: bool = True) -> QuantizeResult:
     """Quantize ``model`` in place following ``plan``; calibration text from ``calib.split``."""
     anatomy = describe(model)
     specs = plan.resolve(anatomy)
-    check_finite_weights(model)
     bits = bit_stats(specs, anatomy.units)
     log.info("plan: %.3f average bits (%.3f effective) over %s quantizable parameters",
              bits.average_bits, bits.effective_bits, f"{bits.params:,}")
-    windows = calibration_windows(calibration_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len,
-                                  calib.seed)
+    try:
+        windows = calibration_windows(calibration_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len,
+                                      calib.seed)
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if calib.split in message else f"{calib.split}: {message}") from None
     torch.manual_seed(calib.seed)
     report = quantize_model(model, specs, windows, calib, gptq, device=device, progress=progress)
     log.info("quantized %d linears in %.1f s (%d fallbacks)", len(report.units), report.seconds,

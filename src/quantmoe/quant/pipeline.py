@@ -214,11 +214,11 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     anatomy: ModelAnatomy = describe(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    for unit in anatomy.units:
-        w = model.get_submodule(unit.name).weight
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{unit.name} has NaN/Inf weights: the checkpoint is corrupt or was saved "
-                             "after a diverged training run")
+    for name, t in model.state_dict().items():  # every tensor (routers, norms, embeddings), not only linears
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"the model's tensor {name} has {int((~torch.isfinite(t)).sum()):,} NaN/Inf values: "
+                             "the checkpoint is corrupt or was saved after a diverged training run; quantization "
+                             "needs finite weights")
     blocks = model.get_submodule(family.layers)
     model.get_submodule(family.embedding).to(device)
     rotary = getattr(model.get_submodule(family.layers.rsplit(".", 1)[0]), "rotary_emb", None)
