@@ -20,7 +20,12 @@ import torch
 import quantmoe
 from quantmoe.anatomy import describe, tiny_model
 from quantmoe.calib.data import CalibrationConfig
-from quantmoe.quant.checkpoint import CONFIG_NAME, CorruptCheckpointError, recover_interrupted_save, save_quantized
+from quantmoe.quant.checkpoint import (
+    CONFIG_NAME,
+    CorruptCheckpointError,
+    recover_interrupted_save,
+    save_quantized,
+)
 from quantmoe.quant.pipeline import GPTQConfig, quantize_model
 from quantmoe.quant.plan import Plan
 from quantmoe.safeout import PAUSE_ENV

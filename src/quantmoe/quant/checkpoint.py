@@ -38,9 +38,9 @@ from torch import nn
 
 from quantmoe.anatomy import describe, unfuse_experts
 from quantmoe.atomic import current_umask
-from quantmoe.safeout import check_folder_output, is_our_folder, pause_for_test
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
+from quantmoe.safeout import check_folder_output, is_our_folder, pause_for_test
 
 log = logging.getLogger(__name__)
 
