@@ -243,8 +243,8 @@ def test_the_real_command_prints_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
     for argv in (["quantize", "mixtral-s", "--plan", str(plan), "--out", str(tmp_path / "q")],
                  ["eval", "mixtrall-s"]):
-        proc = subprocess.run([sys.executable, "-m", "quantmoe.cli", *argv], env=env, capture_output=True, check=False,
-                              text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "quantmoe.cli", *argv], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
         assert proc.returncode == 2
         assert "Traceback" not in proc.stderr
         lines = [line for line in proc.stderr.splitlines() if " ERROR " in line]
