@@ -96,8 +96,8 @@ def check_folder_output(path: Path, *, overwrite: bool, protect: Iterable[Path |
     for p in protect:
         src = Path(p).expanduser().resolve()
         if _within(src, out):
-            raise OutputRefused(f"--out {path} is {'the source model' if src == out else 'a folder holding the source model'}"
-                                f" ({src}): choose another output folder")
+            what_it_is = "the source model" if src == out else "a folder holding the source model"
+            raise OutputRefused(f"--out {path} is {what_it_is} ({src}): choose another output folder")
     if not out.exists() and not out.is_symlink():
         return out
     if not out.is_dir() or out.is_symlink():
