@@ -83,6 +83,7 @@ def test_plan_solve_report_and_store_refuse_foreign_outputs(tmp_path, caplog):
     f.write_text("my notes\n")
     _fails(["plan", "mixtral-s", "--policy", "uniform=4", "--out", str(f), "--overwrite"], caplog, "did not write")
     _fails(["solve", "mixtral-s", "--target", "3", "--out", str(f)], caplog, "did not write")
+    _fails(["solve", "mixtral-s", "--target", "3", "--damage-cache", str(f)], caplog, "--damage-cache", "did not write")
     assert f.read_text() == "my notes\n"
     ours = tmp_path / "ours.yaml"
     assert main(["plan", "mixtral-s", "--policy", "uniform=4", "--out", str(ours)]) == 0

@@ -32,6 +32,14 @@ def _parse_role_bits(items: list[str] | None) -> dict[str, int]:
     return out
 
 
+def _is_damage_cache(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return {"units", "widths", "damage", "params", "metric"} <= set(d.files)
+    except (OSError, ValueError):
+        return False
+
+
 def load_or_measure_damage(model, tokenizer, anatomy, widths, args, cache: Path | None):
     from quantmoe.alloc.damage import DamageTable, measure_damage
     from quantmoe.calib.data import calibration_windows
@@ -65,6 +73,9 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
     if args.out:
         check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")
+    if args.damage_cache:  # an existing cache of ours is reused or refreshed; anything else is left alone
+        check_file_output(Path(args.damage_cache), overwrite=True, ours=_is_damage_cache, what="damage cache",
+                          option="--damage-cache")
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
                           role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits))
