@@ -60,3 +60,21 @@ def test_file_rules(tmp_path):
     with pytest.raises(OutputRefused, match="is a folder"):
         check_file_output(tmp_path, overwrite=True, ours=is_ours)
     assert foreign.read_text() == "default: {bits: 4}\n"
+
+
+def test_temporaries_of_dead_processes_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from quantmoe.safeout import remove_stale_temporaries
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = tmp_path / f".checkpoint-{proc.pid}-abcdefgh"
+    alive = tmp_path / f".checkpoint-{os.getpid()}-abcdefgh"
+    other = tmp_path / ".checkpoint-notes"
+    for p in (dead, alive, other):
+        (p / "model").mkdir(parents=True)
+    remove_stale_temporaries(tmp_path, ".checkpoint-")
+    assert not dead.exists() and alive.is_dir() and other.is_dir()

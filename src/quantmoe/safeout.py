@@ -141,6 +141,32 @@ def starts_with(prefix: str) -> Callable[[Path], bool]:
     return lambda path: _first_line(path).startswith(prefix)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (then its temporary folders are not leftovers)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path, prefix: str) -> None:
+    """Remove ``PREFIX{pid}-*`` folders in ``parent`` whose process no longer runs (a killed save's)."""
+    import re
+    import shutil
+
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)-[a-z0-9_]{{8}}")
+    for path in sorted(Path(parent).glob(f"{prefix}*")):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not process_alive(int(match.group(1))):
+            shutil.rmtree(path)
+            log.warning("removed %s, the temporary folder of an interrupted run", path)
+
+
 def pause_for_test(point: str) -> None:
     """Tests only: when ``$QUANTMOE_TEST_PAUSE`` is ``POINT:FLAG``, create FLAG and sleep at POINT.
 

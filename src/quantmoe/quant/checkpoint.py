@@ -40,7 +40,7 @@ from quantmoe.anatomy import describe, unfuse_experts
 from quantmoe.atomic import current_umask
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
-from quantmoe.safeout import check_folder_output, is_our_folder, pause_for_test
+from quantmoe.safeout import check_folder_output, is_our_folder, pause_for_test, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,6 @@ def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_interrupted_save(out_dir: Path) -> None:
     """Undo what a killed save to ``out_dir`` left behind (see the module docstring); log each step."""
     out_dir = Path(out_dir)
@@ -117,7 +105,7 @@ def recover_interrupted_save(out_dir: Path) -> None:
     for path in leftovers:  # the order does not matter: each kind is handled on its own
         match = pattern.fullmatch(path.name)
         pid = match.group(1) or match.group(2)
-        if pid is not None and _pid_alive(int(pid)):
+        if pid is not None and process_alive(int(pid)):
             log.warning("%s belongs to a save that is still running (process %s): left alone", path, pid)
             continue
         if match.group(1) is not None:  # a previous checkpoint moved aside
