@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from quantmoe.safeout import check_file_output
+from quantmoe.safeout import check_file_output, check_folder_output, claim_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,14 @@ def check_store(store: Path) -> Path:
                              option="--store", append=True)
 
 
-def prepare_report_dir(out: Path) -> Path:
-    """A report folder quantmoe may (re)write: new, empty or an earlier report; marked as ours."""
-    from quantmoe.safeout import check_folder_output, claim_folder
+def check_report_dir(out: Path) -> Path:
+    """A report folder quantmoe may (re)write: new, empty, or an earlier report (rebuilt in place)."""
+    return check_folder_output(out, overwrite=False, what="report", refresh_ours=True)
 
-    check_folder_output(out, overwrite=False, what="report", refresh_ours=True)
+
+def prepare_report_dir(out: Path) -> Path:
+    """``check_report_dir``, then mark the folder as ours before any file goes in."""
+    check_report_dir(out)
     return claim_folder(out, "report")
 
 
@@ -56,13 +59,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from quantmoe.bench.sweep import load_sweep
 
     config = load_sweep(args.sweep)
-    check_store(Path(args.store or config.store))
-    report_dir = None if args.no_report else Path(args.report_dir or default_report_dir(Path(args.store or
-                                                                                              config.store)))
-    if report_dir is not None:
-        from quantmoe.safeout import check_folder_output
-
-        check_folder_output(report_dir, overwrite=False, what="report", refresh_ours=True)  # before any run
+    store = check_store(Path(args.store or config.store))  # both outputs are checked before any run
+    report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(store)
+    if not args.no_report:
+        check_report_dir(report_dir)
     if args.threads:
         import torch
 
