@@ -139,3 +139,16 @@ def test_leftovers_of_a_running_save_and_foreign_folders_are_left_alone(tmp_path
     save_quantized(model, tmp_path / "q", specs, {"version": 1})
     assert running.is_dir() and (foreign / "important.txt").read_text() == "x"
     shutil.rmtree(running)
+
+
+def test_the_up_front_check_recovers_first(tmp_path, quantized):
+    """A stranded previous checkpoint is restored before the check, so the check refuses at once
+    (without --overwrite) rather than after the work, when the save recovers it."""
+    from quantmoe.quant.checkpoint import check_checkpoint_output
+
+    model, specs = quantized
+    save_quantized(model, tmp_path / "q", specs, {"version": 1})
+    os.replace(tmp_path / "q", tmp_path / f".q.old-{_dead_pid()}")
+    with pytest.raises(OutputRefused, match="--overwrite"):
+        check_checkpoint_output(tmp_path / "q")
+    assert _version(tmp_path / "q") == 1

@@ -40,7 +40,12 @@ from quantmoe.anatomy import describe, unfuse_experts
 from quantmoe.atomic import current_umask
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
-from quantmoe.safeout import check_folder_output, is_our_folder, pause_for_test, process_alive
+from quantmoe.safeout import (
+    check_folder_output,
+    is_our_folder,
+    pause_for_test,
+    process_alive,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,14 @@ def recover_interrupted_save(out_dir: Path) -> None:
             log.warning("removed %s, the unfinished folder of an interrupted save", path)
 
 
+def check_checkpoint_output(out_dir: Path, overwrite: bool = False, protect: tuple[Path | str, ...] = ()) -> Path:
+    """Recover what a killed save to ``out_dir`` left, then check that a save may write there (call it
+    before hours of work: ``save_quantized`` checks again)."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    recover_interrupted_save(out_dir)
+    return check_folder_output(out_dir, overwrite=overwrite, protect=protect)
+
+
 def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpec], metadata: Mapping[str, Any],
                    report: Mapping[str, Any] | None = None, tokenizer=None, overwrite: bool = False,
                    protect: tuple[Path | str, ...] = ()) -> Path:
@@ -136,8 +149,7 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
     """
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_save(out_dir)
-    check_folder_output(out_dir, overwrite=overwrite, protect=protect)
+    check_checkpoint_output(out_dir, overwrite=overwrite, protect=protect)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}-", suffix=".partial", dir=out_dir.parent))
     old = None
     try:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from quantmoe.quant.checkpoint import REPORT_NAME
+from quantmoe.quant.checkpoint import REPORT_NAME, check_checkpoint_output
 from quantmoe.quant.grid import SUPPORTED_BITS
-from quantmoe.safeout import check_folder_output
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmoe.zoo.embedded import load_model
 
     plan = plan_from_args(args)
-    out_dir = check_folder_output(Path(args.out), overwrite=args.overwrite, protect=_source_folders(args.model))
+    out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite, protect=_source_folders(args.model))
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order)
