@@ -122,10 +122,13 @@ def test_bad_plan_values_name_the_file_and_key(tmp_path, caplog, text, needles):
     assert "is not one of" not in message  # a string is not "not one of 2, 3, 4, 8, 16"
 
 
-def test_malformed_sweep_names_the_file_and_line(tmp_path, caplog):
+def test_malformed_sweep_and_policy_name_the_file_and_line(tmp_path, caplog):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("name: x\nmodels: [mixtral-s\nruns: []\n")
     _fails(["bench", str(sweep)], caplog, str(sweep), "line 3", "malformed YAML")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("- experts: 2\n- attention: [4\n")
+    _fails(["plan", "mixtral-s", "--policy", str(policy)], caplog, str(policy), "line 3", "malformed YAML")
 
 
 def test_bits_help_and_error_agree(capsys, caplog, tmp_path):
