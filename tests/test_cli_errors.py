@@ -111,8 +111,8 @@ def test_plan_solve_report_and_store_refuse_foreign_outputs(tmp_path, caplog):
     ("roles: {attention: 4}", ["`roles.attention`", "mapping"]),
     ("default: {group_size: true}", ["`group_size`", "boolean"]),
     ("default: {bits: '4'}", ["`bits`", "expected an integer", "string"]),
-    ("default: {bits: 4\nroles: [", ["line 2", "malformed YAML"]),
-    ("default:\n  bits: 4\n   group_size: 8", ["line 3", "malformed YAML"]),
+    ("default: {bits: 4\nroles: [", ["not valid YAML at line 2"]),
+    ("default:\n  bits: 4\n   group_size: 8", ["not valid YAML at line 3"]),
 ])
 def test_bad_plan_values_name_the_file_and_key(tmp_path, caplog, text, needles):
     plan = tmp_path / "plan.yaml"
@@ -125,10 +125,10 @@ def test_bad_plan_values_name_the_file_and_key(tmp_path, caplog, text, needles):
 def test_malformed_sweep_and_policy_name_the_file_and_line(tmp_path, caplog):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("name: x\nmodels: [mixtral-s\nruns: []\n")
-    _fails(["bench", str(sweep)], caplog, str(sweep), "line 3", "malformed YAML")
+    _fails(["bench", str(sweep)], caplog, str(sweep), "not valid YAML at line 3")
     policy = tmp_path / "policy.yaml"
     policy.write_text("- experts: 2\n- attention: [4\n")
-    _fails(["plan", "mixtral-s", "--policy", str(policy)], caplog, str(policy), "line 3", "malformed YAML")
+    _fails(["plan", "mixtral-s", "--policy", str(policy)], caplog, str(policy), "not valid YAML at line 3")
 
 
 def test_bits_help_and_error_agree(capsys, caplog, tmp_path):

@@ -2,8 +2,14 @@ import json
 
 import pytest
 
-from quantmoe.safeout import (OutputRefused, check_file_output, check_folder_output, claim_folder, is_our_folder,
-                              starts_with)
+from quantmoe.safeout import (
+    OutputRefused,
+    check_file_output,
+    check_folder_output,
+    claim_folder,
+    is_our_folder,
+    starts_with,
+)
 
 
 def test_what_counts_as_ours(tmp_path):

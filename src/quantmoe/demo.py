@@ -31,10 +31,10 @@ def demo_sweep_path() -> Path:
 
 def run_demo(threads: int | None = None, sweep: Path | None = None, store: Path | None = None,
              report_dir: Path | None = None) -> int:
-    from quantmoe.bench.cli import check_store, default_report_dir, prepare_report_dir
+    from quantmoe.bench.outputs import check_store, prepare_report_dir
     from quantmoe.bench.report import build_report
     from quantmoe.bench.runner import run_sweep
-    from quantmoe.bench.summary import stored_table
+    from quantmoe.bench.summary import default_report_dir, stored_table
     from quantmoe.bench.sweep import load_sweep
 
     if threads:

@@ -3,7 +3,7 @@
 Example::
 
     >>> data = read_yaml(Path("plan.yaml"), "plan")  # doctest: +SKIP
-    ValueError: plan.yaml, line 3, column 9: malformed YAML (mapping values are not allowed here)
+    ValueError: plan.yaml: not valid YAML at line 3, column 9: mapping values are not allowed here; fix the plan
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): save the {what} as UTF-8") from None
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.start}): save the {what} as UTF-8") from None
     except OSError as err:
         raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{path}{where}: malformed YAML ({problem}); fix the {what}") from None
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}; fix the {what}") from None

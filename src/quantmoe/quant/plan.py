@@ -35,11 +35,13 @@ import yaml
 
 from quantmoe.anatomy import QUANTIZABLE_ROLES, LinearUnit, ModelAnatomy
 from quantmoe.quant.grid import SUPPORTED_BITS, QuantSpec
+from quantmoe.suggest import did_you_mean
 from quantmoe.yamlfile import read_yaml
 
 SETTING_KEYS = ("bits", "group_size", "symmetric")
 PLAN_KEYS = ("default", "roles", "kinds", "patterns", "modules")
 SCALE_BITS = 16  # one float16 scale per group and row
+PLAN_HEADER = "# quantmoe"  # first line of every plan file quantmoe writes (so --out can tell ours)
 
 
 def _kind_of(value: Any) -> str:
@@ -59,8 +61,9 @@ def _check_settings(where: str, settings: Any) -> dict[str, Any]:
                          f"({_kind_of(settings)})")
     unknown = set(settings) - set(SETTING_KEYS)
     if unknown:
+        hint = did_you_mean(sorted(map(str, unknown))[0], SETTING_KEYS)
         raise ValueError(f"check {where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                         f"allowed: {', '.join(SETTING_KEYS)}")
+                         f"{hint + ' ' if hint else ''}allowed: {', '.join(SETTING_KEYS)}")
     allowed = ", ".join(map(str, SUPPORTED_BITS))
     if "bits" in settings and not _is_int(settings["bits"]):
         raise ValueError(f"check `bits` in {where}: expected an integer (one of {allowed}), got "
@@ -163,8 +166,9 @@ class Plan:
             raise ValueError(f"check {source}: a plan is a mapping with keys {', '.join(PLAN_KEYS)}")
         unknown = set(d) - set(PLAN_KEYS)
         if unknown:
+            hint = did_you_mean(sorted(map(str, unknown))[0], PLAN_KEYS)
             raise ValueError(f"check {source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                             f"allowed: {', '.join(PLAN_KEYS)}")
+                             f"{hint + ' ' if hint else ''}allowed: {', '.join(PLAN_KEYS)}")
         prefix = "" if source == "the plan" else f"{source}: "
         try:
             default = _check_settings("`default`", d.get("default") or {})
