@@ -112,14 +112,14 @@ MUTATIONS: tuple[Mutation, ...] = (
                "        with self._transaction() as db:\n"
                "            cur = db.execute(f\"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) \"\n"
                "                             f\"VALUES ({', '.join('?' * len(_COLUMNS))})\", values)\n"
-               "            _pause_for_kill_test()\n"
+               "            pause_for_test(PAUSE_POINT)\n"
                "            return cur.rowcount == 1\n",
                "        metrics = values[_COLUMNS.index('metrics')]\n"
                "        empty = ['{}' if c == 'metrics' else v for c, v in zip(_COLUMNS, values)]\n"
                "        with self._transaction() as db:\n"
                "            cur = db.execute(f\"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) \"\n"
                "                             f\"VALUES ({', '.join('?' * len(_COLUMNS))})\", empty)\n"
-               "        _pause_for_kill_test()\n"
+               "        pause_for_test(PAUSE_POINT)\n"
                "        with self._transaction() as db:\n"
                "            db.execute('UPDATE runs SET metrics = ? WHERE key = ?', (metrics, record.key))\n"
                "        return cur.rowcount == 1\n"),),
@@ -129,16 +129,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         "save-in-place",
         "a checkpoint save is atomic (here: written straight into the path, no temporary folder, no rename)",
         (Patch("quant/checkpoint.py",
-               "    tmp = Path(tempfile.mkdtemp(prefix=f\".{out_dir.name}.\", suffix=\".partial\", "
+               "    tmp = Path(tempfile.mkdtemp(prefix=f\".{out_dir.name}.{os.getpid()}-\", suffix=\".partial\", "
                "dir=out_dir.parent))\n",
                "    tmp = out_dir\n    tmp.mkdir(exist_ok=True)\n"),
          Patch("quant/checkpoint.py",
-               "        old = None\n"
-               "        if out_dir.exists():\n"
+               "        if out_dir.exists():  # an earlier checkpoint (check_folder_output allowed it) or an empty folder\n"
                "            old = out_dir.with_name(f\".{out_dir.name}.old-{os.getpid()}\")\n"
                "            os.replace(out_dir, old)\n"
+               "            _fsync_dir(out_dir.parent)\n"
+               "            pause_for_test(\"save-between-renames\")\n"
                "        os.replace(tmp, out_dir)\n",
-               "        old = None\n")),
+               "")),
         ("tests/quant/test_checkpoint_kill.py",),
     ),
 )

@@ -148,16 +148,17 @@ def test_evaluation_through_dequantized_linears_gives_identical_logits():
 
 
 def test_kill_9_inside_the_row_transaction_leaves_no_partial_row(tmp_path, sweep):
-    """The worst moment: the row is written but not committed (QUANTMOE_STORE_PAUSE holds the
+    """The worst moment: the row is written but not committed (QUANTMOE_TEST_PAUSE holds the
     process there). After kill -9 the store holds no row of that run, or a complete one; the
     resumed sweep then stores the run with all its metrics."""
-    from quantmoe.bench.store import PAUSE_ENV
+    from quantmoe.bench.store import PAUSE_POINT
+    from quantmoe.safeout import PAUSE_ENV
 
     path, store, marker = tmp_path / "sweep.yaml", tmp_path / "r.sqlite", tmp_path / "in-transaction"
     path.write_text(yaml.safe_dump({**sweep, "store": str(store), "seeds": [0], "runs": TINY["runs"][1:2]}))
     env = {**os.environ, "QUANTMOE_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "quantmoe.cli", "bench", str(path), "--quiet", "--threads", "1"]
-    proc = subprocess.Popen(cmd, env={**env, PAUSE_ENV: str(marker), f"{PAUSE_ENV}_S": "120"},
+    proc = subprocess.Popen(cmd, env={**env, PAUSE_ENV: f"{PAUSE_POINT}:{marker}"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300

@@ -1,13 +1,9 @@
-"""A real ``kill -9`` in the middle of a checkpoint save over an earlier one.
+"""A real ``kill -9`` of a process in the middle of a checkpoint save.
 
-A child process reloads checkpoint v1 and saves it again as v2 at the same path; it is held
-at a chosen moment of the save (by wrapping a function the save calls, in the child only)
-and killed with SIGKILL there. Whatever the moment, the path must then be absent, the
-previous checkpoint (v1, loading to the same logits), or the complete new one (v2): never a
-mix that loads, nor one that loads wrong.
+The save pauses at a chosen point when ``$QUANTMOE_TEST_PAUSE`` asks it to (tests only);
+the test kills it there. Afterwards the path holds nothing, the previous checkpoint, or
+the complete new one, and the next save to that path recovers what the kill left.
 """
-
-from __future__ import annotations
 
 import json
 import os
@@ -16,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,86 +20,111 @@ import torch
 import quantmoe
 from quantmoe.anatomy import describe, tiny_model
 from quantmoe.calib.data import CalibrationConfig
-from quantmoe.quant.checkpoint import CorruptCheckpointError, save_quantized
+from quantmoe.quant.checkpoint import (
+    CONFIG_NAME,
+    CorruptCheckpointError,
+    recover_interrupted_save,
+    save_quantized,
+)
 from quantmoe.quant.pipeline import GPTQConfig, quantize_model
 from quantmoe.quant.plan import Plan
+from quantmoe.safeout import PAUSE_ENV
 
-CHILD = textwrap.dedent("""
-    import os, sys, time
-    from pathlib import Path
-    import quantmoe
-    import quantmoe.quant.checkpoint as ckpt
-    from quantmoe.quant.grid import QuantSpec
+SAVE = textwrap.dedent("""
+    import sys
+    import torch
+    from quantmoe.anatomy import describe, tiny_model
+    from quantmoe.calib.data import CalibrationConfig
+    from quantmoe.quant.checkpoint import save_quantized
+    from quantmoe.quant.pipeline import GPTQConfig, quantize_model
+    from quantmoe.quant.plan import Plan
 
-    path, marker, moment = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-
-    def hold():
-        marker.touch()
-        time.sleep(120)
-
-    if moment == "weights-written":  # model.safetensors complete, nothing else yet
-        real_save = ckpt.save_file
-        def save_file(*a, **k):
-            real_save(*a, **k)
-            hold()
-        ckpt.save_file = save_file
-    elif moment == "between-renames":  # the old checkpoint moved aside, the new one not yet in place
-        real_replace = os.replace
-        def replace(src, dst):
-            real_replace(src, dst)
-            if Path(src) == path.resolve():
-                hold()
-        ckpt.os.replace = replace
-    model = quantmoe.load(path, attn_implementation="eager")
-    model.model.norm.weight.data.add_(1.0)  # v2 differs from v1 in its bytes and its logits
-    cfg = ckpt.read_quantization_config(path)
-    specs = {name: QuantSpec(**s) for name, s in cfg["modules"].items()}
-    ckpt.save_quantized(model, path, specs, {"version": 2})
-    print("finished")
+    torch.manual_seed(0)
+    model = tiny_model("mixtral")
+    specs = Plan.uniform(4, group_size=16).resolve(describe(model))
+    windows = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, specs, windows, CalibrationConfig(min_expert_tokens=1), GPTQConfig(method="rtn"),
+                   progress=False)
+    save_quantized(model, sys.argv[1], specs, {"version": int(sys.argv[2])}, overwrite=True)
 """)
 
 
+def _save(out: Path, version: int, pause: str | None = None, flag: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if pause:
+        env[PAUSE_ENV] = f"{pause}:{flag}"
+    return subprocess.Popen([sys.executable, "-c", SAVE, str(out), str(version)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_when_paused(procs: dict[Path, subprocess.Popen]) -> None:
+    """Kill each process (``kill -9``) once it has created its flag file, i.e. reached its pause point."""
+    deadline = time.monotonic() + 180
+    waiting = dict(procs)
+    while waiting:
+        for flag, proc in list(waiting.items()):
+            if flag.exists():
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait() == -signal.SIGKILL
+                del waiting[flag]
+            elif proc.poll() is not None:
+                pytest.fail(f"the save ended before pausing: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            for proc in waiting.values():
+                proc.kill()
+            pytest.fail("a save did not reach its pause point within 180 s")
+        time.sleep(0.05)
+
+
+def _version(out: Path) -> int:
+    return json.loads((out / CONFIG_NAME).read_text())["version"]
+
+
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def quantized():
+    torch.manual_seed(0)
     model = tiny_model("mixtral")
     specs = Plan.uniform(4, group_size=16).resolve(describe(model))
-    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     quantize_model(model, specs, windows, CalibrationConfig(min_expert_tokens=1), GPTQConfig(method="rtn"),
                    progress=False)
-    with torch.no_grad():
-        v1 = model(input_ids=windows).logits
-        norm = model.model.norm.weight.clone()
-        model.model.norm.weight.add_(1.0)  # what the child saves as v2
-        v2 = model(input_ids=windows).logits
-        model.model.norm.weight.copy_(norm)
-    assert not torch.equal(v1, v2)
-    return model, specs, windows, {1: v1, 2: v2}
+    return model, specs
 
 
-@pytest.mark.parametrize("moment", ["weights-written", "between-renames"])
-def test_kill_9_mid_save_leaves_absent_previous_or_new(tmp_path, saved, moment):
-    model, specs, windows, logits = saved
-    path = save_quantized(model, tmp_path / "q", specs, {"version": 1})
-    marker = tmp_path / "held"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(marker), moment], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert marker.exists(), f"the save never reached {moment}: {proc.poll()} {proc.stderr.read()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    if not path.exists():
-        return  # absent: allowed (the previous checkpoint was moved aside, not overwritten)
-    try:
-        loaded = quantmoe.load(path, attn_implementation="eager")
-    except CorruptCheckpointError as err:
-        pytest.fail(f"after a kill at {moment!r} the path holds a broken checkpoint: {err}")
-    version = json.loads((path / "quantization_config.json").read_text())["version"]
-    assert version in (1, 2)
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=windows).logits, logits[version])
+# where the save is killed -> what the path holds right after the kill (the save replaces version 1 by 2;
+# "first" saves to a new path)
+CASES = {"save-after-weights": "previous", "save-between-renames": "absent", "save-before-cleanup": "new",
+         "first": "absent"}
+
+
+def test_kill_mid_save_leaves_previous_absent_or_complete(tmp_path, quantized):
+    model, specs = quantized
+    procs = {}
+    for case in CASES:
+        folder = tmp_path / case
+        folder.mkdir()
+        if case != "first":
+            save_quantized(model, folder / "q", specs, {"version": 1})
+        pause = "save-after-weights" if case == "first" else case
+        procs[folder / "paused"] = _save(folder / "q", 2, pause, folder / "paused")
+    _kill_when_paused(procs)  # the four saves run at once: one interpreter start-up of waiting, not four
+    for case, expect in CASES.items():
+        folder, out = tmp_path / case, tmp_path / case / "q"
+        (folder / "paused").unlink()
+        leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".q.")]
+        assert leftovers, f"{case}: the kill left nothing behind: the pause point was not mid-save"
+        if expect == "absent":
+            assert not out.exists(), case
+            with pytest.raises((FileNotFoundError, CorruptCheckpointError)):
+                quantmoe.load(out)
+        else:
+            assert _version(out) == {"previous": 1, "new": 2}[expect], case
+            quantmoe.load(out)  # complete: the SHA-256 of the weights matches
+        # the next save recovers first (restores a stranded previous checkpoint, removes leftovers)
+        recover_interrupted_save(out)
+        assert sorted(p.name for p in folder.iterdir()) == ([] if case == "first" else ["q"]), case
+        if case != "first":
+            assert _version(out) == {"previous": 1, "absent": 1, "new": 2}[expect], case
+            quantmoe.load(out)
+        save_quantized(model, out, specs, {"version": 3}, overwrite=True)
+        assert sorted(p.name for p in folder.iterdir()) == ["q"] and _version(out) == 3

@@ -9,23 +9,23 @@ changed setting is a new run and never a stale hit.
 Per-model artifacts that reports need (the anatomy's expert layout, routing statistics)
 live in a second table, keyed by the model's weight hash.
 
-Testing hook: with ``QUANTMOE_STORE_PAUSE=FILE`` in the environment, ``add`` creates FILE
-and sleeps (``QUANTMOE_STORE_PAUSE_S`` seconds, 60 by default) inside the row's transaction,
-after the row is written and before it is committed: the worst moment for a ``kill -9``
-(tests/bench/test_runner.py). Unset, it does nothing.
+Testing hook: with ``QUANTMOE_TEST_PAUSE=store-row-in-transaction:FILE`` (see
+``quantmoe.safeout.pause_for_test``) ``add`` creates FILE and sleeps inside the row's
+transaction, after the row is written and before it is committed: the worst moment for a
+``kill -9`` (tests/bench/test_runner.py). Unset, it does nothing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from quantmoe.safeout import pause_for_test
 
 SCHEMA_VERSION = 1
 
@@ -60,7 +60,7 @@ class RunRecord:
 
 
 _COLUMNS = tuple(f.name for f in fields(RunRecord))
-PAUSE_ENV = "QUANTMOE_STORE_PAUSE"
+PAUSE_POINT = "store-row-in-transaction"
 _SQL_TYPES = {"seed": "INTEGER", "average_bits": "REAL", "effective_bits": "REAL", "quant_seconds": "REAL",
               "peak_rss_mb": "REAL", "peak_device_mb": "REAL", "checkpoint_bytes": "INTEGER"}
 
@@ -71,13 +71,6 @@ def _schema() -> str:
             "CREATE TABLE IF NOT EXISTS artifacts (model_sha256 TEXT, kind TEXT, json TEXT, "
             "PRIMARY KEY (model_sha256, kind));\n"
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);\n")
-
-
-def _pause_for_kill_test() -> None:
-    marker = os.environ.get(PAUSE_ENV)
-    if marker:
-        Path(marker).touch()
-        time.sleep(float(os.environ.get(f"{PAUSE_ENV}_S", "60")))
 
 
 class ResultsStore:
@@ -129,7 +122,7 @@ class ResultsStore:
         with self._transaction() as db:
             cur = db.execute(f"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) "
                              f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
-            _pause_for_kill_test()
+            pause_for_test(PAUSE_POINT)
             return cur.rowcount == 1
 
     def records(self, sweep: str | None = None) -> list[RunRecord]:
