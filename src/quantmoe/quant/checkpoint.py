@@ -1,8 +1,9 @@
 """Quantized checkpoints: save atomically, verify, reload.
 
 A checkpoint folder holds ``config.json`` (the model's), the tokenizer, ``model.safetensors``
-(packed integer weights, scales, zeros, group indices, and every other tensor of the model
-in the per-expert layout), ``quantization_config.json`` (per-module settings, calibration
+(packed integer weights, scales, zeros, and every other tensor of the model in the
+per-expert layout; unquantized tensors in the source checkpoint's dtype, see
+``_state_dict_for_save``), ``quantization_config.json`` (per-module settings, calibration
 and GPTQ settings, library versions, and the SHA-256 of ``model.safetensors``) and
 ``quant_report.json``.
 
