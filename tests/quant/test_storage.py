@@ -29,7 +29,7 @@ PLAN = Plan.from_dict({
 def bf16_folder(tmp_path_factory):
     """A tiny Mixtral saved in bfloat16, as hub checkpoints are (with the embedded tokenizer)."""
     folder = tmp_path_factory.mktemp("tiny-bf16")
-    tiny_model("mixtral").to(torch.bfloat16).save_pretrained(folder)
+    tiny_model("mixtral", vocab_size=8192).to(torch.bfloat16).save_pretrained(folder)
     for f in (embedded_root() / "tokenizer").iterdir():
         shutil.copy(f, folder / f.name)
     return folder
