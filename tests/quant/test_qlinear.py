@@ -106,3 +106,39 @@ def test_from_results_packs_several_at_once_like_from_result():
         assert q.state_dict().keys() == one.state_dict().keys()
         assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), one.state_dict().values()))
         assert torch.equal(q.dequantize_weight(), res.Q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32, True), QuantSpec(3, 32, False), QuantSpec(4, None, True),
+                                  QuantSpec(8, 16, False), QuantSpec(8, 32, True)])
+def test_code_cache_forward_is_bit_for_bit_the_dequantized_weight(spec, act_order, dtype):
+    linear = torch.nn.Linear(72, 24).to(dtype)  # 72 inputs: the last group of 32 is partial
+    q = QuantLinear.from_result(linear, gptq_linear(linear, spec, act_order=act_order))
+    x = torch.randn(5, 72, dtype=dtype)
+    assert q.code_cache_bytes() == 0  # built lazily, on first use
+    assert torch.equal(q.cached_weight(), q.dequantize_weight())
+    cached = q(x)
+    per_byte = 2 if spec.bits == 8 else 1  # int16 holds code - zero in [-255, 255]
+    assert q.code_cache_bytes() == per_byte * 24 * q.groups * q.group_size
+    q.cache_codes = False
+    assert torch.equal(cached, q(x))
+    assert torch.equal(cached, F.linear(x, q.dequantize_weight(), q.bias))
+
+
+def test_code_cache_follows_changes_to_the_packed_tensors():
+    linear = torch.nn.Linear(64, 8, bias=False)
+    q = QuantLinear.from_float(linear, QuantSpec(4, 16, False))
+    x = torch.randn(3, 64)
+    before = q(x)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    q.qweight.copy_(pack(unpack(q.qweight, 4, 64)[:, perm], 4))  # in place
+    q.g_idx.copy_(q.g_idx[perm])  # any group assignment: the cache is (out, in) then
+    assert torch.equal(q(x), F.linear(x, q.dequantize_weight()))
+    assert not torch.equal(q(x), before)
+    q.qzeros = torch.zeros_like(q.qzeros)  # a new tensor
+    assert torch.equal(q(x), F.linear(x, q.dequantize_weight()))
+    q.reset_g_idx()
+    assert torch.equal(q(x), F.linear(x, q.dequantize_weight()))
+    q.clear_code_cache()
+    assert q.code_cache_bytes() == 0

@@ -91,7 +91,17 @@ def save(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: Ca
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,
-         attn_implementation: str | None = None) -> nn.Module:
-    """Load a quantized checkpoint written by ``quantmoe quantize``."""
-    return load_quantized(Path(path), device=device, trust_remote_code=trust_remote_code,
-                          attn_implementation=attn_implementation)
+         attn_implementation: str | None = None, dense: bool = False, cache_codes: bool = True) -> nn.Module:
+    """Load a quantized checkpoint written by ``quantmoe quantize``.
+
+    ``dense=False`` (default): the weights stay packed; with ``cache_codes`` each linear unpacks
+    its codes once, on first use (1 byte per weight, 2 at 8 bits), else on every call (least
+    memory, slowest). ``dense=True``: dequantized once into plain linears and fused experts, a
+    plain transformers model as large and as fast as the full-precision one in the compute
+    dtype. See ``quantmoe.quant.dense`` for what each gives bit for bit.
+    """
+    from quantmoe.quant.dense import dequantize_model, set_code_cache
+
+    model = load_quantized(Path(path), device=device, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation)
+    return dequantize_model(model) if dense else set_code_cache(model, cache_codes)

@@ -1,8 +1,9 @@
 """Quantized checkpoints: save atomically, verify, reload.
 
 A checkpoint folder holds ``config.json`` (the model's), the tokenizer, ``model.safetensors``
-(packed integer weights, scales, zeros, group indices, and every other tensor of the model
-in the per-expert layout), ``quantization_config.json`` (per-module settings, calibration
+(packed integer weights, scales, zeros, and every other tensor of the model in the
+per-expert layout; unquantized tensors in the source checkpoint's dtype, see
+``_state_dict_for_save``), ``quantization_config.json`` (per-module settings, calibration
 and GPTQ settings, library versions, and the SHA-256 of ``model.safetensors``) and
 ``quant_report.json``.
 
@@ -86,16 +87,59 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without shared storage duplicates (tied embeddings are re-tied on load)."""
+_FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                 "float64": torch.float64}
+
+
+def source_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the checkpoint ``model`` was loaded from (``dtype`` / ``torch_dtype``
+    of its ``config.json``, in its folder or the hub cache); None when unknown (built from a
+    config, or a folder that says none)."""
+    where = str(getattr(model.config, "name_or_path", "") or "")
+    config_file: Path | str | None = Path(where) / "config.json" if where else None
+    if config_file is not None and not config_file.is_file():
+        config_file = None
+        if where.count("/") == 1 and not where.startswith((".", "/", "~")):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(where, "config.json")
+            config_file = cached if isinstance(cached, str) else None
+    if config_file is None:
+        return None
+    cfg = json.loads(Path(config_file).read_text())
+    return _FLOAT_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or ""))
+
+
+def _state_dict_for_save(model: nn.Module, storage: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """State dict without shared storage duplicates (tied embeddings are re-tied on load).
+
+    ``storage``: the dtype for every unquantized floating tensor (embeddings, norms, LM head,
+    routers, biases, 16-bit linears) narrower than the model's; a tensor it cannot hold
+    exactly keeps its own dtype (with a warning), so a reload is always exact. Packed codes,
+    zero points and scales are stored as they are.
+    """
+    scales = {f"{name}.scales" for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int], str] = {}
+    inexact: list[str] = []
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
         if key in seen and t.numel():
             continue
         seen[key] = name
-        out[name] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu").contiguous()
+        if (storage is not None and t.is_floating_point() and name not in scales
+                and t.element_size() > storage.itemsize):
+            narrow = t.to(storage)
+            if torch.equal(narrow.to(t.dtype), t):
+                t = narrow
+            else:
+                inexact.append(name)
+        out[name] = t
+    if inexact:
+        log.warning("%d unquantized tensors are not exactly %s values (e.g. %s) and are stored in their own dtype; "
+                    "the checkpoint is larger than the source's dtype promises", len(inexact),
+                    str(storage).removeprefix("torch."), ", ".join(inexact[:3]))
     return out
 
 
@@ -141,12 +185,17 @@ def check_checkpoint_output(out_dir: Path, overwrite: bool = False, protect: tup
 
 def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpec], metadata: Mapping[str, Any],
                    report: Mapping[str, Any] | None = None, tokenizer=None, overwrite: bool = False,
-                   protect: tuple[Path | str, ...] = ()) -> Path:
+                   protect: tuple[Path | str, ...] = (), storage_dtype: torch.dtype | None = None) -> Path:
     """Write a quantized (per-expert view, QuantLinear) model to ``out_dir`` atomically.
 
     ``out_dir`` must be new, an empty folder, or (with ``overwrite``) an earlier quantmoe
     checkpoint; ``protect``: folders that must survive (the source model).
+
+    Unquantized tensors are stored in ``storage_dtype`` (default: the source checkpoint's,
+    ``source_dtype``) where it holds them exactly; ``load_quantized`` casts them back to the
+    model's dtype, so the reloaded model equals ``model`` bit for bit.
     """
+    storage = storage_dtype or source_dtype(model)
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     check_checkpoint_output(out_dir, overwrite=overwrite, protect=protect)
@@ -156,13 +205,14 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(_state_dict_for_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(_state_dict_for_save(model, storage), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         pause_for_test("save-after-weights")
         qconfig = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "modules": {name: {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
                         for name, s in specs.items()},
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "storage_dtype": None if storage is None else str(storage).removeprefix("torch."),
             "versions": library_versions(),
             "weights_sha256": _sha256(tmp / WEIGHTS_NAME),
             **metadata,
@@ -268,7 +318,9 @@ def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool 
                             bias=unit.has_bias, dtype=dtype, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, shell)
-    state = load_file(str(weights))
+    expected = {k: t.dtype for k, t in model.state_dict().items()}
+    state = {k: t.to(expected[k]) if k in expected and t.is_floating_point() else t  # stored narrower: cast back
+             for k, t in load_file(str(weights)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     missing = [k for k in missing if k not in tied]

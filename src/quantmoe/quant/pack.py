@@ -69,10 +69,16 @@ def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     if words.dtype != torch.int32 or words.shape[-1] != packed_words(length, bits):
         raise ValueError(f"unpack: expected int32 words (..., {packed_words(length, bits)}) for {length} codes "
                          f"of {bits} bits, got {words.dtype} {tuple(words.shape)}")
+    maxq = 2**bits - 1
+    if unit_words == 1:  # whole codes per word: one broadcast shift (arithmetic shifts are masked off)
+        shifts = torch.arange(0, _WORD, bits, dtype=torch.int32, device=words.device)
+        return ((words[..., None] >> shifts) & maxq).flatten(-2)[..., :length].to(torch.uint8)
     w = words.to(torch.int64) & _MASK
     w = w.reshape(*w.shape[:-1], -1, unit_words)  # (..., units, unit_words)
-    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # a zero word for the spill read
-    maxq = 2**bits - 1
-    codes = torch.stack([((w[..., k] >> s) | (w[..., k + 1] << (_WORD - s))) & maxq
-                         for k, s in (divmod(j * bits, _WORD) for j in range(unit_codes))], dim=-1)
-    return codes.flatten(-2)[..., :length].to(torch.uint8)
+    above = torch.cat([w[..., 1:], torch.zeros_like(w[..., :1])], dim=-1)
+    pairs = w | (above << _WORD)  # word k with word k + 1 above it: a straddling code is whole in pair k
+    parts = []
+    for k in range(unit_words):  # the codes that start in word k, one broadcast shift
+        shifts = [j * bits - k * _WORD for j in range(unit_codes) if (j * bits) // _WORD == k]
+        parts.append((pairs[..., k, None] >> torch.tensor(shifts, device=words.device)) & maxq)
+    return torch.cat(parts, dim=-1).flatten(-2)[..., :length].to(torch.uint8)
