@@ -157,6 +157,9 @@ def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_d
     store_path = Path(store_path or config.store)
     cache = cache_root(str(cache_dir) if cache_dir else None) / "bench"
     ran = skipped = 0
+    from quantmoe.bench.preflight import check_sweep
+
+    check_sweep(config)  # on the configs alone: a bad plan fails before any weights load
     with ResultsStore(store_path) as store:
         done = store.keys()
         for spec in config.models:

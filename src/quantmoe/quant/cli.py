@@ -31,7 +31,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmoe.quant.pipeline import GPTQConfig
     from quantmoe.zoo.embedded import load_model
 
+    from quantmoe.bench.preflight import check_plan, model_anatomy
+
     plan = plan_from_args(args)
+    # the plan against the model's config (meta device): a wrong module name fails before any weights load
+    check_plan(plan, model_anatomy(args.model, args.trust_remote_code), f"check --plan {args.plan}"
+               if args.plan else "check --bits")
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order)
