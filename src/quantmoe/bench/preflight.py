@@ -53,10 +53,15 @@ def _check_solver(run: RunSpec, anatomy: ModelAnatomy, where: str, group_size: i
     table = DamageTable(units=tuple(u.name for u in anatomy.units), widths=widths,
                         damage=np.zeros((len(anatomy.units), len(widths))),
                         params=np.array([u.numel for u in anatomy.units], dtype=float), metric="none")
+    solver_log = logging.getLogger("quantmoe.alloc.solver")
+    level = solver_log.level
+    solver_log.setLevel(logging.WARNING)  # its summary of an all-zero table means nothing
     try:
         solve(anatomy, table, run.solver.config(), group_size=group_size, symmetric=symmetric)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+    finally:
+        solver_log.setLevel(level)
 
 
 def check_run(run: RunSpec, anatomy: ModelAnatomy, model: str, config: SweepConfig) -> None:

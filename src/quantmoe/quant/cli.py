@@ -47,15 +47,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     windows = ref = None
     if args.eval:
         windows = make_windows(api.calibration_tokens(args.eval, tokenizer), args.calib_len)
-        ref = reference_logprobs(model, windows)
-        base = evaluate(model, windows, ref)
+        log.info("full precision on %d %s windows of %d tokens: reference log-probs, then perplexity",
+                 len(windows), args.eval, args.calib_len)
+        ref = reference_logprobs(model, windows, progress=True)
+        base = evaluate(model, windows, ref, progress=True, desc="full precision eval")
     result = api.quantize(model, tokenizer, plan, calib, gptq, device=args.device)
     out = api.save(result, Path(args.out), tokenizer, plan, calib, gptq, args.model, fingerprint)
     print(f"{args.model}: {result.bits.average_bits:.3f} average bits ({result.bits.effective_bits:.3f} effective), "
           f"{len(result.report.units)} linears, {len(result.report.fallbacks)} fallbacks, "
           f"{result.report.seconds:.1f} s -> {out}")
     if args.eval:
-        q = evaluate(result.model, windows, ref)
+        q = evaluate(result.model, windows, ref, progress=True, desc="quantized eval")
         print(f"{args.eval} perplexity {base.ppl:.3f} -> {q.ppl:.3f} ({100 * (q.ppl / base.ppl - 1):+.2f}%), "
               f"KL {q.kl_mean:.4f} (p99 {q.kl_p99:.3f}), top-1 agreement {100 * q.top1_agreement:.1f}%")
     return 0
