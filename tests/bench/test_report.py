@@ -182,7 +182,7 @@ def test_rerun_rows_supersede_and_few_seeds_are_flagged(tmp_path):
         store.add(_record("mixtral-s", "one seed only", 0, 2.2, 0.3, 4, (2, 2, 2, 2), 50, False))
     md = build_report(path, tmp_path / "r").read_text(encoding="utf-8")
     assert "1 older rows of the same (model, run, seed) were superseded" in md
-    assert "warning: mixtral-s | one seed only has 1 calibration seed" in md
+    assert "warning: mixtral-s: 1 calibration seed (fewer than 3) for one seed only:" in md
     assert "No routing statistics stored" in md
     vals = [9.0] + [r.metrics["kl_mean"] for r in old[2:4]]  # old[1:4]: uniform 2-bit, seeds 0, 1, 2
     assert _table_rows(md, "mixtral-s")["uniform 2-bit"]["KL"].startswith(f"{statistics.mean(vals):.4f} ± ")

@@ -93,8 +93,9 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 88rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; white-space: nowrap; }
-th { background: #f3f3f3; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
+td { white-space: nowrap; }
+th { background: #f3f3f3; vertical-align: bottom; }
 tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; height: auto; }
 code { background: #f3f3f3; padding: 0 0.2rem; }

@@ -379,8 +379,12 @@ def build_report(store_path: str | Path, out_dir: str | Path, sweep: str | None 
                   "Quantized runs are the mean ± sample std over calibration seeds. Built from the results store "
                   "alone; see the end for the settings.")]
     if few:
-        doc.append(Bullets(tuple(f"warning: {m} | {r} has {n} calibration seed{'s' * (n != 1)} "
-                                 f"(fewer than {MIN_SEEDS}): its ± is not a spread over seeds" for m, r, n in few)))
+        groups: dict[tuple[str, int], list[str]] = {}
+        for m, r, n in few:
+            groups.setdefault((m, n), []).append(r)
+        doc.append(Bullets(tuple(f"warning: {m}: {_count(n, 'calibration seed')} (fewer than {MIN_SEEDS}) for "
+                                 f"{', '.join(runs)}: their ± is not a spread over seeds"
+                                 for (m, n), runs in groups.items())))
     slugs: dict[str, str] = {}
     for m in models:
         slug = _slug(m)

@@ -46,7 +46,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     fingerprint = api.model_fingerprint(model)
     windows = ref = None
     if args.eval:
-        windows = make_windows(api.calibration_tokens(args.eval, tokenizer), args.calib_len)
+        windows = make_windows(api.calibration_tokens(args.eval, tokenizer), args.calib_len, args.eval_windows)
         log.info("full precision on %d %s windows of %d tokens: reference log-probs, then perplexity",
                  len(windows), args.eval, args.calib_len)
         ref = reference_logprobs(model, windows, progress=True)
@@ -84,6 +84,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-expert-tokens", type=int, default=16,
                    help="experts with fewer calibration tokens fall back to RTN")
     p.add_argument("--eval", metavar="SPLIT", help="also report perplexity and KL before/after on this split")
+    p.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="with --eval: only the first N windows (the demo uses 48); default: every window")
     p.add_argument("--device", default=None, help="device for the block being quantized, e.g. cuda:0")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
