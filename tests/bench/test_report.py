@@ -333,3 +333,43 @@ def test_wide_bitmaps_wrap_into_rows(tmp_path):
     plots.bitmap_png("deepseek-s", [(f"plan {i}", bm) for i in range(4)], tmp_path / "b.png")
     height, width = matplotlib.image.imread(tmp_path / "b.png").shape[:2]
     assert width <= 1500 and height > 400  # two rows of two panels, not one 3445 px strip
+
+
+_CHECK_JS = """<script>
+window.addEventListener("load", () => {
+  const oneLine = c => { const r = document.createRange(); r.selectNodeContents(c);
+                         return new Set([...r.getClientRects()].map(x => Math.round(x.top))).size <= 1; };
+  const cells = [...document.querySelectorAll("td, th")];
+  const out = {images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
+               overflow: cells.filter(c => c.scrollWidth > c.clientWidth).map(c => c.textContent),
+               wrapped: [...document.querySelectorAll("td")].filter(c => !oneLine(c)).map(c => c.textContent),
+               headings: document.querySelectorAll("h1, h2").length,
+               height: document.documentElement.scrollHeight};
+  const pre = document.createElement("pre"); pre.id = "qmoe-check"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_html_report_renders_in_headless_chromium(built, tmp_path):
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("no chromium: install it (Debian: apt-get install -y chromium; `make test` does so as root) "
+                    "to check the HTML report in a real browser")
+    html = (built[1].parent / "report.html").read_text(encoding="utf-8")
+    page = tmp_path / "check.html"  # the report is self-contained (images are data URIs): a copy renders alike
+    page.write_text(html.replace("</body>", _CHECK_JS + "</body>"), encoding="utf-8")
+    proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                           "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="qmoe-check">(.*?)</pre>', proc.stdout, flags=re.S)
+    assert found, f"chromium rendered no page (exit {proc.returncode}): {proc.stderr[-1000:]}"
+    check = json.loads(found.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    assert len(check["images"]) == html.count("<img ") and all(check["images"])  # every image loads
+    assert check["overflow"] == [] and check["wrapped"] == []  # no cell overflows, "57.97 ± 0.08" on one line
+    assert check["headings"] == 1 + 2 + 1 and check["height"] > 1000  # title, two models, "How this was made"
