@@ -332,7 +332,7 @@ def test_wide_bitmaps_wrap_into_rows(tmp_path):
                       "shared": None if b == 0 else 4.0, "experts": [2.0] * 16 if b else []} for b in range(6)]}
     plots.bitmap_png("deepseek-s", [(f"plan {i}", bm) for i in range(4)], tmp_path / "b.png")
     height, width = matplotlib.image.imread(tmp_path / "b.png").shape[:2]
-    assert width <= 1500 and height > 400  # two rows of two panels, not one 3445 px strip
+    assert width <= 1750 and height > 600  # two rows of two panels, not one 3445 px strip
 
 
 _CHECK_JS = """<script>

@@ -150,7 +150,7 @@ def _bits_text(v: float) -> str:
     return f"{v:.0f}" if abs(v - round(v)) < 0.05 else f"{v:.1f}"
 
 
-BITMAP_ROW_INCHES = 12.0  # bit-map panels wrap into rows no wider than this (about 1300 px)
+BITMAP_ROW_INCHES = 14.0  # bit-map panels wrap into rows no wider than this (about 1600 px, read at 1400)
 
 
 def bitmap_png(model: str, panels: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> None:
@@ -159,7 +159,7 @@ def bitmap_png(model: str, panels: Sequence[tuple[str, Mapping[str, Any]]], path
     top = max([4.0] + [float(np.nanmax(m)) for m, _, _ in mats if np.isfinite(m).any()])
     norm = Normalize(vmin=1.0, vmax=math.log2(top))
     width = max(len(names) for _, names, _ in mats)
-    panel_w = max(3.0, 0.32 * width + 1.5)
+    panel_w = max(3.0, 0.28 * width + 1.5)
     panel_h = max(2.5, 0.3 * max(len(m) for m, _, _ in mats) + 1.5)
     ncols = max(1, min(len(panels), int(BITMAP_ROW_INCHES // panel_w)))
     nrows = math.ceil(len(panels) / ncols)
