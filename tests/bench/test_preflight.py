@@ -36,6 +36,13 @@ def test_quantize_checks_the_plan_before_loading(tmp_path, no_weights, caplog):
     assert "model.layers.9.mlp.experts.0.down_proj" in caplog.text and str(plan) in caplog.text
 
 
+def test_solve_checks_roles_and_budget_before_loading(no_weights, caplog):
+    assert main(["solve", "mixtral-s", "--target", "2.5", "--min-bits", "shared_expert=4"]) == 2
+    assert not no_weights and "shared_expert" in caplog.text
+    assert main(["solve", "mixtral-s", "--target", "3.9", "--max-bits", "routed_expert=2"]) == 2
+    assert not no_weights and "impossible budget" in caplog.text
+
+
 def test_plan_command_checks_data_driven_rules_before_loading(no_weights, caplog):
     assert main(["plan", "mixtral-s", "--policy", "experts=2,topk=2:5"]) == 2
     assert not no_weights and "5" in caplog.text

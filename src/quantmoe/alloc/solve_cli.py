@@ -63,6 +63,11 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
                           role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits))
+    from quantmoe.bench.preflight import check_solver, model_anatomy
+
+    # roles, widths and the budget on the config alone: a wrong --min-bits fails before weights and damage
+    check_solver(config, model_anatomy(args.model, args.trust_remote_code), "check --target, --min-bits, --max-bits",
+                 group_size=args.group_size or None, symmetric=not args.asym)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     anatomy = describe(model)
     table = load_or_measure_damage(model, tokenizer, anatomy, widths, args,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,20 +37,22 @@ def check_plan(plan: Plan, anatomy: ModelAnatomy, where: str) -> None:
         raise ValueError(f"{where}: {err}") from None
 
 
-def _check_solver(run: RunSpec, anatomy: ModelAnatomy, where: str, group_size: int | None,
-                  symmetric: bool) -> None:
-    """Run the solver on an all-zero damage table: roles, widths and the budget are checked, nothing measured."""
+def check_solver(config: Any, anatomy: ModelAnatomy, where: str, group_size: int | None = 128,
+                 symmetric: bool = True) -> None:
+    """Run the solver on an all-zero damage table: roles, widths and the budget are checked, nothing measured.
+
+    ``config`` is a ``quantmoe.alloc.solver.SolverConfig``.
+    """
     from quantmoe.alloc.damage import DamageTable
     from quantmoe.alloc.solver import solve
 
-    assert run.solver is not None
     roles = {u.role for u in anatomy.units}
-    for key, limits in (("min_bits", run.solver.min_bits), ("max_bits", run.solver.max_bits)):
+    for key, limits in (("min_bits", config.role_min_bits), ("max_bits", config.role_max_bits)):
         unknown = sorted(set(limits or {}) - roles)
         if unknown:
             raise ValueError(f"{where}: check solver `{key}`: {', '.join(unknown)} is not a role of this model "
                              f"(roles: {', '.join(sorted(roles))})")
-    widths = tuple(sorted(run.solver.widths))
+    widths = tuple(sorted(config.widths))
     table = DamageTable(units=tuple(u.name for u in anatomy.units), widths=widths,
                         damage=np.zeros((len(anatomy.units), len(widths))),
                         params=np.array([u.numel for u in anatomy.units], dtype=float), metric="none")
@@ -57,7 +60,7 @@ def _check_solver(run: RunSpec, anatomy: ModelAnatomy, where: str, group_size: i
     level = solver_log.level
     solver_log.setLevel(logging.WARNING)  # its summary of an all-zero table means nothing
     try:
-        solve(anatomy, table, run.solver.config(), group_size=group_size, symmetric=symmetric)
+        solve(anatomy, table, config, group_size=group_size, symmetric=symmetric)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     finally:
@@ -81,7 +84,7 @@ def check_run(run: RunSpec, anatomy: ModelAnatomy, model: str, config: SweepConf
             raise ValueError(f"{where}: {err}") from None
         check_plan(plan, anatomy, where)
     elif run.solver is not None:
-        _check_solver(run, anatomy, where, q.group_size, q.symmetric)
+        check_solver(run.solver.config(), anatomy, where, q.group_size, q.symmetric)
 
 
 def check_sweep(config: SweepConfig) -> dict[str, ModelAnatomy]:
