@@ -104,7 +104,7 @@ def test_pareto_front_known_answers():
 
 
 def _table_rows(md: str, model: str) -> dict[str, dict[str, str]]:
-    section = md.split(f"## {model}\n", 1)[1].split("\n## ", 1)[0]
+    section = md.split(f"## {model}\n", 1)[1].split("\n## ", 1)[0].split("### All runs\n", 1)[1]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split(" | ")]
     return {cells[0]: dict(zip(head, cells)) for cells in
@@ -123,7 +123,8 @@ def test_report_files_numbers_and_pareto(built):
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
         assert f"]({name})" in md
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert html.count('<img src="data:image/png;base64,') == len(pngs) and html.count("<table>") == 2
+    assert html.count('<img src="data:image/png;base64,') == len(pngs) and html.count("<table>") == sum(
+        line.startswith("|---") for line in md.splitlines())
     assert "<td>uniform 2-bit</td>" in html and "![" not in html
 
     with ResultsStore(store_path, create=False) as store:
@@ -181,7 +182,7 @@ def test_rerun_rows_supersede_and_few_seeds_are_flagged(tmp_path):
         store.add(_record("mixtral-s", "one seed only", 0, 2.2, 0.3, 4, (2, 2, 2, 2), 50, False))
     md = build_report(path, tmp_path / "r").read_text(encoding="utf-8")
     assert "1 older rows of the same (model, run, seed) were superseded" in md
-    assert "warning: mixtral-s | one seed only has 1 calibration seed" in md
+    assert "warning: mixtral-s: 1 calibration seed (fewer than 3) for one seed only:" in md
     assert "No routing statistics stored" in md
     vals = [9.0] + [r.metrics["kl_mean"] for r in old[2:4]]  # old[1:4]: uniform 2-bit, seeds 0, 1, 2
     assert _table_rows(md, "mixtral-s")["uniform 2-bit"]["KL"].startswith(f"{statistics.mean(vals):.4f} ± ")
@@ -223,3 +224,153 @@ def test_cli_report_and_bench_build_it(store_path, tmp_path, monkeypatch, capsys
     assert (calls[-1][0], Path(calls[-1][1]), calls[-1][2]) == (str(store_path), store_path.parent / "report", "trial")
     assert main(["bench", str(sweep), "--store", str(store_path), "--no-report"]) == 0
     assert len(calls) == 2
+
+
+def _section(md: str, model: str) -> str:
+    return md.split(f"## {model}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _md_table(text: str, title_start: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table whose header starts with ``title_start``."""
+    lines = text.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {title_start}"))
+    head = [c.strip() for c in lines[i].strip("|").split(" | ")]
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(dict(zip(head, (c.strip() for c in line.strip("|").split(" | ")))))
+    return rows
+
+
+def test_verdict_best_per_budget_front_and_heuristics(store_path, tmp_path):
+    with ResultsStore(store_path) as store:  # a heuristic off the front: 2.6 bits, KL 0.20
+        for s in SEEDS:
+            store.add(_record("mixtral-s", "first 2 blocks at 4", s, 2.6, 0.20, 4, (4, 2, 2, 2), 40 + s, False))
+    md = build_report(store_path, tmp_path / "r").read_text(encoding="utf-8")
+    verdict = _section(md, "mixtral-s").split("### All runs", 1)[0]
+    best = {r["budget (bits)"]: r["best by KL"] for r in _md_table(verdict, "budget")}
+    assert best == {"≤ 2.0": "uniform 2-bit", "≤ 2.5": "solver 2.5", "≤ 3.0": "top-2 experts at 4"}
+    assert ("Pareto front by KL: uniform 2-bit (2.00 bits, 0.4000) → attention 4 / experts 2 (2.30 bits, 0.2500) → "
+            "solver 2.5 (2.50 bits, 0.1500) → top-2 experts at 4 (2.80 bits, 0.0800).") in verdict
+    heur = {r["heuristic"]: r for r in _md_table(verdict, "heuristic")}
+    assert heur["first 2 blocks at 4"]["front at ≤ its bits"] == "solver 2.5 (2.50 bits)"
+    assert heur["first 2 blocks at 4"]["ratio"] == f"{0.20 / 0.15:.2f}×"
+    assert heur["top-2 experts at 4"]["front at ≤ its bits"] == "on the front"
+    assert "uniform 3-bit" not in heur and "uniform 2-bit" not in heur  # uniform runs are not heuristics
+
+
+def test_plans_are_linked_and_the_cli_writes_one(store_path, tmp_path, monkeypatch, caplog):
+    import yaml
+
+    from quantmoe.cli import main
+
+    md = build_report(store_path, tmp_path / "r").read_text(encoding="utf-8")
+    assert "[yaml](plans/mixtral-s-solver-2.5.yaml)" in md
+    with ResultsStore(store_path, create=False) as store:
+        record = [r for r in store.records() if r.run == "solver 2.5"][-1]
+
+    def bits_of(path: Path) -> dict[str, int]:
+        plan = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return {n: plan.get("modules", {}).get(n, {}).get("bits", plan["default"]["bits"]) for n in record.plan}
+
+    assert bits_of(tmp_path / "r" / "plans" / "mixtral-s-solver-2.5.yaml") == record.plan
+    out = tmp_path / "mine.yaml"
+    assert main(["report", str(store_path), "--plan", "solver 2.5", "--out", str(out)]) == 0
+    assert bits_of(out) == record.plan
+    out.write_text("keep me")
+    assert main(["report", str(store_path), "--plan", "solver 2.5", "--out", str(out)]) == 2
+    assert out.read_text() == "keep me" and "--overwrite" in caplog.text
+    assert main(["report", str(store_path), "--plan", "solver 2.5", "--out", str(out), "--overwrite"]) == 0
+    assert bits_of(out) == record.plan
+    assert main(["report", str(store_path), "--plan", "solver 3", "--out", str(tmp_path / "x.yaml")]) == 2
+    assert "solver 2.5" in caplog.text and not (tmp_path / "x.yaml").exists()  # names the runs there are
+
+
+def test_rebuild_hint_works_from_the_current_folder(store_path, tmp_path, monkeypatch):
+    import re
+    import shlex
+
+    for cwd in (tmp_path, tmp_path.parent, Path("/")):
+        monkeypatch.chdir(cwd)
+        md = build_report(store_path, tmp_path / "r").read_text(encoding="utf-8")
+        path = shlex.split(re.search(r"Rebuild with `quantmoe report (.+?) --sweep", md).group(1))[0]
+        assert Path(path).is_file() and Path(path).resolve() == store_path.resolve()
+
+
+def test_quality_labels_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    from quantmoe.bench import plots
+
+    # crowded like deepseek-s: several heuristics within 0.2 bits and similar KL
+    labels = ("attention 4 / experts 2", "top-2 frequent experts at 4", "shared experts 8", "first 2 blocks at 4",
+              "down_proj at 4", "outlier top-25% at 4", "predicted top-2 blocks at 4", "solver 2.5", "uniform 3-bit")
+    bits = (2.44, 2.63, 2.64, 2.65, 2.96, 2.62, 3.06, 2.50, 3.00)
+    kl = (0.0608, 0.0592, 0.0585, 0.0600, 0.0287, 0.0590, 0.0217, 0.0379, 0.0461)
+    series = [plots.Series(title="KL", log=True, higher_is_better=False, labels=labels, bits=bits, mean=kl,
+                           std=(0.001,) * len(kl), frontier=(0, 7, 6), reference=None)]
+    fig = plots.quality_figure("deepseek-s", series)
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts if t.get_text() in labels or t.get_text().isdigit()]
+    assert len(texts) == len(labels)
+    assert plots.overlapping_labels(fig, texts) == []
+    plt.close(fig)
+    # the same labels written at their points do overlap: the test above can fail
+    fig, ax = plt.subplots(figsize=(11.0, 4.6))
+    ax.set_yscale("log")
+    ax.plot(bits, kl, "o")
+    raw = [ax.text(b, k, label, fontsize=8) for b, k, label in zip(bits, kl, labels)]
+    assert plots.overlapping_labels(fig, raw)
+    plt.close(fig)
+
+
+def test_wide_bitmaps_wrap_into_rows(tmp_path):
+    from quantmoe.bench import plots
+
+    # deepseek-s-like: 6 blocks, attention + dense + shared + 16 experts, four plans
+    bm = {"blocks": [{"index": b, "is_moe": b > 0, "attention": 4.0, "dense": 4.0 if b == 0 else None,
+                      "shared": None if b == 0 else 4.0, "experts": [2.0] * 16 if b else []} for b in range(6)]}
+    plots.bitmap_png("deepseek-s", [(f"plan {i}", bm) for i in range(4)], tmp_path / "b.png")
+    height, width = matplotlib.image.imread(tmp_path / "b.png").shape[:2]
+    assert width <= 1750 and height > 600  # two rows of two panels, not one 3445 px strip
+
+
+_CHECK_JS = """<script>
+window.addEventListener("load", () => {
+  const oneLine = c => { const r = document.createRange(); r.selectNodeContents(c);
+                         return new Set([...r.getClientRects()].map(x => Math.round(x.top))).size <= 1; };
+  const cells = [...document.querySelectorAll("td, th")];
+  const out = {images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
+               overflow: cells.filter(c => c.scrollWidth > c.clientWidth).map(c => c.textContent),
+               wrapped: [...document.querySelectorAll("td")].filter(c => !oneLine(c)).map(c => c.textContent),
+               headings: document.querySelectorAll("h1, h2").length,
+               height: document.documentElement.scrollHeight};
+  const pre = document.createElement("pre"); pre.id = "qmoe-check"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_html_report_renders_in_headless_chromium(built, tmp_path):
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("no chromium: install it (Debian: apt-get install -y chromium; `make test` does so as root) "
+                    "to check the HTML report in a real browser")
+    html = (built[1].parent / "report.html").read_text(encoding="utf-8")
+    page = tmp_path / "check.html"  # the report is self-contained (images are data URIs): a copy renders alike
+    page.write_text(html.replace("</body>", _CHECK_JS + "</body>"), encoding="utf-8")
+    proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                           "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="qmoe-check">(.*?)</pre>', proc.stdout, flags=re.S)
+    assert found, f"chromium rendered no page (exit {proc.returncode}): {proc.stderr[-1000:]}"
+    check = json.loads(found.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    assert len(check["images"]) == html.count("<img ") and all(check["images"])  # every image loads
+    assert check["overflow"] == [] and check["wrapped"] == []  # no cell overflows, "57.97 ± 0.08" on one line
+    assert check["headings"] == 1 + 2 + 1 and check["height"] > 1000  # title, two models, "How this was made"

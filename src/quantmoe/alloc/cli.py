@@ -99,6 +99,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif without_data:
         anatomy = inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
     else:
+        # the rules on the config alone first (placeholder ranking): a bad rule fails before any weights load
+        meta = inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
+        build_plan(rules, meta, Evidence(placeholder=True), group_size=group_size or None,
+                   symmetric=not args.asym).resolve(meta)
         model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
                                       tokenizer=args.tokenizer)
         anatomy = describe(model)

@@ -45,6 +45,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from quantmoe.alloc.solver import SolverConfig, solve
     from quantmoe.anatomy import describe
     from quantmoe.atomic import atomic_write_text
+    from quantmoe.bench.preflight import check_solver, model_anatomy
     from quantmoe.quant.plan import bit_stats
     from quantmoe.zoo.embedded import load_model
 
@@ -57,6 +58,9 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
                           role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits),
                           time_limit=args.time_limit)
+    # roles, widths and the budget on the config alone: a wrong --min-bits fails before weights and damage
+    check_solver(config, model_anatomy(args.model, args.trust_remote_code), "check --target, --min-bits, --max-bits",
+                 group_size=args.group_size or None, symmetric=not args.asym)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     anatomy = describe(model)
     damage = DamageConfig(split=args.calib, windows=args.calib_windows, seq_len=args.calib_len, seed=args.seed,

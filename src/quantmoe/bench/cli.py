@@ -37,10 +37,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_plan(args: argparse.Namespace) -> int:
+    from quantmoe.atomic import atomic_write_text
+    from quantmoe.bench.plans import find_run, plan_yaml
+
+    record = find_run(Path(args.store), args.plan, model=args.model, seed=args.seed, sweep=args.sweep)
+    out = Path(args.out or f"plan-{Path(record.model).name}-{record.run.replace(' ', '-').replace('/', '-')}.yaml")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists: choose another --out, or pass --overwrite to replace it")
+    atomic_write_text(out, plan_yaml(record))
+    seed = "" if record.seed is None else f", calibration seed {record.seed}"
+    print(f"wrote {out}: plan of {record.run!r} on {record.model}{seed} ({record.average_bits:.3f} average bits); "
+          f"use it with `quantmoe quantize {record.model} --plan {out} --out DIR`")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from quantmoe.bench.report import build_report
     from quantmoe.bench.summary import default_report_dir
 
+    if args.plan is not None:
+        return _write_plan(args)
+    for name in ("model", "seed"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name} selects the run of --plan RUN: add --plan, or leave --{name} out")
     store = Path(args.store)
     if store.exists() and not is_results_store(store):
         raise ValueError(f"{store} is not a quantmoe results store: give the store written by `quantmoe bench`")
@@ -69,6 +89,12 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
                                    "Pareto frontier, bit maps of the best mixed-precision plans and routing "
                                    "frequency, from the results store alone: report.md, report.html and PNGs.")
     p.add_argument("store", help="results store (SQLite) written by `quantmoe bench`")
-    p.add_argument("--out", help="output folder (default: `report` beside the store)")
+    p.add_argument("--out", help="output folder (default: `report` beside the store); with --plan: the plan file "
+                                 "(default: plan-MODEL-RUN.yaml)")
     p.add_argument("--sweep", help="which sweep of the store (needed when it holds several)")
+    p.add_argument("--plan", metavar="RUN", help="write the plan YAML of this stored run (its name, as in the "
+                                                 "report) instead of the report")
+    p.add_argument("--model", help="with --plan: the model, when the run was stored for several")
+    p.add_argument("--seed", type=int, help="with --plan: the calibration seed (default: the latest row)")
+    p.add_argument("--overwrite", action="store_true", help="with --plan: replace an existing plan file")
     p.set_defaults(func=_cmd_report)

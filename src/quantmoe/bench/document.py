@@ -80,20 +80,24 @@ def to_markdown(blocks: Sequence[Block]) -> str:
 
 
 _CODE = re.compile(r"`([^`]+)`")
+_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 
 
 def _inline(text: str) -> str:
-    """Escape for HTML, then turn `code` spans into <code>."""
-    return _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(text, quote=False))
+    """Escape for HTML, then turn `code` spans into <code> and [text](href) into links."""
+    out = _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(text, quote=False))
+    return _LINK.sub(lambda m: f'<a href="{html.escape(m.group(2))}">{m.group(1)}</a>', out)
 
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 88rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+.scroll { overflow-x: auto; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }
-th { background: #f3f3f3; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
+td { white-space: nowrap; }
+th { background: #f3f3f3; vertical-align: bottom; }
 tr:nth-child(even) td { background: #fafafa; }
-img { max-width: 100%; }
+img { max-width: 100%; height: auto; }
 code { background: #f3f3f3; padding: 0 0.2rem; }
 """
 
@@ -117,7 +121,7 @@ def to_html(blocks: Sequence[Block], title: str, folder: Path | None = None,
         elif isinstance(b, Table):
             head = "".join(f"<th>{_inline(c)}</th>" for c in b.head)
             rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            out.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
         elif isinstance(b, Image):
             local = folder / b.path if folder is not None else None
             src = embed(local) if local is not None and local.is_file() else html.escape(b.path)

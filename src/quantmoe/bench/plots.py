@@ -49,10 +49,42 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def overlapping_labels(fig, texts: Sequence[Any]) -> list[tuple[int, int]]:
+    """Pairs of texts whose drawn boxes overlap (after layout)."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+
+
+def _place_labels(fig, ax, texts: list[Any], xs: np.ndarray, ys: np.ndarray) -> None:
+    """Move the point labels apart (adjustText) with a thin line back to their point."""
+    from adjustText import adjust_text
+
+    if len(texts) > 1:
+        fig.canvas.draw()  # final axis limits and layout before measuring
+        adjust_text(texts, x=xs, y=ys, ax=ax, expand=(1.15, 1.35), ensure_inside_axes=True,
+                    arrowprops=dict(arrowstyle="-", color="#888", lw=0.6))
+
+
+def _numbered(ax, texts: list[Any], labels: Sequence[str]) -> list[Any]:
+    """Fallback when names still collide: each point gets its number; the key lists the names."""
+    for n, t in enumerate(texts, 1):
+        t.set_text(str(n))
+    key = "\n".join(f"{n}  {label}" for n, label in enumerate(labels, 1))
+    ax.text(1.02, 1.0, key, transform=ax.transAxes, va="top", ha="left", fontsize=8, family="monospace")
+    return texts
+
+
 def quality_png(model: str, series: Sequence[Series], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4.2), squeeze=False,
+    _save(quality_figure(model, series), path)
+
+
+def quality_figure(model: str, series: Sequence[Series]):
+    """One panel per metric, stacked (each as wide as the report), point labels that do not overlap."""
+    fig, axes = plt.subplots(len(series), 1, figsize=(11.0, 4.6 * len(series)), squeeze=False,
                              layout="constrained")
-    for ax, s in zip(axes[0], series):
+    panels = []
+    for ax, s in zip(axes[:, 0], series):
         keep = [i for i in range(len(s.bits)) if not s.log or s.mean[i] > 0]
         x = np.array([s.bits[i] for i in keep])
         y = np.array([s.mean[i] for i in keep])
@@ -65,20 +97,23 @@ def quality_png(model: str, series: Sequence[Series], path: Path) -> None:
             fy = [s.mean[i] for i in front]
             ax.step(fx, fy, where="post", color="tab:orange", lw=1.5, zorder=2, label="Pareto frontier")
             ax.plot(fx, fy, "o", mfc="none", mec="tab:orange", ms=10, mew=1.5, zorder=4)
-        for i in keep:
-            ax.annotate(s.labels[i], (s.bits[i], s.mean[i]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=7, color="#333")
         if s.reference is not None and (not s.log or s.reference > 0):
             ax.axhline(s.reference, color="gray", ls="--", lw=1, label=f"full precision ({s.reference:.4g})")
         if s.log:
             ax.set_yscale("log")
-        ax.margins(x=0.15)  # room for the labels of the outermost points
+        ax.margins(x=0.12, y=0.12)  # room for the labels of the outermost points
         ax.set_xlabel("average bits per weight")
         ax.set_title(f"{s.title} ({'higher' if s.higher_is_better else 'lower'} is better)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(model, fontsize=11)
-    _save(fig, path)
+        ax.legend(fontsize=8, loc="best")
+        texts = [ax.text(s.bits[i], s.mean[i], s.labels[i], fontsize=8, color="#222", zorder=5) for i in keep]
+        panels.append((ax, texts, x, y, [s.labels[i] for i in keep]))
+    fig.suptitle(model, fontsize=12)
+    for ax, texts, x, y, labels in panels:
+        _place_labels(fig, ax, texts, x, y)
+        if overlapping_labels(fig, texts):
+            _place_labels(fig, ax, _numbered(ax, texts, labels), x, y)
+    return fig
 
 
 def bitmap_matrix(bitmap: Mapping[str, Any]) -> tuple[np.ndarray, list[str], list[int]]:
@@ -115,30 +150,40 @@ def _bits_text(v: float) -> str:
     return f"{v:.0f}" if abs(v - round(v)) < 0.05 else f"{v:.1f}"
 
 
+BITMAP_ROW_INCHES = 14.0  # bit-map panels wrap into rows no wider than this (about 1600 px, read at 1400)
+
+
 def bitmap_png(model: str, panels: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> None:
-    """One heatmap per plan (title, bitmap), colour on a log2 scale of bits."""
+    """One heatmap per plan (title, bitmap), colour on a log2 scale of bits, wrapped into rows."""
     mats = [bitmap_matrix(bm) for _, bm in panels]
     top = max([4.0] + [float(np.nanmax(m)) for m, _, _ in mats if np.isfinite(m).any()])
     norm = Normalize(vmin=1.0, vmax=math.log2(top))
     width = max(len(names) for _, names, _ in mats)
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.0, 0.32 * width + 1.5) * len(panels) + 1.0,
-                                                      max(2.5, 0.3 * max(len(m) for m, _, _ in mats) + 1.5)),
+    panel_w = max(3.0, 0.28 * width + 1.5)
+    panel_h = max(2.5, 0.3 * max(len(m) for m, _, _ in mats) + 1.5)
+    ncols = max(1, min(len(panels), int(BITMAP_ROW_INCHES // panel_w)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + 1.0, panel_h * nrows + 0.4),
                              squeeze=False, layout="constrained")
     image = None
-    for col, (ax, (title, _), (m, names, rows)) in enumerate(zip(axes[0], panels, mats)):
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_axis_off()
+            continue
+        (title, _), (m, names, rows) = panels[k], mats[k]
         image = ax.imshow(np.log2(m), cmap="viridis", norm=norm, aspect="auto", interpolation="nearest")
         _annotate(ax, m, _bits_text)
         n_roles = sum(1 for n in names if not n.startswith("e"))
         if 0 < n_roles < len(names):
             ax.axvline(n_roles - 0.5, color="white", lw=2)
-        ax.set_xticks(range(len(names)), names, fontsize=6, rotation=90)
-        ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=6)
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=90)
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=7)
         ax.set_xlabel("role / routed expert")
-        if col == 0:
+        if k % ncols == 0:
             ax.set_ylabel("block")
         ax.set_title(title, fontsize=9)
     ticks = [b for b in (2, 3, 4, 8, 16) if b <= top]
-    bar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
+    bar = fig.colorbar(image, ax=list(axes.flat), shrink=0.9)
     bar.set_ticks([math.log2(b) for b in ticks], labels=[str(b) for b in ticks])
     bar.set_label("bits")
     fig.suptitle(f"{model}: bits by block and expert", fontsize=11)

@@ -9,9 +9,12 @@ frequency; then how the results were made. The same store gives the same Markdow
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MIN_SEEDS = 3  # fewer calibration seeds than this and a run's ± is flagged
 MAX_BITMAPS = 4  # bit maps per model
+BITS_TOLERANCE = 0.005  # average bits within this count as "at most" a budget (the solver's 2.5 is 2.4999...)
 # quality plots: (metric, title, log scale, higher is better)
 QUALITY = (("kl_mean", "KL to full precision", True, False), ("ppl", "perplexity", False, False),
            ("task_mean", "task mean", False, True))
@@ -90,12 +94,13 @@ def _frontier(aggs: Sequence[Aggregate], metric: str, higher_is_better: bool) ->
     return [have[i] for i in pareto_front([(a.average_bits, a.mean[metric]) for a in have], higher_is_better)]
 
 
-def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Aggregate]) -> Table:
+def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Aggregate],
+           links: Mapping[str, str] | None = None) -> Table:
     rows_in = ([ref] if ref else []) + sorted(quant, key=lambda a: (-a.average_bits, a.run))
     metrics = [(k, t, f) for k, t, f, _ in METRICS if any(k in a.mean for a in rows_in)]
     tasks = sorted({k for a in rows_in for k in a.mean if k.startswith("task:")})
     head = ["run", "avg bits", "eff. bits", "seeds", *(t for _, t, _ in metrics),
-            *(t.removeprefix("task:") for t in tasks), "Pareto", "quantize s", "peak RSS MB", "size MB"]
+            *(t.removeprefix("task:") for t in tasks), "Pareto", "quantize s", "peak RSS MB", "size MB", "plan"]
     if "ppl" in head:
         head.insert(head.index("ppl") + 1, "ppl vs full")
     rows = []
@@ -109,7 +114,7 @@ def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Ag
         rows.append((f"{a.run} (reference)" if a is ref else a.run, f"{a.average_bits:.3f}",
                      f"{a.effective_bits:.3f}", str(a.n), *cells,
                      *(_fmt(a, t, "{:.3f}") for t in tasks), "✓" if any(a is f for f in front) else "",
-                     f"{a.quant_seconds:.1f}", f"{a.peak_rss_mb:.0f}", size))
+                     f"{a.quant_seconds:.1f}", f"{a.peak_rss_mb:.0f}", size, (links or {}).get(a.run, "-")))
     return Table(tuple(head), tuple(rows))
 
 
@@ -148,7 +153,96 @@ def _routing_note(routing: Mapping[str, Any]) -> str:
             f"({m[hi]:.2f}×); idlest: block {blocks[lo[0]]} expert {lo[1]} ({m[lo]:.2f}×).")
 
 
-def _model_section(model: str, aggs: Sequence[Aggregate], routing: Any, out: Path, slug: str) -> list[Block]:
+def _at_most(front: Sequence[Aggregate], bits: float) -> Aggregate | None:
+    """The frontier run with the most bits not above ``bits`` (the best one can do with no more bits)."""
+    below = [f for f in front if f.average_bits <= bits + BITS_TOLERANCE]
+    return below[-1] if below else None
+
+
+def _is_heuristic(agg: Aggregate) -> bool:
+    """A policy run that mixes widths (the paper's heuristics), not uniform, not the solver or a plan file."""
+    return "policy" in agg.records[0].spec and _is_mixed(agg)
+
+
+def _budgets(quant: Sequence[Aggregate]) -> list[float]:
+    """Half-bit budgets from the fewest to the most average bits of the quantized runs (up to 8)."""
+    bits = [a.average_bits for a in quant if a.average_bits < 16]
+    if not bits:
+        return []
+    lo, hi = math.ceil(min(bits) * 2 - 1e-6) / 2, min(8.0, max(bits))
+    return [float(b) for b in np.arange(lo, hi + 0.25, 0.5)]
+
+
+def _verdict(quant: Sequence[Aggregate], front: Sequence[Aggregate], metric: str, name: str) -> list[Block]:
+    """Best allocation per budget, the Pareto front, and each heuristic against the front at its bits."""
+    have = [a for a in quant if metric in a.mean]
+    if not have:
+        return []
+    key = lambda a: (a.mean[metric], a.average_bits, a.run)  # noqa: E731
+    rows = []
+    for budget in _budgets(have):
+        within = [a for a in have if a.average_bits <= budget + BITS_TOLERANCE]
+        if not within:
+            continue
+        best = min(within, key=key)
+        tasks = [a for a in within if "task_mean" in a.mean]
+        by_task = max(tasks, key=lambda a: (a.mean["task_mean"], -a.average_bits, a.run)) if tasks else None
+        if by_task is None:
+            task_cell = "-"
+        elif by_task is best or best.mean.get("task_mean") == by_task.mean["task_mean"]:
+            task_cell = "same"
+        else:
+            task_cell = f"{by_task.run} ({by_task.mean['task_mean']:.3f})"
+        rows.append((f"≤ {budget:.1f}", best.run, f"{best.average_bits:.2f}", _fmt(best, metric, "{:.4f}"),
+                     task_cell))
+    blocks: list[Block] = [Heading(3, "Verdict"),
+                           Paragraph(f"Best allocation within each budget of average bits, by {name} (lower is "
+                                     "better) and by task mean where that picks another run:"),
+                           Table(("budget (bits)", f"best by {name}", "bits", name, "best by task mean"),
+                                 tuple(rows)),
+                           Paragraph(f"Pareto front by {name}: " + " → ".join(
+                               f"{a.run} ({a.average_bits:.2f} bits, {a.mean[metric]:.4f})" for a in front) + ".")]
+    heur = []
+    for a in sorted((a for a in have if _is_heuristic(a)), key=lambda a: (a.average_bits, a.run)):
+        ref = _at_most(front, a.average_bits)
+        if any(a is f for f in front):
+            heur.append((a.run, f"{a.average_bits:.2f}", f"{a.mean[metric]:.4f}", "on the front", "-", "1.00×"))
+        elif ref is not None:
+            ratio = a.mean[metric] / ref.mean[metric] if ref.mean[metric] > 0 else math.inf
+            heur.append((a.run, f"{a.average_bits:.2f}", f"{a.mean[metric]:.4f}",
+                         f"{ref.run} ({ref.average_bits:.2f} bits)", f"{ref.mean[metric]:.4f}", f"{ratio:.2f}×"))
+    if heur:
+        blocks += [Paragraph(f"Each paper heuristic against the front at equal bits: the frontier run with at most "
+                             f"the heuristic's average bits, and the ratio of their {name} (1.00× = on the front)."),
+                   Table(("heuristic", "bits", name, "front at ≤ its bits", f"front {name}", "ratio"), tuple(heur))]
+    return blocks
+
+
+def _plan_files(aggs: Sequence[Aggregate], out: Path, slug: str, store_dir: Path) -> dict[str, str]:
+    """Write each run's plan YAML under ``plans/``; return run -> Markdown links (plan, and checkpoint if kept)."""
+    from quantmoe.bench.plans import plan_yaml
+
+    links = {}
+    for a in aggs:
+        parts = []
+        distinct = {json.dumps(r.plan, sort_keys=True): r for r in a.records}
+        for r in distinct.values():
+            seed = "" if len(distinct) == 1 or r.seed is None else f"-seed{r.seed}"
+            name = f"plans/{slug}-{_slug(a.run)}{seed}.yaml"
+            atomic_write_text(out / name, plan_yaml(r))
+            parts.append(f"[yaml{seed.replace('-', ' ')}]({name})")
+        for r in a.records:
+            if r.seed is None:
+                continue
+            ckpt = store_dir / "checkpoints" / f"{Path(r.model).name}-{_slug(r.run)}-seed{r.seed}"
+            if ckpt.is_dir():
+                parts.append(f"[checkpoint seed {r.seed}]({Path(os.path.relpath(ckpt, out)).as_posix()})")
+        links[a.run] = " ".join(parts)
+    return links
+
+
+def _model_section(model: str, aggs: Sequence[Aggregate], routing: Any, out: Path, slug: str,
+                   store_dir: Path) -> list[Block]:
     ref = next((a for a in aggs if _is_reference(a)), None)
     quant = [a for a in aggs if a is not ref]
     metric = "kl_mean" if quant and all("kl_mean" in a.mean for a in quant) else "ppl"
@@ -157,13 +251,15 @@ def _model_section(model: str, aggs: Sequence[Aggregate], routing: Any, out: Pat
     seeds = sorted({len(a.seeds) for a in quant})
     blocks: list[Block] = [
         Heading(2, model),
+        *_verdict(quant, front, metric, metric_name),
+        Heading(3, "All runs"),
         Paragraph(f"Weights sha256 `{aggs[0].records[-1].model_sha256[:16]}`. {_count(len(quant), 'quantized run')}, "
                   f"each the mean ± std over {' to '.join(map(str, seeds)) or 0} calibration seeds; "
                   + ("full precision is the reference row (one run: it calibrates nothing). " if ref else
                      "no full-precision run is stored. ")
                   + f"Pareto (✓): no other run has at most its bits and lower {metric_name}; KL is to the "
                   "full-precision model's next-token distribution on the same windows."),
-        _table(ref, quant, front)]
+        _table(ref, quant, front, _plan_files(aggs, out, slug, store_dir))]
     series = _series(ref, quant)
     if series:
         name = f"quality-{slug}.png"
@@ -210,6 +306,16 @@ def _distinct(values: Sequence[Mapping[str, Any]], skip: tuple[str, ...] = ()) -
     return list(seen) or ["-"]
 
 
+def _shell_path(path: Path) -> str:
+    """``path`` as it works from the current folder: relative when inside it, else absolute."""
+    absolute = path.resolve()
+    try:
+        text = absolute.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        text = absolute.as_posix()
+    return shlex.quote(text)
+
+
 def _provenance(sweep: str, store: Path, records: Sequence[RunRecord], superseded: int) -> list[Block]:
     quantized = [r for r in records if r.seed is not None]
     runs: dict[str, Mapping[str, Any]] = {}
@@ -225,13 +331,15 @@ def _provenance(sweep: str, store: Path, records: Sequence[RunRecord], supersede
              *("calibration: " + s for s in _distinct([r.calibration for r in quantized], skip=("seed",))),
              *("quantizer: " + s for s in _distinct([r.quantizer for r in quantized])),
              *("evaluation: " + s for s in _distinct([r.evaluation for r in records])),
-             *("versions: " + s for s in _distinct([r.versions for r in records])),
+             *("versions and machine: " + s for s in _distinct([r.versions for r in records])),
              f"RTN fallbacks (experts with too few calibration tokens): {fallbacks} over {len(quantized)} "
              f"quantized rows"]
     if superseded:
         items.append(f"{superseded} older rows of the same (model, run, seed) were superseded by later ones")
     return [Heading(2, "How this was made"), Bullets(tuple(items)), Paragraph("Runs:"), Bullets(tuple(spec)),
-            Paragraph(f"Rebuild with `quantmoe report {store.name} --sweep {sweep}`.")]
+            Paragraph(f"Rebuild with `quantmoe report {_shell_path(store)} --sweep {sweep}` (from `{Path.cwd()}`); "
+                      f"take a run's plan away with `quantmoe report {_shell_path(store)} --sweep {sweep} "
+                      "--plan RUN --out plan.yaml`.")]
 
 
 def _choose_sweep(store: ResultsStore, path: Path, sweep: str | None) -> tuple[str, list[RunRecord]]:
@@ -271,13 +379,17 @@ def build_report(store_path: str | Path, out_dir: str | Path, sweep: str | None 
                   "Quantized runs are the mean ± sample std over calibration seeds. Built from the results store "
                   "alone; see the end for the settings.")]
     if few:
-        doc.append(Bullets(tuple(f"warning: {m} | {r} has {n} calibration seed{'s' * (n != 1)} "
-                                 f"(fewer than {MIN_SEEDS}): its ± is not a spread over seeds" for m, r, n in few)))
+        groups: dict[tuple[str, int], list[str]] = {}
+        for m, r, n in few:
+            groups.setdefault((m, n), []).append(r)
+        doc.append(Bullets(tuple(f"warning: {m}: {_count(n, 'calibration seed')} (fewer than {MIN_SEEDS}) for "
+                                 f"{', '.join(runs)}: their ± is not a spread over seeds"
+                                 for (m, n), runs in groups.items())))
     slugs: dict[str, str] = {}
     for m in models:
         slug = _slug(m)
         slugs[m] = slug if slug not in slugs.values() else f"{slug}-{len(slugs)}"
-        doc += _model_section(m, [a for a in aggs if a.model == m], routing[m], out, slugs[m])
+        doc += _model_section(m, [a for a in aggs if a.model == m], routing[m], out, slugs[m], store_path.parent)
     doc += _provenance(sweep, store_path, records, superseded)
     atomic_write_text(out / "report.html", to_html(doc, f"Benchmark report: {sweep}", folder=out))
     md = out / "report.md"

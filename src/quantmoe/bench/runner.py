@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from quantmoe.bench.memory import PeakMemory
 from quantmoe.bench.shared import ModelContext, bitmap, run_key
 from quantmoe.bench.store import ResultsStore, RunRecord
 from quantmoe.bench.sweep import RunSpec, SweepConfig
+from quantmoe.progress import quiet_library_bars, quiet_loggers, redirect_logging, sweep_bar
 
 log = logging.getLogger(__name__)
+
+# per-run INFO chatter (plan bits, quantize summary, lm-eval task list): the run's one line says it
+RUN_CHATTER = ("quantmoe.quant.api", "quantmoe.eval.tasks", "quantmoe.alloc.solver", "quantmoe.alloc.solve_cli")
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,9 @@ def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_dir: Path) -> RunRecord:
+def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str,
+             store_dir: Path) -> tuple[RunRecord, float]:
+    """The run's record and its evaluation time in seconds."""
     from quantmoe.quant import api
     from quantmoe.quant.checkpoint import library_versions
     from quantmoe.quant.plan import bit_stats
@@ -130,7 +135,9 @@ def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_
             label = f"{Path(ctx.spec.name).name}-{run.slug}-seed{seed}"
             checkpoint = _checkpoint_bytes(result, ctx, plan, calib, gptq, store_dir, label)
             dequantize_in_place(model)
+        t_eval = time.perf_counter()
         metrics = _evaluate(model, ctx)
+        eval_seconds = time.perf_counter() - t_eval
     del model
     return RunRecord(
         key=key, sweep=config.name, model=ctx.spec.name, model_sha256=ctx.sha256, run=run.name,
@@ -140,16 +147,16 @@ def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_
         calibration=asdict(calib) if seed is not None else {}, evaluation=asdict(config.eval),
         versions=library_versions(), metrics=metrics, fallbacks=fallbacks, quant_seconds=seconds,
         peak_rss_mb=peak.rss_mb, peak_device_mb=peak.device_mb, checkpoint_bytes=checkpoint,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+        created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds")), eval_seconds
 
 
-def _describe(record: RunRecord) -> str:
+def _describe(record: RunRecord, total: float, eval_seconds: float) -> str:
     m = record.metrics
     seed = "" if record.seed is None else f" seed {record.seed}"
     kl = f", KL {m['kl_mean']:.4f}" if m.get("kl_mean") is not None else ""
     tasks = f", task mean {m['task_mean']:.3f}" if "task_mean" in m else ""
     return (f"{record.model} | {record.run}{seed}: {record.average_bits:.3f} bits, ppl {m['ppl']:.2f}{kl}{tasks}"
-            f" ({record.quant_seconds:.1f} s)")
+            f" | {total:.1f} s (quantize {record.quant_seconds:.1f} s, evaluate {eval_seconds:.1f} s)")
 
 
 def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_dir: str | Path | None = None,
@@ -161,25 +168,36 @@ def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_d
     store_path = Path(store_path or config.store)
     cache = cache_root(str(cache_dir) if cache_dir else None) / "bench"
     ran = skipped = 0
-    with ResultsStore(store_path) as store:
+    from quantmoe.bench.preflight import check_sweep
+
+    check_sweep(config)  # on the configs alone: a bad plan fails before any weights load
+    jobs_of = {spec.name: [(run, seed) for run in config.runs if run.applies_to(spec.name)
+                           for seed in _seeds(run, config)] for spec in config.models}
+    with ResultsStore(store_path) as store, redirect_logging(progress), \
+            sweep_bar(sum(map(len, jobs_of.values())), progress) as bar:
         done = store.keys()
         for spec in config.models:
-            ctx = ModelContext.load(spec, config, cache)
-            store.put_artifact(ctx.sha256, "routing", ctx.routing_summary())
-            jobs = [(run, seed) for run in config.runs if run.applies_to(spec.name) for seed in _seeds(run, config)]
-            keyed = [(run, seed, run_key(ctx.sha256, _identity(ctx, run, seed))) for run, seed in jobs]
+            bar.set_postfix_str(f"{spec.name}: loading weights, statistics", refresh=True)
+            with quiet_library_bars():
+                ctx = ModelContext.load(spec, config, cache)
+                store.put_artifact(ctx.sha256, "routing", ctx.routing_summary())
+            keyed = [(run, seed, run_key(ctx.sha256, _identity(ctx, run, seed))) for run, seed in jobs_of[spec.name]]
             todo = [(run, seed, key) for run, seed, key in keyed if key not in done]
             skipped += len(keyed) - len(todo)
             if len(todo) < len(keyed):
                 log.info("%s: %d of %d runs already in %s", spec.name, len(keyed) - len(todo), len(keyed), store_path)
-            bar = tqdm(todo, desc=spec.name, unit="run", disable=not progress)
-            for run, seed, key in bar:
-                bar.set_postfix_str(f"{run.name}{'' if seed is None else f' seed {seed}'}")
-                record = _one_run(ctx, run, seed, key, store_path.parent)
+                bar.total -= len(keyed) - len(todo)  # the time left counts only the runs still to do
+            for run, seed, key in todo:
+                bar.set_postfix_str(f"{spec.name} | {run.name}{'' if seed is None else f' seed {seed}'}",
+                                    refresh=True)
+                t_run = time.perf_counter()
+                with quiet_library_bars(), quiet_loggers(RUN_CHATTER if progress else ()):
+                    record, eval_seconds = _one_run(ctx, run, seed, key, store_path.parent)
                 if store.add(record):
                     ran += 1
                     done.add(key)
-                log.info("%s", _describe(record))
+                log.info("%s", _describe(record, time.perf_counter() - t_run, eval_seconds))
+                bar.update()
             del ctx
     return SweepOutcome(store=store_path, ran=ran, skipped=skipped, seconds=time.perf_counter() - t0)
 

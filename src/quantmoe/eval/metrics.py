@@ -53,7 +53,7 @@ def _logprobs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_logprobs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
-                       dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+                       dtype: torch.dtype = torch.float32, progress: bool = False) -> list[torch.Tensor]:
     """Log-probabilities of the full-precision model, per batch, kept on the CPU.
 
     Computed once and reused for every quantized variant of the same model. Keep float32
@@ -61,8 +61,9 @@ def reference_logprobs(model: torch.nn.Module, windows: torch.Tensor, batch_size
     the KL of an 8-bit model.
     """
     model.eval()
+    starts = range(0, len(windows), batch_size)
     return [_logprobs(model, windows[i:i + batch_size]).to("cpu", dtype)
-            for i in range(0, len(windows), batch_size)]
+            for i in tqdm(starts, desc="reference log-probs", unit="batch", disable=not progress, leave=False)]
 
 
 Reference = torch.nn.Module | list[torch.Tensor]
@@ -82,7 +83,7 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, reference: Reference | None = None,
-             batch_size: int = 8, progress: bool = False) -> EvalResult:
+             batch_size: int = 8, progress: bool = False, desc: str = "eval") -> EvalResult:
     """Perplexity of ``model`` on ``windows``; with ``reference`` (a model, or its
     ``reference_logprobs`` for the same windows and batch size), also KL(ref || model) per token."""
     was_training = model.training
@@ -93,7 +94,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, reference: Reference
     kls: list[torch.Tensor] = []
     agree = 0
     starts = range(0, len(windows), batch_size)
-    for n, i in enumerate(tqdm(starts, desc="eval", disable=not progress, leave=False)):
+    for n, i in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)):
         batch = windows[i:i + batch_size]
         lp = _logprobs(model, batch)  # (b, t-1, vocab)
         target = batch[:, 1:].to(lp.device)

@@ -62,13 +62,22 @@ class CorruptCheckpointError(ValueError):
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import safetensors
     import transformers
 
     from quantmoe import __version__
 
+    try:
+        lm_eval = version("lm_eval")
+    except PackageNotFoundError:
+        lm_eval = "-"
+    # what else changes the numbers: CPU kernels (ISA) and the thread count give different float sums
     return {"quantmoe": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+            "safetensors": safetensors.__version__, "lm_eval": lm_eval, "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": str(torch.get_num_threads()),
+            "machine": platform.machine()}
 
 
 def _sha256(path: Path) -> str:

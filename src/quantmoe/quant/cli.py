@@ -39,6 +39,7 @@ def _source_folders(model: str) -> tuple[Path, ...]:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from quantmoe.bench.preflight import check_plan, model_anatomy
     from quantmoe.calib.data import CalibrationConfig
     from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
     from quantmoe.quant import api
@@ -47,6 +48,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     plan = plan_from_args(args)
     out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite, protect=_source_folders(args.model))
+    # the plan against the model's config (meta device): a wrong module name fails before any weights load
+    check_plan(plan, model_anatomy(args.model, args.trust_remote_code), f"check --plan {args.plan}"
+               if args.plan else "check --bits")
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
@@ -57,9 +61,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     fingerprint = api.model_fingerprint(model)
     windows = ref = None
     if args.eval:
-        windows = make_windows(api.calibration_tokens(args.eval, tokenizer), args.calib_len)
-        ref = reference_logprobs(model, windows)
-        base = evaluate(model, windows, ref)
+        windows = make_windows(api.calibration_tokens(args.eval, tokenizer), args.calib_len, args.eval_windows)
+        log.info("full precision on %d %s windows of %d tokens: reference log-probs, then perplexity",
+                 len(windows), args.eval, args.calib_len)
+        ref = reference_logprobs(model, windows, progress=True)
+        base = evaluate(model, windows, ref, progress=True, desc="full precision eval")
     result = api.quantize(model, tokenizer, plan, calib, gptq, device=args.device)
     out = api.save(result, out_dir, tokenizer, plan, calib, gptq, args.model, fingerprint, overwrite=args.overwrite)
     if result.report.fallbacks:
@@ -69,7 +75,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
           f"{len(result.report.units)} linears, {len(result.report.fallbacks)} fallbacks, "
           f"{result.report.seconds:.1f} s -> {out}")
     if args.eval:
-        q = evaluate(result.model, windows, ref)
+        q = evaluate(result.model, windows, ref, progress=True, desc="quantized eval")
         print(f"{args.eval} perplexity {base.ppl:.3f} -> {q.ppl:.3f} ({100 * (q.ppl / base.ppl - 1):+.2f}%), "
               f"KL {q.kl_mean:.4f} (p99 {q.kl_p99:.3f}), top-1 agreement {100 * q.top1_agreement:.1f}%")
     return 0
@@ -106,6 +112,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-expert-tokens", type=int, default=16,
                    help="experts with fewer calibration tokens fall back to RTN")
     p.add_argument("--eval", metavar="SPLIT", help="also report perplexity and KL before/after on this split")
+    p.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="with --eval: only the first N windows (the demo uses 48); default: every window")
     p.add_argument("--device", default=None, help="device for the block being quantized, e.g. cuda:0 "
                                                   "(default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

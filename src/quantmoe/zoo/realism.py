@@ -90,7 +90,7 @@ def check_targets(rows: list[RealismRow], targets: Targets = Targets()) -> list[
 
 
 def realism_markdown(base_ppl: float, rows: list[RealismRow]) -> str:
-    lines = [f"Full precision test perplexity: **{base_ppl:.2f}**", "",
+    lines = [f"Full precision test perplexity (every 256-token window of the test split): **{base_ppl:.2f}**", "",
              "| quantized | bits | group | grid | ppl | ppl change | KL mean | KL p99 | top-1 agree |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
