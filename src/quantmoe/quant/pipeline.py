@@ -90,6 +90,50 @@ class UnitReport:
 
 
 @dataclass(frozen=True)
+class BlockReport:
+    """What one block's quantization recorded (the streaming driver writes it as the block finishes)."""
+
+    index: int
+    units: Mapping[str, UnitReport]
+    expert_tokens: tuple[int, ...] | None
+    fallbacks: tuple[str, ...]
+    seconds: float
+
+
+class BlockIO:
+    """Where the driver's blocks come from and where they go; this base keeps the whole model in memory.
+
+    A streaming subclass (quant/stream.py) loads each block from disk in ``load_block``, writes
+    it in ``block_done`` and frees it in ``release_block``; ``first_block`` and
+    ``restored_hidden`` let a resumed run start after the blocks already done.
+    """
+
+    first_block: int = 0
+
+    def load_embedding(self, model: nn.Module, embedding: nn.Module, device: torch.device) -> None:
+        embedding.to(device)
+
+    def release_embedding(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
+        """Called once block 0's inputs are captured; the in-memory model keeps it until the end."""
+
+    def restored_hidden(self) -> list[torch.Tensor] | None:
+        """Hidden states entering ``first_block`` (one per calibration batch), when it is not 0."""
+        return None
+
+    def load_block(self, model: nn.Module, index: int, device: torch.device) -> nn.Module:
+        return model.get_submodule(family_of(model).layers)[index].to(device)
+
+    def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport) -> None:
+        """The block is quantized (its ``QuantLinear``s installed); ``outputs`` enter the next block."""
+
+    def release_block(self, model: nn.Module, index: int, home: torch.device) -> None:
+        model.get_submodule(family_of(model).layers)[index].to(home)
+
+    def finish(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
+        embedding.to(home)
+
+
+@dataclass(frozen=True)
 class QuantReport:
     units: Mapping[str, UnitReport]
     expert_tokens: Mapping[int, tuple[int, ...]]  # block -> routed calibration tokens per expert
@@ -199,32 +243,49 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
     return BlockReplay(parts)
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: torch.Tensor,
-                   calib: CalibrationConfig = CalibrationConfig(), gptq: GPTQConfig = GPTQConfig(),
-                   device: str | torch.device | None = None, progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place: every unit in ``specs`` becomes a ``QuantLinear``.
-
-    The model is switched to its per-expert view (and stays in it: quantized experts are
-    per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
-    """
-    t_start = time.perf_counter()
-    family = family_of(model)
-    unfuse_experts(model)
-    anatomy: ModelAnatomy = describe(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    for unit in anatomy.units:
+def _check_finite(model: nn.Module, units: Sequence[LinearUnit]) -> None:
+    for unit in units:
         w = model.get_submodule(unit.name).weight
         if not torch.isfinite(w).all():
             raise ValueError(f"{unit.name} has NaN/Inf weights: the checkpoint is corrupt or was saved "
                              "after a diverged training run")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: torch.Tensor,
+                   calib: CalibrationConfig = CalibrationConfig(), gptq: GPTQConfig = GPTQConfig(),
+                   device: str | torch.device | None = None, progress: bool = True,
+                   io: BlockIO | None = None) -> QuantReport:
+    """Quantize ``model`` in place: every unit in ``specs`` becomes a ``QuantLinear``.
+
+    The model is switched to its per-expert view block by block (and stays in it: quantized
+    experts are per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
+    ``io`` says where blocks come from and go to (default: all in memory); the report covers
+    the blocks quantized in this call.
+    """
+    t_start = time.perf_counter()
+    io = io if io is not None else BlockIO()
+    family = family_of(model)
+    anatomy: ModelAnatomy = describe(model)
+    home = next(model.parameters()).device
+    home = torch.device("cpu") if home.type == "meta" else home  # a skeleton's blocks arrive one by one
+    device = torch.device(device) if device is not None else home
+    if not any(p.is_meta for p in model.parameters()):
+        unfuse_experts(model)
+        _check_finite(model, anatomy.units)  # before any work, when every weight is at hand
     blocks = model.get_submodule(family.layers)
-    model.get_submodule(family.embedding).to(device)
+    embedding = model.get_submodule(family.embedding)
+    io.load_embedding(model, embedding, device)
     rotary = getattr(model.get_submodule(family.layers.rsplit(".", 1)[0]), "rotary_emb", None)
     if rotary is not None:
         rotary.to(device)
     inputs = capture_block_inputs(model, blocks[0], windows, calib.batch_size, device)
+    io.release_embedding(model, embedding, home)
+    restored = io.restored_hidden()
+    if restored is not None:
+        if len(restored) != len(inputs):
+            raise ValueError(f"{len(restored)} stored calibration batches, expected {len(inputs)}")
+        inputs = [((h.to(device),) + args[1:], kwargs) for h, (args, kwargs) in zip(restored, inputs)]
     reports: dict[str, UnitReport] = {}
     expert_tokens: dict[int, tuple[int, ...]] = {}
     fallbacks: list[str] = []
@@ -232,11 +293,16 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     by_block: dict[int, list[LinearUnit]] = defaultdict(list)
     for unit in anatomy.units:
         by_block[unit.block].append(unit)
-    bar = tqdm(anatomy.blocks, desc="quantize blocks", disable=not progress)
+    todo = [b for b in anatomy.blocks if b.index >= io.first_block]
+    bar = tqdm(todo, desc="quantize blocks", disable=not progress)
     for block_info in bar:
         t0 = time.perf_counter()
-        block = blocks[block_info.index].to(device)
         units = by_block[block_info.index]
+        block = io.load_block(model, block_info.index, device)
+        unfuse_experts(model, only=(block_info.experts_module,) if block_info.is_moe else ())
+        block = blocks[block_info.index]
+        _check_finite(model, units)
+        n_fallbacks = len(fallbacks)
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
         staged: dict[str, QuantLinear] = {}  # computed as dense stand-ins until the block is done
@@ -264,10 +330,15 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         for name, qlinear in staged.items():
             _replace(model, name, qlinear)
         inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
-        blocks[block_info.index].to(home)
         block_seconds.append(time.perf_counter() - t0)
+        io.block_done(model, block_info.index, outputs,
+                      BlockReport(block_info.index, {u.name: reports[u.name] for u in units},
+                                  expert_tokens.get(block_info.index), tuple(fallbacks[n_fallbacks:]),
+                                  block_seconds[-1]))
+        del outputs, block
+        io.release_block(model, block_info.index, home)
         bar.set_postfix(block=block_info.index, s=f"{block_seconds[-1]:.1f}")
-    model.get_submodule(family.embedding).to(home)
+    io.finish(model, embedding, home)
     if rotary is not None:
         rotary.to(home)
     if fallbacks:
