@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,6 +25,63 @@ def plan_from_args(args: argparse.Namespace):
                         symmetric=not args.asym)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_folder(name_or_path: str) -> Path:
+    """A local folder with config.json: an embedded model, a path, or a hub id's cached snapshot."""
+    from quantmoe.zoo.embedded import resolve_model
+
+    path = Path(resolve_model(name_or_path))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+
+
+def source_dtype(args: argparse.Namespace) -> torch.dtype:
+    """``--dtype``, else the checkpoint's own (config.json), float32 when it says none."""
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    from transformers import AutoConfig
+
+    from quantmoe.quant.lazy import config_dtype
+
+    return config_dtype(AutoConfig.from_pretrained(model_folder(args.model), trust_remote_code=args.trust_remote_code))
+
+
+def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
+    from transformers import AutoTokenizer
+
+    from quantmoe.calib.data import calibration_windows
+    from quantmoe.quant import api
+    from quantmoe.quant.plan import bit_stats
+    from quantmoe.quant.stream import anatomy_of, parse_size, quantize_stream
+
+    if args.eval:
+        raise ValueError("--eval needs the whole model in memory: drop --stream/--resume, or evaluate the "
+                         "checkpoint afterwards with `quantmoe eval`")
+    limit = parse_size(args.max_memory) if args.max_memory else None
+    folder = model_folder(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+    anatomy = anatomy_of(folder, args.trust_remote_code)
+    specs = plan.resolve(anatomy)
+    bits = bit_stats(specs, anatomy.units)
+    windows = calibration_windows(api.calibration_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len,
+                                  calib.seed)
+    metadata = {"source_model": args.model, "plan": plan.to_dict(), "calibration": asdict(calib),
+                "gptq": asdict(gptq), "average_bits": bits.average_bits, "effective_bits": bits.effective_bits}
+    result = quantize_stream(folder, Path(args.out), specs, windows, calib, gptq, dtype=source_dtype(args),
+                             device=args.device, resume=args.resume, tokenizer=tokenizer, metadata=metadata,
+                             trust_remote_code=args.trust_remote_code, max_memory=limit)
+    r = result.report
+    print(f"{args.model}: {bits.average_bits:.3f} average bits ({bits.effective_bits:.3f} effective), "
+          f"{len(r['units'])} linears, {len(r['fallbacks'])} fallbacks, {r['seconds']:.1f} s, "
+          f"peak RSS {max(r['peak_rss_mb']):.0f} MB per block -> {result.out}")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmoe.calib.data import CalibrationConfig
     from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
@@ -37,7 +95,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if args.stream or args.resume:
+        return _cmd_stream(args, plan, calib, gptq)
+    if args.max_memory:
+        raise ValueError("--max-memory guards streamed runs: add --stream")
+    model, tokenizer = load_model(args.model, dtype=source_dtype(args), trust_remote_code=args.trust_remote_code)
     fingerprint = api.model_fingerprint(model)
     windows = ref = None
     if args.eval:
@@ -79,5 +141,16 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", metavar="SPLIT", help="also report perplexity and KL before/after on this split")
     p.add_argument("--device", default=None, help="device for the block being quantized, e.g. cuda:0")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype of the weights in memory and on disk (default: the checkpoint's own); "
+                        "Hessians and GPTQ run in float32")
+    p.add_argument("--stream", action="store_true",
+                   help="read one block at a time from the safetensors files and write each finished block "
+                        "(memory set by one block; resumable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --stream run from its work folder .OUT.work (implies --stream)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="with --stream: refuse to start when one block + calibration activations need more, "
+                        "e.g. 24GB")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_quantize)

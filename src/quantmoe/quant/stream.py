@@ -219,6 +219,70 @@ def _prepare_work(work: Path, identity: dict[str, Any], resume: bool) -> int:
 
 
 @dataclass(frozen=True)
+class MemoryNeed:
+    """Host memory one streamed block needs (bytes): the guard of ``--max-memory`` and the bench's floor."""
+
+    block: int  # the largest block's weights in the run's dtype
+    activations: int  # calibration hidden states entering and leaving a block
+    hessians: int  # float32 Hessians of the largest stage (one per distinct input)
+    gptq: int  # float32 working copies of the largest stage's weights (W, codes, Q)
+
+    @property
+    def floor(self) -> int:
+        """The largest block + calibration activations (what no streaming run can go below)."""
+        return self.block + self.activations
+
+    @property
+    def total(self) -> int:
+        return self.block + self.activations + self.hessians + self.gptq
+
+
+def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype) -> MemoryNeed:
+    """Estimated from shapes alone (works on a ``meta`` skeleton)."""
+    from collections import defaultdict
+
+    from quantmoe.quant.pipeline import _input_key, stage_of
+
+    family = family_of(model)
+    anatomy = describe(model)
+    size = torch.empty((), dtype=dtype).element_size()
+    blocks = model.get_submodule(family.layers)
+    block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * size
+    hidden = int(model.config.hidden_size)
+    activations = 2 * calib.num_windows * calib.seq_len * hidden * size
+    inputs: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
+    weights: dict[tuple[int, int], int] = defaultdict(int)
+    for u in anatomy.units:
+        inputs[(u.block, stage_of(u))][_input_key(u)] = u.in_features
+        weights[(u.block, stage_of(u))] += u.numel
+    hessians = max((sum(n * n * 4 for n in d.values()) for d in inputs.values()), default=0)
+    gptq = 3 * 4 * max(weights.values(), default=0)
+    return MemoryNeed(block, activations, hessians, gptq)
+
+
+def check_memory(need: MemoryNeed, limit: int | None) -> None:
+    """Refuse to start when one block + calibration activations + its stage's work exceed ``limit``."""
+    if limit is None or need.total <= limit:
+        return
+    gb = 2**30
+    raise ValueError(f"this run needs about {need.total / gb:.2f} GiB of host memory (largest block "
+                     f"{need.block / gb:.2f} + calibration activations {need.activations / gb:.2f} + Hessians "
+                     f"{need.hessians / gb:.2f} + GPTQ work {need.gptq / gb:.2f}) but --max-memory is "
+                     f"{limit / gb:.2f} GiB: lower --calib-windows or --calib-len, or raise --max-memory")
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '512MiB', '1.5T' or a plain number of GiB -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise ValueError(f"check --max-memory: {text!r} is not a size such as 24GB, 512MB or 1.5TB")
+    unit = m.group(2).upper() or "G"
+    return int(float(m.group(1)) * 2 ** (10 * "KMGT".index(unit) + 10))
+
+
+@dataclass(frozen=True)
 class StreamResult:
     out: Path
     report: dict[str, Any]
@@ -230,7 +294,8 @@ def quantize_stream(source: str | Path | nn.Module, out: str | Path, specs: Mapp
                     gptq: GPTQConfig = GPTQConfig(), *, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None, resume: bool = False, tokenizer=None,
                     metadata: Mapping[str, Any] | None = None, progress: bool = True,
-                    trust_remote_code: bool = False, attn_implementation: str | None = None) -> StreamResult:
+                    trust_remote_code: bool = False, attn_implementation: str | None = None,
+                    max_memory: int | None = None) -> StreamResult:
     """Quantize a model folder block by block (or a model in memory, same output) into a sharded checkpoint.
 
     ``specs`` are the plan resolved on the model's anatomy (``Plan.resolve(describe(...))``).
@@ -247,6 +312,7 @@ def quantize_stream(source: str | Path | nn.Module, out: str | Path, specs: Mapp
                               attn_implementation=attn_implementation)
         model, name = lazy.model, str(source)
     dtype = next(model.parameters()).dtype
+    check_memory(memory_need(model, calib, dtype), max_memory)
     identity = _run_identity(name, specs, calib, gptq, dtype, windows)
     work = work_folder(out)
     first = _prepare_work(work, identity, resume)
