@@ -98,6 +98,7 @@ class BlockReport:
     expert_tokens: tuple[int, ...] | None
     fallbacks: tuple[str, ...]
     seconds: float
+    final_pass_seconds: float = 0.0  # the quantized block run over every calibration batch
 
 
 class BlockIO:
@@ -321,8 +322,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
+        t_final = time.perf_counter()
         with replay.stage(len(STAGES)):
             outputs = _run_block(block, inputs, replay)
+        t_final = time.perf_counter() - t_final
         for out in outputs:
             if not torch.isfinite(out).all():
                 raise ValueError(f"block {block_info.index} produced NaN/Inf after quantization")
@@ -334,7 +337,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         io.block_done(model, block_info.index, outputs,
                       BlockReport(block_info.index, {u.name: reports[u.name] for u in units},
                                   expert_tokens.get(block_info.index), tuple(fallbacks[n_fallbacks:]),
-                                  block_seconds[-1]))
+                                  block_seconds[-1], t_final))
         del outputs, block
         io.release_block(model, block_info.index, home)
         bar.set_postfix(block=block_info.index, s=f"{block_seconds[-1]:.1f}")

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,15 +148,18 @@ class StreamIO(BlockIO):
         family = family_of(model)
         block = model.get_submodule(family.layers)[index]
         _save(_state(block, f"{family.layers}.{index}."), self.work / f"block-{index:05d}.safetensors")
+        t_spill = time.perf_counter()
         _save({f"batch.{i}": out.detach().to("cpu").contiguous() for i, out in enumerate(outputs)},
               self.work / HIDDEN_NAME, {"block": str(index)})
+        t_spill = time.perf_counter() - t_spill
         peak = self._peak
         if peak is not None:
             peak.__exit__(None, None, None)
         memory = BlockMemory(peak.rss_mb if peak else 0.0, peak.device_mb if peak else None)
         entry = {"index": index, "units": {n: asdict(u) for n, u in report.units.items()},
                  "expert_tokens": list(report.expert_tokens) if report.expert_tokens is not None else None,
-                 "fallbacks": list(report.fallbacks), "seconds": report.seconds, "peak_rss_mb": memory.rss_mb,
+                 "fallbacks": list(report.fallbacks), "seconds": report.seconds, "spill_seconds": t_spill,
+                 "final_pass_seconds": report.final_pass_seconds, "peak_rss_mb": memory.rss_mb,
                  "peak_device_mb": memory.device_mb}
         atomic_write_text(self.work / f"block-{index:05d}.json", json.dumps(entry, indent=1))
         atomic_write_text(self.work / PROGRESS_NAME, json.dumps({"done": index}))  # the commit point
@@ -337,7 +341,9 @@ def _merged_report(work: Path, n_blocks: int) -> dict[str, Any]:
             "fallbacks": [f for e in entries for f in e["fallbacks"]],
             "expert_tokens": {str(e["index"]): e["expert_tokens"] for e in entries if e["expert_tokens"] is not None},
             "peak_rss_mb": [e["peak_rss_mb"] for e in entries],
-            "peak_device_mb": [e["peak_device_mb"] for e in entries], "units": units}
+            "peak_device_mb": [e["peak_device_mb"] for e in entries],
+            "spill_seconds": [e["spill_seconds"] for e in entries],
+            "final_pass_seconds": [e["final_pass_seconds"] for e in entries], "units": units}
 
 
 def shard_name(i: int, n: int) -> str:
