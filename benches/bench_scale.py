@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--expert-chunk", type=int, default=0, help="experts per batched GPTQ call (0 = all)")
     ap.add_argument("--dir", type=Path, default=ROOT / ".cache" / "bench" / "scale")
     ap.add_argument("--whole-quantize", action="store_true", help="also quantize the whole model in memory")
     args = ap.parse_args()
@@ -154,7 +155,7 @@ def main() -> None:
     stream_s, stream_rss, stream_out = run(
         [py, "-m", "quantmoe.cli", "quantize", str(model_dir), "--plan", str(plan), "--stream", "--out", str(out),
          "--calib-windows", str(args.calib_windows), "--calib-len", str(args.calib_len),
-         "--threads", str(args.threads)], env)
+         "--threads", str(args.threads), "--expert-chunk", str(args.expert_chunk)], env)
     report = json.loads((out / "quant_report.json").read_text())
     out_size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     load_code = ("import sys, torch; from quantmoe.zoo.embedded import load_model; "
@@ -170,7 +171,8 @@ def main() -> None:
         rows.append(("whole-model quantize, float32 (today)", q_s, q_rss))
     mb = 2**20
     print(stream_out.strip())
-    print(f"calibration {args.calib_windows} x {args.calib_len}, threads {args.threads}; "
+    print(f"calibration {args.calib_windows} x {args.calib_len}, threads {args.threads}, expert chunk "
+          f"{args.expert_chunk or 'all'}; "
           f"checkpoint {out_size / mb:.0f} MB")
     print(f"floor = largest block {need.block / mb:.0f} MB + calibration activations {need.activations / mb:.0f} MB "
           f"= {need.floor / mb:.0f} MB (estimated need with Hessians and GPTQ work: {need.total / mb:.0f} MB)")

@@ -213,3 +213,31 @@ def test_expert_cache_off_gives_the_same_model_and_negative_is_an_error():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     with pytest.raises(ValueError, match="expert_cache_mb"):
         GPTQConfig(expert_cache_mb=-1)
+
+
+def test_experts_in_chunks_give_the_same_model(monkeypatch):
+    import quantmoe.quant.pipeline as pipeline
+
+    calls = []
+    real = pipeline.gptq_quantize_batched
+
+    def spy(W, *a, **k):
+        calls.append(W.shape[0])
+        return real(W, *a, **k)
+
+    monkeypatch.setattr(pipeline, "gptq_quantize_batched", spy)
+    base = tiny_model("olmoe")  # 8 experts per block
+    specs = Plan.uniform(4, group_size=16).resolve(describe(base))
+    models = []
+    for chunk in (0, 3):
+        model = copy.deepcopy(base)
+        calls.clear()
+        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1),
+                       GPTQConfig(expert_chunk=chunk), progress=False)
+        models.append((model, list(calls)))
+    (whole, whole_calls), (chunked, chunked_calls) = models
+    assert max(whole_calls) == 8 and max(chunked_calls) == 3 and 2 in chunked_calls
+    state, other = whole.state_dict(), chunked.state_dict()
+    assert all(torch.equal(state[k], other[k]) for k in state)
+    with pytest.raises(ValueError, match="expert_chunk"):
+        GPTQConfig(expert_chunk=-1)

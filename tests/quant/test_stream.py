@@ -203,3 +203,25 @@ def test_kill_9_after_block_1_of_3_then_resume_equals_an_uninterrupted_run(tmp_p
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
     assert len(report["block_seconds"]) == 3 and all(r > 0 for r in report["peak_rss_mb"])
     assert not work.exists()
+
+
+def test_cli_reports_a_missing_shard_without_traceback_and_load_checks_each_shard(tmp_path, capsys):
+    from quantmoe.cli import main
+    from quantmoe.quant.checkpoint import CorruptCheckpointError
+
+    src = _source(tmp_path, "mixtral", shard="40KB")
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.rename(tmp_path / "away")
+    assert main(["quantize", str(src), "--bits", "4", "--stream", "--out", str(tmp_path / "q")]) == 2
+    assert shard.name in capsys.readouterr().err
+    assert main(["quantize", str(src), "--bits", "4", "--stream", "--eval", "test", "--out", str(tmp_path / "q")]) == 2
+    (tmp_path / "away").rename(shard)
+
+    specs = PLAN.resolve(describe(_in_memory(src)))
+    quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, dtype=torch.float32, progress=False)
+    out = sorted((tmp_path / "q").glob("model-*.safetensors"))[2]
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 1
+    out.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=out.name):
+        quantmoe.load(tmp_path / "q")

@@ -92,7 +92,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
-    gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order)
+    gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, expert_chunk=args.expert_chunk)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stream or args.resume:
@@ -131,6 +131,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    p.add_argument("--expert-chunk", type=int, default=0,
+                   help="at most this many experts per batched GPTQ call (0 = all of a block's at once); "
+                        "lowers peak memory")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=256)

@@ -67,12 +67,17 @@ class GPTQConfig:
     # device memory a block may use to keep its routed experts' down inputs from the down stage's
     # pass for its final pass (which then skips their gate/up); 0 turns it off
     expert_cache_mb: float = 2048
+    # at most this many experts per batched GPTQ call (0 = all of a block's at once): bounds the
+    # float32 working set (weights, Hessians, inverses) of the batch at some speed
+    expert_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"check `damp`: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)")
+        if self.expert_chunk < 0:
+            raise ValueError(f"check `expert_chunk`: {self.expert_chunk} must be >= 0 (0 = all experts at once)")
         if self.expert_cache_mb < 0:
             raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
 
@@ -382,7 +387,11 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
             continue
         key = (unit.kind, spec, tuple(linear.weight.shape), unit.expert is not None)
         batches[key].append((unit, H, tokens))
+    chunked = []
     for (_, spec, _, is_expert), items in batches.items():
+        step = gptq.expert_chunk if is_expert and gptq.expert_chunk else len(items)
+        chunked += [(spec, is_expert, items[i:i + step]) for i in range(0, len(items), step)]
+    for spec, is_expert, items in chunked:
         linears = [model.get_submodule(u.name) for u, _, _ in items]
         weights = [linear.weight for linear in linears]
         if is_expert and len(items) > 1 and gptq.batch_experts:
