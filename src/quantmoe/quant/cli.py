@@ -56,6 +56,7 @@ def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
 
     from quantmoe.calib.data import calibration_windows
     from quantmoe.quant import api
+    from quantmoe.quant.lazy import checkpoint_files
     from quantmoe.quant.plan import bit_stats
     from quantmoe.quant.stream import anatomy_of, parse_size, quantize_stream
 
@@ -64,6 +65,7 @@ def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
                          "checkpoint afterwards with `quantmoe eval`")
     limit = parse_size(args.max_memory) if args.max_memory else None
     folder = model_folder(args.model)
+    checkpoint_files(folder)  # missing or truncated shards: an error before anything else
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
     anatomy = anatomy_of(folder, args.trust_remote_code)
     specs = plan.resolve(anatomy)
