@@ -123,6 +123,28 @@ def materialize_non_persistent_buffers(model: nn.Module, config) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, fresh)
 
 
+def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
+    """Keep glibc's malloc from raising its mmap threshold as blocks come and go.
+
+    glibc raises the threshold to the size of each freed memory-mapped chunk, so the next
+    block's tensors land in the heap, and a heap fragmented by one block's tensors is kept when
+    the block is released: without this, peak RSS grew by about one block per block (measured,
+    ``benches/bench_scale.py``). A fixed threshold (glibc's own default value) returns each
+    released block to the system. A no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    except OSError:
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model of ``config`` with every weight on ``meta`` (non-saved buffers rebuilt on the CPU)."""
     from transformers import AutoModelForCausalLM
@@ -143,6 +165,7 @@ class LazyCheckpoint:
 
         self.folder = Path(folder)
         self.files = checkpoint_files(self.folder)
+        fix_malloc_threshold()
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
