@@ -160,8 +160,10 @@ def test_resume_refuses_another_run_and_a_leftover_work_folder_needs_resume(tmp_
         quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False, resume=True)
     foreign = tmp_path / "mine"
     foreign.mkdir()
-    with pytest.raises(ResumeError, match="never overwritten"):
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="did not write"):
         quantize_stream(src, foreign, specs, _windows(), CALIB, progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
 
 
 def test_kill_9_after_block_1_of_3_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -61,8 +61,9 @@ STAGES: tuple[Stage, ...] = (
 class GPTQConfig:
     method: str = "gptq"
     damp: float = 0.01
-    block_size: int = 128
+    block_size: int = 128  # columns per lazy-update block (see gptq.py)
     act_order: bool = False
+    static_groups: bool = False  # group scale/zero from the unquantized W (forced by act_order with groups)
     batch_experts: bool = True  # one batched GPTQ over a block's experts of equal shape and settings
     # device memory a block may use to keep its routed experts' down inputs from the down stage's
     # pass for its final pass (which then skips their gate/up); 0 turns it off
@@ -76,6 +77,8 @@ class GPTQConfig:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"check `damp`: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"check `block_size`: {self.block_size!r} is not a positive number of columns")
         if self.expert_chunk < 0:
             raise ValueError(f"check `expert_chunk`: {self.expert_chunk} must be >= 0 (0 = all experts at once)")
         if self.expert_cache_mb < 0:
@@ -249,12 +252,13 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
     return BlockReplay(parts)
 
 
-def _check_finite(model: nn.Module, units: Sequence[LinearUnit]) -> None:
-    for unit in units:
-        w = model.get_submodule(unit.name).weight
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{unit.name} has NaN/Inf weights: the checkpoint is corrupt or was saved "
-                             "after a diverged training run")
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Every floating tensor (routers, norms, embeddings, not only linears) finite, or a clear error."""
+    for name, t in tensors:
+        if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
+            raise ValueError(f"the model's tensor {name} has {int((~torch.isfinite(t)).sum()):,} NaN/Inf values: "
+                             "the checkpoint is corrupt or was saved after a diverged training run; quantization "
+                             "needs finite weights")
 
 
 @torch.no_grad()
@@ -276,9 +280,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     home = next(model.parameters()).device
     home = torch.device("cpu") if home.type == "meta" else home  # a skeleton's blocks arrive one by one
     device = torch.device(device) if device is not None else home
-    if not any(p.is_meta for p in model.parameters()):
+    streamed = any(p.is_meta for p in model.parameters())  # blocks arrive one by one (quant/stream.py)
+    if not streamed:
         unfuse_experts(model)
-        _check_finite(model, anatomy.units)  # before any work, when every weight is at hand
+        check_finite(model.state_dict().items())  # before any work, when every weight is at hand
     blocks = model.get_submodule(family.layers)
     embedding = model.get_submodule(family.embedding)
     io.load_embedding(model, embedding, device)
@@ -307,7 +312,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         block = io.load_block(model, block_info.index, device)
         unfuse_experts(model, only=(block_info.experts_module,) if block_info.is_moe else ())
         block = blocks[block_info.index]
-        _check_finite(model, units)
+        if streamed:
+            check_finite(block.state_dict(prefix=f"{family.layers}.{block_info.index}.").items())
         n_fallbacks = len(fallbacks)
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
@@ -350,8 +356,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     if rotary is not None:
         rotary.to(home)
     if fallbacks:
-        log.warning("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian); "
-                    "see the report", len(fallbacks))
+        log.info("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian): "
+                 "%s", len(fallbacks), ", ".join(fallbacks[:3]) + (", ..." if len(fallbacks) > 3 else ""))
     return QuantReport(units=reports, expert_tokens=expert_tokens, fallbacks=tuple(fallbacks),
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
 
@@ -397,10 +403,12 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
         if is_expert and len(items) > 1 and gptq.batch_experts:
             results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
                                             damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
+                                            static_groups=gptq.static_groups,
                                             names=[u.name for u, _, _ in items])
         else:
             results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
-                                     act_order=gptq.act_order, name=u.name) for w, (u, H, _) in zip(weights, items)]
+                                     act_order=gptq.act_order, static_groups=gptq.static_groups, name=u.name)
+                       for w, (u, H, _) in zip(weights, items)]
         qlinears = QuantLinear.from_results(linears, results)
         for (unit, _, tokens), result, qlinear in zip(items, results, qlinears):
             _stage(model, unit.name, qlinear, staged, weight=result.Q)

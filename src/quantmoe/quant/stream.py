@@ -43,10 +43,17 @@ from quantmoe.anatomy import ModelAnatomy, describe, family_of
 from quantmoe.atomic import atomic_write, atomic_write_text
 from quantmoe.bench.memory import PeakMemory
 from quantmoe.calib.data import CalibrationConfig
-from quantmoe.quant.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, REPORT_NAME, library_versions
+from quantmoe.quant.checkpoint import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    REPORT_NAME,
+    check_checkpoint_output,
+    library_versions,
+)
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.lazy import INDEX_NAME, LazyCheckpoint
-from quantmoe.quant.pipeline import BlockIO, BlockReport, GPTQConfig, quantize_model
+from quantmoe.quant.pipeline import BlockIO, BlockReport, GPTQConfig, check_finite, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,7 @@ class StreamIO(BlockIO):
     def load_embedding(self, model: nn.Module, embedding: nn.Module, device: torch.device) -> None:
         if self.lazy is not None:
             self.lazy.load_outside()
+            check_finite(outside_state(model).items())
         if self.first_block == 0:
             _save(outside_state(model), self.work / OUTSIDE_NAME)
         if self.lazy is not None:
@@ -299,15 +307,15 @@ def quantize_stream(source: str | Path | nn.Module, out: str | Path, specs: Mapp
                     device: str | torch.device | None = None, resume: bool = False, tokenizer=None,
                     metadata: Mapping[str, Any] | None = None, progress: bool = True,
                     trust_remote_code: bool = False, attn_implementation: str | None = None,
-                    max_memory: int | None = None) -> StreamResult:
+                    max_memory: int | None = None, overwrite: bool = False,
+                    protect: tuple[Path | str, ...] = ()) -> StreamResult:
     """Quantize a model folder block by block (or a model in memory, same output) into a sharded checkpoint.
 
-    ``specs`` are the plan resolved on the model's anatomy (``Plan.resolve(describe(...))``).
+    ``specs`` are the plan resolved on the model's anatomy (``Plan.resolve(describe(...))``). ``out``
+    must be new, an empty folder or (with ``overwrite``) an earlier checkpoint, as for ``save_quantized``;
+    ``protect``: folders that must survive (the source model).
     """
-    out = Path(out).resolve()
-    if out.exists() and not (out / CONFIG_NAME).exists():
-        raise ResumeError(f"{out} exists and is not a quantmoe checkpoint: choose another --out (it is never "
-                          "overwritten)")
+    out = check_checkpoint_output(Path(out), overwrite=overwrite, protect=protect)
     lazy = None
     if isinstance(source, nn.Module):
         model, name = source, str(getattr(source.config, "_name_or_path", "") or "model in memory")
@@ -330,6 +338,7 @@ def quantize_stream(source: str | Path | nn.Module, out: str | Path, specs: Mapp
                "modules": {n: {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
                            for n, s in specs.items()},
                "dtype": str(dtype).removeprefix("torch."), "versions": library_versions(), **(metadata or {})}
+    check_checkpoint_output(out, overwrite=overwrite, protect=protect)  # again: hours may have passed
     path = assemble(work, out, n_blocks, model.config, qconfig, report, tokenizer)
     return StreamResult(path, report, io.max_loaded_blocks)
 
@@ -355,7 +364,7 @@ def assemble(work: Path, out: Path, n_blocks: int, config, qconfig: dict[str, An
     """Move the work folder's shards into a verified sharded checkpoint at ``out``, atomically."""
     parts = [work / OUTSIDE_NAME] + [work / f"block-{i:05d}.safetensors" for i in range(n_blocks)]
     n = len(parts)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".partial", dir=out.parent))
     try:
         config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -416,10 +425,15 @@ def _publish(tmp: Path, out: Path) -> None:
     finally:
         os.close(fd)
     old = None
-    if out.exists():
+    if out.exists():  # an empty folder or an earlier checkpoint that check_checkpoint_output allowed
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)  # the new one never arrived: the previous checkpoint goes back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
