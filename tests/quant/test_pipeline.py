@@ -259,3 +259,31 @@ def test_every_block_gets_its_own_mask_and_positions(family):
     if family == "gpt_oss":  # sliding then full attention: the masks differ
         assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
         assert not torch.equal(masks[0], masks[1])
+
+
+def test_experts_in_chunks_give_the_same_model(monkeypatch):
+    import quantmoe.quant.pipeline as pipeline
+
+    calls = []
+    real = pipeline.gptq_quantize_batched
+
+    def spy(W, *a, **k):
+        calls.append(W.shape[0])
+        return real(W, *a, **k)
+
+    monkeypatch.setattr(pipeline, "gptq_quantize_batched", spy)
+    base = tiny_model("olmoe")  # 8 experts per block
+    specs = Plan.uniform(4, group_size=16).resolve(describe(base))
+    models = []
+    for chunk in (0, 3):
+        model = copy.deepcopy(base)
+        calls.clear()
+        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1),
+                       GPTQConfig(expert_chunk=chunk), progress=False)
+        models.append((model, list(calls)))
+    (whole, whole_calls), (chunked, chunked_calls) = models
+    assert max(whole_calls) == 8 and max(chunked_calls) == 3 and 2 in chunked_calls
+    state, other = whole.state_dict(), chunked.state_dict()
+    assert all(torch.equal(state[k], other[k]) for k in state)
+    with pytest.raises(ValueError, match="expert_chunk"):
+        GPTQConfig(expert_chunk=-1)

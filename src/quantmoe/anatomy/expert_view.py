@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -277,14 +277,16 @@ def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
     return fused
 
 
-def unfuse_experts(model: nn.Module) -> nn.Module:
-    """Replace every fused experts module of `model` by an `UnfusedExperts`, in place.
+def unfuse_experts(model: nn.Module, only: Collection[str] | None = None) -> nn.Module:
+    """Replace every fused experts module of `model` (or those named in `only`) by an
+    `UnfusedExperts`, in place.
 
     The per-expert linears hold copies of the fused weights (de-interleaved and transposed
     where the layout says so); the fused storage is freed. Idempotent.
     """
     spec = family_of(model)
-    names = [n for n in experts_module_names(model, spec) if not isinstance(model.get_submodule(n), UnfusedExperts)]
+    names = [n for n in experts_module_names(model, spec)
+             if (only is None or n in only) and not isinstance(model.get_submodule(n), UnfusedExperts)]
     for name in names:
         model.set_submodule(name, _unfuse(model.get_submodule(name), spec.expert_layout, name))
     logger.debug("unfused %d experts modules of %s", len(names), spec.model_type)

@@ -297,6 +297,24 @@ def _materialize_meta_buffers(model: nn.Module, config) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, fresh)
 
 
+def _read_weights(path: Path, qcfg: Mapping[str, Any], verify: bool) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of ``model.safetensors`` or of the shards a streamed checkpoint's index lists
+    (``weights_sha256`` then maps each shard to its SHA-256)."""
+    recorded = qcfg["weights_sha256"]
+    names = sorted(recorded) if isinstance(recorded, dict) else [WEIGHTS_NAME]
+    hashes = recorded if isinstance(recorded, dict) else {WEIGHTS_NAME: recorded}
+    state: dict[str, torch.Tensor] = {}
+    for name in names:
+        weights = path / name
+        if not weights.exists():
+            raise CorruptCheckpointError(f"{weights} is missing: the checkpoint is incomplete; quantize again")
+        if verify and _sha256(weights) != hashes[name]:
+            raise CorruptCheckpointError(f"{weights} does not match its recorded SHA-256: the file is corrupt; "
+                                         "copy it again or quantize again")
+        state.update(load_file(str(weights)))
+    return state, path / (WEIGHTS_NAME if len(names) == 1 else "model.safetensors.index.json")
+
+
 def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool = True,
                    trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
     """Rebuild a quantized model saved by ``save_quantized``: same logits as when it was saved."""
@@ -304,12 +322,7 @@ def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool 
 
     path = Path(path)
     qcfg = read_quantization_config(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.exists():
-        raise CorruptCheckpointError(f"{weights} is missing: the checkpoint is incomplete; quantize again")
-    if verify and _sha256(weights) != qcfg["weights_sha256"]:
-        raise CorruptCheckpointError(f"{weights} does not match its recorded SHA-256: the file is corrupt; "
-                                     "copy it again or quantize again")
+    state, weights = _read_weights(path, qcfg, verify)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     dtype = getattr(torch, qcfg["dtype"])
     with torch.device("meta"):
@@ -329,7 +342,7 @@ def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool 
         setattr(model.get_submodule(parent), child, shell)
     expected = {k: t.dtype for k, t in model.state_dict().items()}
     state = {k: t.to(expected[k]) if k in expected and t.is_floating_point() else t  # stored narrower: cast back
-             for k, t in load_file(str(weights)).items()}
+             for k, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     missing = [k for k in missing if k not in tied]

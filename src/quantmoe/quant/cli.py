@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,6 +39,69 @@ def _source_folders(model: str) -> tuple[Path, ...]:
     return (path,) if path is not None else ()
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_folder(name_or_path: str) -> Path:
+    """A local folder with config.json: an embedded model, a path, or a hub id's snapshot."""
+    from quantmoe.zoo.embedded import resolve_model
+
+    path = Path(resolve_model(name_or_path))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+
+
+def source_dtype(args: argparse.Namespace) -> torch.dtype:
+    """``--dtype``, else the checkpoint's own (config.json), float32 when it says none."""
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    from transformers import AutoConfig
+
+    from quantmoe.quant.lazy import config_dtype
+
+    return config_dtype(AutoConfig.from_pretrained(model_folder(args.model), trust_remote_code=args.trust_remote_code))
+
+
+def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
+    from transformers import AutoTokenizer
+
+    from quantmoe.calib.data import calibration_windows
+    from quantmoe.quant import api
+    from quantmoe.quant.lazy import checkpoint_files
+    from quantmoe.quant.plan import bit_stats
+    from quantmoe.quant.stream import anatomy_of, parse_size, quantize_stream
+
+    if args.eval:
+        raise ValueError("--eval needs the whole model in memory: drop --stream/--resume, or evaluate the "
+                         "checkpoint afterwards with `quantmoe eval`")
+    limit = parse_size(args.max_memory) if args.max_memory else None
+    folder = model_folder(args.model)
+    checkpoint_files(folder)  # missing or truncated shards: an error before anything else
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or folder, trust_remote_code=args.trust_remote_code)
+    anatomy = anatomy_of(folder, args.trust_remote_code)
+    specs = plan.resolve(anatomy)
+    bits = bit_stats(specs, anatomy.units)
+    windows = calibration_windows(api.calibration_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len,
+                                  calib.seed)
+    metadata = {"source_model": args.model, "plan": plan.to_dict(), "calibration": asdict(calib),
+                "gptq": asdict(gptq), "average_bits": bits.average_bits, "effective_bits": bits.effective_bits}
+    result = quantize_stream(folder, Path(args.out), specs, windows, calib, gptq, dtype=source_dtype(args),
+                             device=args.device, resume=args.resume, tokenizer=tokenizer, metadata=metadata,
+                             trust_remote_code=args.trust_remote_code, max_memory=limit, overwrite=args.overwrite,
+                             protect=_source_folders(args.model))
+    r = result.report
+    if r["fallbacks"]:
+        log.warning("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian): "
+                    "see `fallbacks` in %s", len(r["fallbacks"]), result.out / REPORT_NAME)
+    print(f"{args.model}: {bits.average_bits:.3f} average bits ({bits.effective_bits:.3f} effective), "
+          f"{len(r['units'])} linears, {len(r['fallbacks'])} fallbacks, {r['seconds']:.1f} s, "
+          f"peak RSS {max(r['peak_rss_mb']):.0f} MB per block -> {result.out}")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmoe.bench.preflight import check_plan, model_anatomy
     from quantmoe.calib.data import CalibrationConfig
@@ -47,17 +111,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmoe.zoo.embedded import load_model
 
     plan = plan_from_args(args)
-    out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite, protect=_source_folders(args.model))
     # the plan against the model's config (meta device): a wrong module name fails before any weights load
     check_plan(plan, model_anatomy(args.model, args.trust_remote_code), f"check --plan {args.plan}"
                if args.plan else "check --bits")
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
-                      static_groups=args.static_groups)
+                      static_groups=args.static_groups, expert_chunk=args.expert_chunk)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
+    if args.stream or args.resume:
+        return _cmd_stream(args, plan, calib, gptq)
+    if args.max_memory:
+        raise ValueError("--max-memory guards streamed runs: add --stream")
+    out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite, protect=_source_folders(args.model))
+    model, tokenizer = load_model(args.model, dtype=source_dtype(args), trust_remote_code=args.trust_remote_code,
+                                  tokenizer=args.tokenizer)
     fingerprint = api.model_fingerprint(model)
     windows = ref = None
     if args.eval:
@@ -103,6 +172,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="GPTQ: every group's scale/zero from the unquantized weight, not the error-updated one")
     p.add_argument("--block-size", type=int, default=128,
                    help="GPTQ columns per lazy-update block (speed; see docs/quantization.md)")
+    p.add_argument("--expert-chunk", type=int, default=0,
+                   help="at most this many experts per batched GPTQ call (0 = all of a block's at once); "
+                        "lowers peak memory, same result")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
@@ -119,6 +191,17 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
                    help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype of the weights in memory and on disk (default: the checkpoint's own); "
+                        "Hessians and GPTQ run in float32")
+    p.add_argument("--stream", action="store_true",
+                   help="read one block at a time from the safetensors files and write each finished block "
+                        "(memory set by one block; resumable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --stream run from its work folder .OUT.work (implies --stream)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="with --stream: refuse to start when one block + calibration activations need more, "
+                        "e.g. 24GB")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_quantize)

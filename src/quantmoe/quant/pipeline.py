@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +68,9 @@ class GPTQConfig:
     # device memory a block may use to keep its routed experts' down inputs from the down stage's
     # pass for its final pass (which then skips their gate/up); 0 turns it off
     expert_cache_mb: float = 2048
+    # at most this many experts per batched GPTQ call (0 = all of a block's at once): bounds the
+    # float32 working set (weights, Hessians, inverses) of the batch at some speed
+    expert_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,6 +79,8 @@ class GPTQConfig:
             raise ValueError(f"check `damp`: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"check `block_size`: {self.block_size!r} is not a positive number of columns")
+        if self.expert_chunk < 0:
+            raise ValueError(f"check `expert_chunk`: {self.expert_chunk} must be >= 0 (0 = all experts at once)")
         if self.expert_cache_mb < 0:
             raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
 
@@ -90,6 +95,51 @@ class UnitReport:
     loss: float | None = None
     damp: float | None = None
     note: str | None = None
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What one block's quantization recorded (the streaming driver writes it as the block finishes)."""
+
+    index: int
+    units: Mapping[str, UnitReport]
+    expert_tokens: tuple[int, ...] | None
+    fallbacks: tuple[str, ...]
+    seconds: float
+    final_pass_seconds: float = 0.0  # the quantized block run over every calibration batch
+
+
+class BlockIO:
+    """Where the driver's blocks come from and where they go; this base keeps the whole model in memory.
+
+    A streaming subclass (quant/stream.py) loads each block from disk in ``load_block``, writes
+    it in ``block_done`` and frees it in ``release_block``; ``first_block`` and
+    ``restored_hidden`` let a resumed run start after the blocks already done.
+    """
+
+    first_block: int = 0
+
+    def load_embedding(self, model: nn.Module, embedding: nn.Module, device: torch.device) -> None:
+        embedding.to(device)
+
+    def release_embedding(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
+        """Called once block 0's inputs are captured; the in-memory model keeps it until the end."""
+
+    def restored_hidden(self) -> list[torch.Tensor] | None:
+        """Hidden states entering ``first_block`` (one per calibration batch), when it is not 0."""
+        return None
+
+    def load_block(self, model: nn.Module, index: int, device: torch.device) -> nn.Module:
+        return model.get_submodule(family_of(model).layers)[index].to(device)
+
+    def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport) -> None:
+        """The block is quantized (its ``QuantLinear``s installed); ``outputs`` enter the next block."""
+
+    def release_block(self, model: nn.Module, index: int, home: torch.device) -> None:
+        model.get_submodule(family_of(model).layers)[index].to(home)
+
+    def finish(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
+        embedding.to(home)
 
 
 @dataclass(frozen=True)
@@ -241,33 +291,52 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
     return BlockReplay(parts)
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: torch.Tensor,
-                   calib: CalibrationConfig = CalibrationConfig(), gptq: GPTQConfig = GPTQConfig(),
-                   device: str | torch.device | None = None, progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place: every unit in ``specs`` becomes a ``QuantLinear``.
-
-    The model is switched to its per-expert view (and stays in it: quantized experts are
-    per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
-    """
-    t_start = time.perf_counter()
-    family = family_of(model)
-    unfuse_experts(model)
-    anatomy: ModelAnatomy = describe(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    for name, t in model.state_dict().items():  # every tensor (routers, norms, embeddings), not only linears
-        if t.is_floating_point() and not torch.isfinite(t).all():
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Every floating tensor (routers, norms, embeddings, not only linears) finite, or a clear error."""
+    for name, t in tensors:
+        if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
             raise ValueError(f"the model's tensor {name} has {int((~torch.isfinite(t)).sum()):,} NaN/Inf values: "
                              "the checkpoint is corrupt or was saved after a diverged training run; quantization "
                              "needs finite weights")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: torch.Tensor,
+                   calib: CalibrationConfig = CalibrationConfig(), gptq: GPTQConfig = GPTQConfig(),
+                   device: str | torch.device | None = None, progress: bool = True,
+                   io: BlockIO | None = None) -> QuantReport:
+    """Quantize ``model`` in place: every unit in ``specs`` becomes a ``QuantLinear``.
+
+    The model is switched to its per-expert view block by block (and stays in it: quantized
+    experts are per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
+    ``io`` says where blocks come from and go to (default: all in memory); the report covers
+    the blocks quantized in this call.
+    """
+    t_start = time.perf_counter()
+    io = io if io is not None else BlockIO()
+    family = family_of(model)
+    anatomy: ModelAnatomy = describe(model)
+    home = next(model.parameters()).device
+    home = torch.device("cpu") if home.type == "meta" else home  # a skeleton's blocks arrive one by one
+    device = torch.device(device) if device is not None else home
+    streamed = any(p.is_meta for p in model.parameters())  # blocks arrive one by one (quant/stream.py)
+    if not streamed:
+        unfuse_experts(model)
+        check_finite(model.state_dict().items())  # before any work, when every weight is at hand
     blocks = model.get_submodule(family.layers)
-    model.get_submodule(family.embedding).to(device)
+    embedding = model.get_submodule(family.embedding)
+    io.load_embedding(model, embedding, device)
     rotary = getattr(model.get_submodule(family.layers.rsplit(".", 1)[0]), "rotary_emb", None)
     if rotary is not None:
         rotary.to(device)
     layer_inputs = capture_layer_inputs(model, blocks, windows, calib.batch_size, device)
-    inputs = layer_inputs[0]
+    io.release_embedding(model, embedding, home)
+    inputs = layer_inputs[io.first_block]
+    restored = io.restored_hidden()
+    if restored is not None:
+        if len(restored) != len(inputs):
+            raise ValueError(f"{len(restored)} stored calibration batches, expected {len(inputs)}")
+        inputs = [((h.to(device),) + args[1:], kwargs) for h, (args, kwargs) in zip(restored, inputs)]
     reports: dict[str, UnitReport] = {}
     expert_tokens: dict[int, tuple[int, ...]] = {}
     fallbacks: list[str] = []
@@ -275,11 +344,17 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     by_block: dict[int, list[LinearUnit]] = defaultdict(list)
     for unit in anatomy.units:
         by_block[unit.block].append(unit)
-    bar = tqdm(anatomy.blocks, desc="quantize blocks", disable=not progress)
+    todo = [b for b in anatomy.blocks if b.index >= io.first_block]
+    bar = tqdm(todo, desc="quantize blocks", disable=not progress)
     for block_info in bar:
         t0 = time.perf_counter()
-        block = blocks[block_info.index].to(device)
         units = by_block[block_info.index]
+        block = io.load_block(model, block_info.index, device)
+        unfuse_experts(model, only=(block_info.experts_module,) if block_info.is_moe else ())
+        block = blocks[block_info.index]
+        if streamed:
+            check_finite(block.state_dict(prefix=f"{family.layers}.{block_info.index}.").items())
+        n_fallbacks = len(fallbacks)
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
         staged: dict[str, QuantLinear] = {}  # computed as dense stand-ins until the block is done
@@ -298,8 +373,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
+        t_final = time.perf_counter()
         with replay.stage(len(STAGES)):
             outputs = _run_block(block, inputs, replay)
+        t_final = time.perf_counter() - t_final
         for out in outputs:
             if not torch.isfinite(out).all():
                 raise ValueError(f"block {block_info.index} produced NaN/Inf after quantization")
@@ -310,10 +387,15 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             layer_inputs[block_info.index] = []
             inputs = [((out,) + args[1:], kwargs)
                       for out, (args, kwargs) in zip(outputs, layer_inputs[block_info.index + 1])]
-        blocks[block_info.index].to(home)
         block_seconds.append(time.perf_counter() - t0)
+        io.block_done(model, block_info.index, outputs,
+                      BlockReport(block_info.index, {u.name: reports[u.name] for u in units},
+                                  expert_tokens.get(block_info.index), tuple(fallbacks[n_fallbacks:]),
+                                  block_seconds[-1], t_final))
+        del outputs, block
+        io.release_block(model, block_info.index, home)
         bar.set_postfix(block=block_info.index, s=f"{block_seconds[-1]:.1f}")
-    model.get_submodule(family.embedding).to(home)
+    io.finish(model, embedding, home)
     if rotary is not None:
         rotary.to(home)
     if fallbacks:
@@ -354,7 +436,11 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
             continue
         key = (unit.kind, spec, tuple(linear.weight.shape), unit.expert is not None)
         batches[key].append((unit, H, tokens))
+    chunked = []
     for (_, spec, _, is_expert), items in batches.items():
+        step = gptq.expert_chunk if is_expert and gptq.expert_chunk else len(items)
+        chunked += [(spec, is_expert, items[i:i + step]) for i in range(0, len(items), step)]
+    for spec, is_expert, items in chunked:
         linears = [model.get_submodule(u.name) for u, _, _ in items]
         weights = [linear.weight for linear in linears]
         if is_expert and len(items) > 1 and gptq.batch_experts:

@@ -1,0 +1,274 @@
+"""Lazy loading: a model skeleton on ``meta`` whose blocks are read from safetensors one at a time.
+
+The skeleton is built from the config alone (no weights). Every checkpoint key is mapped to
+the model key it loads into with transformers' own conversion machinery
+(``get_model_conversion_mapping``: the same renames and expert fusions ``from_pretrained``
+applies, e.g. Mixtral's ``block_sparse_moe.experts.3.w1`` -> ``mlp.experts.gate_up_proj``) and
+grouped by block. ``load_block`` memory-maps the shards, reads only that block's keys and
+converts them with ``convert_and_load_state_dict_in_model``; ``release_block`` puts the block
+back on ``meta``. The files are checked before any work: a shard the index names but the
+folder lacks, a truncated file, a tensor the model needs that no shard holds.
+
+Example:
+    >>> lazy = LazyCheckpoint("embedded/mixtral-s")            # doctest: +SKIP
+    >>> lazy.load_block(1)                                      # doctest: +SKIP
+    >>> lazy.release_block(1)                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantmoe.anatomy import family_of
+
+log = logging.getLogger(__name__)
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+OUTSIDE = -1  # the group of keys that belong to no block (embeddings, final norm, LM head)
+
+
+class CheckpointFilesError(ValueError):
+    """A model folder whose safetensors files are missing, truncated or do not cover the model."""
+
+
+def _check_file(path: Path) -> list[str]:
+    """The tensor names of one safetensors file, after checking its header against its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise CheckpointFilesError(f"{path} is truncated or not a safetensors file ({size} bytes): "
+                                       "download or copy it again")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as err:
+            raise CheckpointFilesError(f"{path} has an unreadable header ({err}): download or copy it again") from err
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise CheckpointFilesError(f"{path} is truncated: its header describes {expected} bytes, the file has "
+                                   f"{size}; download or copy it again")
+    return [k for k in header if k != "__metadata__"]
+
+
+def checkpoint_files(folder: str | Path) -> dict[str, Path]:
+    """Checkpoint key -> file, for a single ``model.safetensors`` or a sharded folder with its index.
+
+    Every file is checked (present, not truncated) and every key the index lists must be in
+    the shard it names; the error names the file and what to do.
+    """
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise CheckpointFilesError(f"{index} is not a safetensors index (no readable `weight_map`): "
+                                       "download it again") from err
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for key, name in weight_map.items():
+            by_file[name].append(key)
+        out: dict[str, Path] = {}
+        for name, keys in sorted(by_file.items()):
+            path = folder / name
+            if not path.exists():
+                raise CheckpointFilesError(f"{path} is missing: {index.name} lists it for {len(keys)} tensors "
+                                           f"(e.g. {keys[0]}); download the model again or copy that shard")
+            held = set(_check_file(path))
+            absent = [k for k in keys if k not in held]
+            if absent:
+                raise CheckpointFilesError(f"{path} lacks {len(absent)} tensors its index assigns to it "
+                                           f"(e.g. {absent[0]}): the shard or the index is from another download")
+            out.update({k: path for k in keys})
+        return out
+    single = folder / SINGLE_NAME
+    if single.exists():
+        return {k: single for k in _check_file(single)}
+    raise CheckpointFilesError(f"{folder} has neither {SINGLE_NAME} nor {INDEX_NAME}: streaming reads safetensors "
+                               "checkpoints only (convert .bin weights with transformers' save_pretrained)")
+
+
+def config_dtype(config) -> torch.dtype:
+    """The checkpoint's own dtype (``dtype``/``torch_dtype`` in config.json), float32 if unset."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    return torch.float32
+
+
+def materialize_non_persistent_buffers(model: nn.Module, config) -> None:
+    """Rebuild modules (rotary embeddings) whose non-saved buffers are on ``meta``, on the CPU."""
+    for name, module in list(model.named_modules()):
+        lost = [b for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None
+                and getattr(module, b).is_meta]
+        if not lost:
+            continue
+        try:
+            fresh = type(module)(config=config)
+        except TypeError as err:
+            raise RuntimeError(f"cannot rebuild the non-saved buffers {lost} of {name} ({type(module).__name__}): "
+                               "its constructor does not take the model config") from err
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, fresh)
+
+
+def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
+    """Keep glibc's malloc from raising its mmap threshold as blocks come and go.
+
+    glibc raises the threshold to the size of each freed memory-mapped chunk, so the next
+    block's tensors land in the heap, and a heap fragmented by one block's tensors is kept when
+    the block is released: without this, peak RSS grew by about one block per block (measured,
+    ``benches/bench_scale.py``). A fixed threshold (glibc's own default value) returns each
+    released block to the system. A no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    except OSError:
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``config`` with every weight on ``meta`` (non-saved buffers rebuilt on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 experts_implementation="eager")
+    materialize_non_persistent_buffers(model, config)
+    return model.eval()
+
+
+class LazyCheckpoint:
+    """A model folder read block by block into a ``meta`` skeleton (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None) -> None:
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        self.files = checkpoint_files(self.folder)
+        fix_malloc_threshold()
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        self.dtype = dtype if dtype is not None else config_dtype(config)
+        self.model = build_skeleton(config, self.dtype, trust_remote_code)
+        self.family = family_of(self.model)
+        self.groups = self._group_keys()
+        self.loads: list[int] = []  # the groups read, in order (for tests and logs)
+
+    def _conversions(self):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        mapping = get_model_conversion_mapping(self.model)
+        return (mapping, [m for m in mapping if isinstance(m, WeightRenaming)],
+                [m for m in mapping if isinstance(m, WeightConverter)])
+
+    def _group_keys(self) -> dict[int, list[str]]:
+        """Checkpoint keys per block (``OUTSIDE`` for the rest), checked to cover every model tensor."""
+        from transformers.core_model_loading import rename_source_key
+
+        self.mapping, renamings, converters = self._conversions()
+        meta = self.model.state_dict()
+        prefix = re.compile(rf"^{re.escape(self.family.layers)}\.(\d+)\.")
+        groups: dict[int, list[str]] = defaultdict(list)
+        targets: set[str] = set()
+        skipped = []
+        for key in self.files:
+            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+            if target not in meta and key in meta:
+                target = key
+            if target not in meta:
+                skipped.append(key)
+                continue
+            targets.add(target)
+            match = prefix.match(target)
+            groups[int(match.group(1)) if match else OUTSIDE].append(key)
+        if skipped:
+            log.warning("%d checkpoint tensors load into no module of the model and are skipped (e.g. %s)",
+                        len(skipped), skipped[0])
+        tied = {k for k in meta if getattr(self.model.config, "tie_word_embeddings", False)
+                and k.startswith(self.family.lm_head + ".")}
+        missing = sorted(k for k in meta if k not in targets and k not in tied)
+        if missing:
+            raise CheckpointFilesError(f"the safetensors files of {self.folder} hold no tensor for {len(missing)} "
+                                       f"weights of the model (e.g. {missing[0]}): the checkpoint is incomplete or "
+                                       "its config.json belongs to another model")
+        return dict(groups)
+
+    def _read(self, group: int) -> None:
+        from safetensors import safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        keys = self.groups.get(group, [])
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            by_file[self.files[key]].append(key)
+        handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in by_file}
+        state = {key: handles[path].get_slice(key) for path, ks in by_file.items() for key in ks}
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            info, _ = convert_and_load_state_dict_in_model(
+                self.model, state, LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.mapping))
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        del state, handles  # unmaps the shards
+        if info.mismatched_keys or info.conversion_errors:
+            bad = sorted(info.mismatched_keys)[:1] or sorted(info.conversion_errors)[:1]
+            raise CheckpointFilesError(f"{self.folder}: tensors do not fit the model's config (e.g. {bad[0]}): "
+                                       "config.json and the weights come from different models")
+        self.loads.append(group)
+
+    def load_outside(self) -> None:
+        """Embeddings, final norm and LM head (tied weights re-tied)."""
+        self._read(OUTSIDE)
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
+    def release_outside(self, keep: tuple[str, ...] = ()) -> None:
+        """Everything outside the blocks back on ``meta``, but the modules named in ``keep``."""
+        layers = self.family.layers
+        for name, module in self.model.named_modules():
+            inside = name == layers or name.startswith(layers + ".")
+            if inside or any(name == k or name.startswith(k + ".") for k in keep):
+                continue
+            for pname, p in list(module.named_parameters(recurse=False)):
+                setattr(module, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+            for bname, b in list(module.named_buffers(recurse=False)):
+                if b is not None and bname not in module._non_persistent_buffers_set:
+                    module.register_buffer(bname, torch.empty_like(b, device="meta"))
+
+    def load_block(self, index: int) -> nn.Module:
+        """Block ``index``'s weights read from disk (CPU, ``self.dtype``), fused as the model defines them."""
+        self._read(index)
+        return self.model.get_submodule(self.family.layers)[index]
+
+    def release_block(self, index: int) -> None:
+        self.model.get_submodule(self.family.layers)[index].to("meta")
+
+    def block_params(self, index: int) -> int:
+        """Parameters of block ``index`` (read from the skeleton's shapes)."""
+        return sum(p.numel() for p in self.model.get_submodule(self.family.layers)[index].parameters())

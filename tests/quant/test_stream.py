@@ -1,0 +1,230 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import quantmoe
+from quantmoe.anatomy import describe, tiny_model
+from quantmoe.calib.data import CalibrationConfig
+from quantmoe.quant.checkpoint import save_quantized
+from quantmoe.quant.lazy import CheckpointFilesError, LazyCheckpoint, checkpoint_files
+from quantmoe.quant.pipeline import quantize_model
+from quantmoe.quant.plan import Plan
+from quantmoe.quant.stream import (
+    PAUSE_ENV,
+    ResumeError,
+    memory_need,
+    parse_size,
+    quantize_stream,
+    work_folder,
+)
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+PLAN = Plan.from_dict({"default": {"bits": 4, "group_size": 16},
+                       "kinds": {"down_proj": {"bits": 3, "symmetric": False}}})
+CALIB = CalibrationConfig(min_expert_tokens=1, batch_size=4)
+
+
+def _windows(vocab=128, n=8, t=32):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def _source(tmp_path, family, shard=None, **overrides):
+    """A tiny random model saved as transformers writes it (legacy per-expert keys where the family has them)."""
+    path = tmp_path / f"src-{family}"
+    tiny_model(family, **overrides).save_pretrained(path, max_shard_size=shard or "50GB")
+    return path
+
+
+def _in_memory(path, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager",
+                                                attn_implementation="eager").eval()
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lazy_loading_gives_the_in_memory_checkpoint_with_one_block_in_memory(tmp_path, family, monkeypatch):
+    src = _source(tmp_path, family, shard="40KB" if family in ("mixtral", "deepseek_v3") else None)
+    model = _in_memory(src)
+    specs = PLAN.resolve(describe(model))
+    windows = _windows()
+
+    # load hook: whenever a group of keys is read, no other block may hold real weights
+    real_read = LazyCheckpoint._read
+    seen: list[tuple[int, int]] = []
+
+    def read(self, group):
+        blocks = self.model.get_submodule(self.family.layers)
+        seen.append((group, sum(any(not p.is_meta for p in b.parameters()) for b in blocks)))
+        real_read(self, group)
+
+    monkeypatch.setattr(LazyCheckpoint, "_read", read)
+    lazy = quantize_stream(src, tmp_path / "lazy", specs, windows, CALIB, dtype=torch.float32, progress=False,
+                           attn_implementation="eager")
+    assert lazy.max_loaded_blocks == 1
+    n_blocks = len(describe(model).blocks)
+    assert [g for g, _ in seen] == [-1] + list(range(n_blocks)) and all(n == 0 for _, n in seen)
+
+    # the same streaming writer fed by the model in memory writes the same bytes
+    quantize_stream(model, tmp_path / "mem", specs, windows, CALIB, progress=False)
+    shards = sorted(p.name for p in (tmp_path / "lazy").glob("model-*.safetensors"))
+    assert len(shards) == n_blocks + 1
+    for name in shards:
+        assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "mem" / name).read_bytes(), name
+
+    # and the tensors of today's whole-model path, bit for bit
+    whole = _in_memory(src)
+    quantize_model(whole, specs, windows, CALIB, progress=False)
+    save_quantized(whole, tmp_path / "whole", specs, {})
+    ref, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "lazy")
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    loaded = quantmoe.load(tmp_path / "lazy", attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=windows).logits, whole(input_ids=windows).logits)
+    assert not work_folder(tmp_path / "lazy").exists()
+
+
+def test_bfloat16_streams_in_the_checkpoint_dtype_and_matches_memory(tmp_path):
+    src = _source(tmp_path, "qwen3_moe")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (src / "config.json").write_text(json.dumps(cfg))
+    model = _in_memory(src, torch.bfloat16)
+    specs = PLAN.resolve(describe(model))
+    quantize_stream(src, tmp_path / "lazy", specs, _windows(), CALIB, progress=False, attn_implementation="eager")
+    quantize_stream(model, tmp_path / "mem", specs, _windows(), CALIB, progress=False)
+    lazy, mem = _tensors(tmp_path / "lazy"), _tensors(tmp_path / "mem")
+    assert all(torch.equal(lazy[k], mem[k]) for k in mem)
+    assert lazy["model.norm.weight"].dtype == torch.bfloat16
+    qcfg = json.loads((tmp_path / "lazy" / "quantization_config.json").read_text())
+    assert qcfg["dtype"] == "bfloat16"
+
+
+def test_missing_shard_and_truncated_file_are_named_before_any_work(tmp_path):
+    src = _source(tmp_path, "mixtral", shard="40KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    specs = PLAN.resolve(describe(_in_memory(src)))
+    shards[1].rename(tmp_path / "away")
+    with pytest.raises(CheckpointFilesError, match=shards[1].name + " is missing"):
+        quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False)
+    (tmp_path / "away").rename(shards[1])
+    data = shards[2].read_bytes()
+    shards[2].write_bytes(data[:-100])
+    with pytest.raises(CheckpointFilesError, match=shards[2].name + " is truncated"):
+        quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False)
+    assert not work_folder(tmp_path / "q").exists() and not (tmp_path / "q").exists()
+    shards[2].write_bytes(data)
+    assert len(checkpoint_files(src)) == len(load_file(shards[0])) + sum(len(load_file(s)) for s in shards[1:])
+
+
+def test_memory_guard_refuses_with_the_number_it_needs(tmp_path):
+    src = _source(tmp_path, "mixtral")
+    model = _in_memory(src)
+    specs = PLAN.resolve(describe(model))
+    need = memory_need(model, CALIB, torch.float32)
+    assert need.block == max(sum(p.numel() for p in b.parameters()) for b in model.model.layers) * 4
+    assert need.activations == 2 * CALIB.num_windows * CALIB.seq_len * model.config.hidden_size * 4
+    with pytest.raises(ValueError, match=r"needs about .* GiB .*--max-memory"):
+        quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False, max_memory=need.total - 1)
+    assert not work_folder(tmp_path / "q").exists()
+    assert parse_size("1.5GB") == int(1.5 * 2**30) and parse_size("512MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="--max-memory"):
+        parse_size("lots")
+
+
+def test_resume_refuses_another_run_and_a_leftover_work_folder_needs_resume(tmp_path):
+    src = _source(tmp_path, "mixtral")
+    specs = PLAN.resolve(describe(_in_memory(src)))
+    work = work_folder(tmp_path / "q")
+    work.mkdir()
+    (work / "run.json").write_text(json.dumps({"source": "other"}))
+    with pytest.raises(ResumeError, match="--resume"):
+        quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False)
+    with pytest.raises(ResumeError, match="other settings"):
+        quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False, resume=True)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="did not write"):
+        quantize_stream(src, foreign, specs, _windows(), CALIB, progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_kill_9_after_block_1_of_3_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    from quantmoe.zoo.embedded import embedded_root
+
+    src = _source(tmp_path, "qwen3_moe", vocab_size=8192)  # 3 blocks
+    tok = embedded_root() / "tokenizer"
+    for f in tok.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    args = ["quantize", str(src), "--bits", "4", "--group-size", "16", "--calib-windows", "8", "--calib-len", "32",
+            "--min-expert-tokens", "1", "--dtype", "float32", "--stream", "--threads", "1"]
+    marker = tmp_path / "paused"
+    env = {**os.environ, PAUSE_ENV: f"1:{marker}", "PYTHONPATH": str(Path(quantmoe.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "quantmoe.cli", *args, "--out", str(tmp_path / "q")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    work = work_folder(tmp_path / "q")
+    assert json.loads((work / "progress.json").read_text()) == {"done": 1}
+    assert not (tmp_path / "q").exists()
+
+    from quantmoe.cli import main
+
+    monkeypatch.delenv(PAUSE_ENV, raising=False)
+    assert main([*args, "--out", str(tmp_path / "q"), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    for f in sorted((tmp_path / "ref").glob("model-*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "q" / f.name).read_bytes(), f.name
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert len(report["block_seconds"]) == 3 and all(r > 0 for r in report["peak_rss_mb"])
+    assert not work.exists()
+
+
+def test_cli_reports_a_missing_shard_without_traceback_and_load_checks_each_shard(tmp_path, caplog):
+    from quantmoe.cli import main
+    from quantmoe.quant.checkpoint import CorruptCheckpointError
+
+    src = _source(tmp_path, "mixtral", shard="40KB")
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.rename(tmp_path / "away")
+    assert main(["quantize", str(src), "--bits", "4", "--stream", "--out", str(tmp_path / "q")]) == 2
+    assert f"{shard.name} is missing" in caplog.text
+    (tmp_path / "away").rename(shard)
+    assert main(["quantize", str(src), "--bits", "4", "--stream", "--eval", "test", "--out", str(tmp_path / "q")]) == 2
+    assert "--eval needs the whole model" in caplog.text
+
+    specs = PLAN.resolve(describe(_in_memory(src)))
+    quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, dtype=torch.float32, progress=False)
+    out = sorted((tmp_path / "q").glob("model-*.safetensors"))[2]
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 1
+    out.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=out.name):
+        quantmoe.load(tmp_path / "q")
