@@ -20,26 +20,28 @@ from quantmoe.anatomy.expert_view import (
     unfuse_experts,
 )
 from quantmoe.anatomy.report import format_anatomy
+from quantmoe.anatomy.families import FAMILIES, REFUSED, family_of
 from quantmoe.anatomy.specs import (
-    FAMILIES,
     QUANTIZABLE_ROLES,
     ROLES,
     ExpertLayout,
     FamilySpec,
+    Mixer,
     UnsupportedModelError,
-    family_of,
 )
 from quantmoe.anatomy.tiny import randomize_, tiny_config, tiny_model
 
 __all__ = [
     "FAMILIES",
     "QUANTIZABLE_ROLES",
+    "REFUSED",
     "ROLES",
     "BlockAnatomy",
     "ExpertLayout",
     "ExpertMLP",
     "FamilySpec",
     "LinearUnit",
+    "Mixer",
     "ModelAnatomy",
     "UnfusedExperts",
     "UnsupportedModelError",

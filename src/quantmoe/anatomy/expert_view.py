@@ -28,7 +28,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, family_of
+from quantmoe.anatomy.families import family_of
+from quantmoe.anatomy.specs import ExpertLayout, FamilySpec
 
 logger = logging.getLogger(__name__)
 
