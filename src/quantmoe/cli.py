@@ -26,10 +26,10 @@ def _cmd_families(args: argparse.Namespace) -> int:
         return 0
     rows = family_rows()
     for row in rows:
-        detail = row.name if row.status == "supported" else row.roles
-        print(f"{row.model_type:<22} {row.status:<10} {detail}")
-    supported = sum(r.status == "supported" for r in rows)
-    print(f"\n{supported} supported, {len(rows) - supported} refused")
+        detail = row.roles if row.status == "refused" else row.name
+        print(f"{row.model_type:<22} {row.status:<12} {detail}")
+    counts = {s: sum(r.status == s for r in rows) for s in ("supported", "shapes only", "refused")}
+    print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0
 
 

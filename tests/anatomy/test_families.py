@@ -40,7 +40,8 @@ from quantmoe.quant.checkpoint import save_quantized
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.pipeline import quantize_model
 
-SUPPORTED = sorted(FAMILIES)
+SUPPORTED = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is None)
+SHAPES_ONLY = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is not None)
 DOC = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 TOL = 1e-5
 
@@ -76,7 +77,7 @@ def _under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-@pytest.mark.parametrize("model_type", SUPPORTED)
+@pytest.mark.parametrize("model_type", SUPPORTED + SHAPES_ONLY)
 def test_inspect_roles(model_type):
     """Role totals are the parameter count; every linear is a unit or a documented full-precision part."""
     model, spec = _pristine(model_type), FAMILIES[model_type]
@@ -111,6 +112,8 @@ def test_inspect_roles(model_type):
 
     # every other nn.Linear is a router, a shared-expert gate, the lm_head, or a documented
     # full-precision part of a token mixer (Mamba x_proj/dt_proj, KDA forget gate, indexers)
+    if spec.view_refusal is not None:
+        return
     unfused = unfuse_experts(copy.deepcopy(model))
     units = {u.name for u in anatomy.units}
     allowed = [spec.lm_head] + [b.router for b in anatomy.blocks if b.router]
@@ -186,6 +189,15 @@ def test_quantize_mixed_plan_and_reload(model_type, tmp_path):
     quantized = _logits(model, ids)
     assert torch.equal(quantized, _logits(loaded, ids))
     assert (quantized - _logits(_pristine(model_type), ids)).abs().max() > TOL  # the weights did change
+
+
+@pytest.mark.parametrize("model_type", SHAPES_ONLY)
+def test_shapes_only_families_refuse_the_per_expert_view(model_type):
+    model = _model(model_type)
+    with pytest.raises(UnsupportedModelError, match="no per-expert view") as info:
+        unfuse_experts(model)
+    assert FAMILIES[model_type].view_refusal in str(info.value)
+    assert not any(isinstance(m, nn.Linear) and ".experts." in n for n, m in model.named_modules())
 
 
 # --- the table against the installed transformers ------------------------------------------------

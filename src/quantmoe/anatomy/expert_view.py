@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from quantmoe.anatomy.families import family_of
-from quantmoe.anatomy.specs import ExpertLayout, FamilySpec
+from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +285,11 @@ def unfuse_experts(model: nn.Module) -> nn.Module:
     where the layout says so); the fused storage is freed. Idempotent.
     """
     spec = family_of(model)
+    if spec.view_refusal is not None:
+        raise UnsupportedModelError(
+            f"{spec.model_type} ({spec.display_name}) has no per-expert view, so it cannot be quantized: "
+            f"{spec.view_refusal}. `quantmoe inspect` and `quantmoe plan` still work from its shapes."
+        )
     names = [n for n in experts_module_names(model, spec) if not isinstance(model.get_submodule(n), UnfusedExperts)]
     for name in names:
         model.set_submodule(name, _unfuse(model.get_submodule(name), spec.expert_layout, name))

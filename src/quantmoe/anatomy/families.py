@@ -84,6 +84,13 @@ _SPECS: tuple[FamilySpec, ...] = (
                shared_expert="shared_experts", expert_layout=ExpertLayout(transposed=True)),
     FamilySpec("flint", "Flint", num_experts_key="num_experts", moe_layers="sparse_step",
                shared_expert="shared_expert"),
+    # --- shapes only: inspect and plan, no per-expert view (so no quantization) ---
+    FamilySpec("llama4_text", "Llama 4", num_experts_key="num_local_experts", moe_layers="listed",
+               moe_layers_key="moe_layers", mlp="feed_forward", router="router", shared_expert="shared_expert",
+               expert_layout=ExpertLayout(transposed=True),
+               view_refusal="its experts (Llama4TextExperts) run every expert on every token in one batched matmul "
+                            "over router-scaled inputs, not through a top-k dispatch, so there is no per-expert call "
+                            "to replace or hook"),
     # --- hybrid token mixers (linear attention, Mamba) ---
     FamilySpec("qwen3_next", "Qwen3-Next", num_experts_key="num_experts", moe_layers="sparse_step",
                mixers=(_GATED_DELTANET_QKVZ,), shared_expert="shared_expert",
@@ -145,8 +152,6 @@ REFUSED: dict[str, str] = {
     "jetmoe": "its experts are JetMoeParallelExperts (`input_linear`, `output_linear`) run by its own top-k gating, and "
               "the attention itself is a mixture of attention experts (JetMoeMoA)",
     "llama4": _MULTIMODAL.format(text="llama4_text"),
-    "llama4_text": "its experts (Llama4TextExperts) run every expert on every token in one batched matmul over "
-                   "router-scaled inputs, not through a top-k dispatch, so the per-expert view has no call to replace",
     "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
                      "each block holds two attention and two MLP sublayers",
     "minimax_m3_vl_text": "its shared MLP (MiniMaxM3VLDenseMLP) fuses gate and up into one `gate_up_proj` linear, and "

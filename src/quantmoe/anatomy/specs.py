@@ -96,6 +96,8 @@ class FamilySpec:
     q_lora_rank is set, q_a_proj/q_b_proj when it is None) is skipped.
     mixers lists the other token mixers a block may hold instead of `attention` (Qwen3-Next's
     `linear_attn`, Jamba's `mamba`); each block must hold exactly one of them.
+    view_refusal, when set, says why the family's experts have no per-expert view: `describe`,
+    `quantmoe inspect` and `quantmoe plan` work from shapes, quantization is refused with it.
     moe_layers says which blocks are MoE: "all"; "sparse_step" (Qwen: not in
     `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0); "first_k_dense"
     (DeepSeek: i >= `first_k_dense_replace`, or the count `moe_layers_key` names); "interval" (ERNIE: (i + 1) % `moe_layer_interval`
@@ -124,6 +126,7 @@ class FamilySpec:
     expert_layout: ExpertLayout = field(default_factory=ExpertLayout)
     embedding: str = "model.embed_tokens"
     lm_head: str = "lm_head"
+    view_refusal: str | None = None  # why there is no per-expert view (so no quantization); shapes still describe
 
     def __post_init__(self) -> None:
         if not self.model_type:

@@ -183,6 +183,8 @@ _TINY: dict[str, dict[str, Any]] = {
                 "block_size": 8, "layer_types": ["linear_attention", "full_attention"]},
     "lfm2_moe": {"num_hidden_layers": 3, "intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 6,
                  "num_experts_per_tok": 2, "num_dense_layers": 1, "layer_types": ["conv", "full_attention", "conv"]},
+    "llama4_text": {"num_hidden_layers": 3, "head_dim": 8, "intermediate_size": 24, "intermediate_size_mlp": 64,
+                    "num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2},
     "jamba": {"num_hidden_layers": 3, "intermediate_size": 48, "num_experts": 4, "num_experts_per_tok": 2,
               "attn_layer_period": 3, "attn_layer_offset": 2, "expert_layer_period": 2, "expert_layer_offset": 1,
               "mamba_d_state": 8, "mamba_dt_rank": 4, "mamba_expand": 2, "use_mamba_kernels": False},
