@@ -31,10 +31,9 @@ def demo_sweep_path() -> Path:
 
 def run_demo(threads: int | None = None, sweep: Path | None = None, store: Path | None = None,
              report_dir: Path | None = None) -> int:
-    from quantmoe.bench.cli import default_report_dir
     from quantmoe.bench.report import build_report
     from quantmoe.bench.runner import run_sweep
-    from quantmoe.bench.summary import stored_table
+    from quantmoe.bench.summary import default_report_dir, stored_table
     from quantmoe.bench.sweep import load_sweep
 
     if threads:

@@ -170,7 +170,7 @@ def test_cutting_attention_passes_short_changes_nothing(family, monkeypatch):
         model = tiny_model(family)
         specs = Plan.uniform(3, group_size=16).resolve(describe(model))
         monkeypatch.setattr(pipeline, "HessianCollector",
-                            lambda *a, stop_early=False, **k: real(*a, stop_early=stop, **k))
+                            lambda *a, stop_early=False, **k: real(*a, stop_early=stop, **k))  # noqa: B023
         quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1), progress=False)
         results.append(model.state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

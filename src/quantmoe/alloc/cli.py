@@ -4,17 +4,15 @@ Rules that need no data (uniform, attention, shared, experts, first/last, kind, 
 randomk) run on the config alone (meta device, no weights). Data-driven rules (topk, global,
 outlier, importance) load the model; their statistics are computed once on the full-precision
 model and cached as JSON under ``--cache-dir`` ($QUANTMOE_CACHE, else ~/.cache/quantmoe), keyed
-by the model's name and weight fingerprint, the split, window count/length and seed.
+by content: the weight hash, the hash of the token windows and every setting (alloc/evidence.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,75 +74,11 @@ def format_importance(result) -> str:
             f"Spearman rank correlation of mean similarity {result.spearman:.3f}")
 
 
-# --- evidence -----------------------------------------------------------------------------------
-
-
-def cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir or os.environ.get("QUANTMOE_CACHE") or Path.home() / ".cache" / "quantmoe")
-
-
-def _cached(path: Path, load: Callable[[str], Any], compute: Callable[[], Any]) -> Any:
-    if path.is_file():
-        log.info("reusing %s", path)
-        return load(path.read_text(encoding="utf-8"))
-    value = compute()
-    value.save(path)
-    log.info("saved %s", path)
-    return value
-
-
-def gather_evidence(needs: list[str], model, tokenizer, anatomy, args: argparse.Namespace) -> Evidence:
-    """Compute (or reuse from the cache) the statistics the rules need, on the full-precision model."""
-    from quantmoe.alloc import predictor, scorers
-    from quantmoe.calib.data import calibration_windows
-    from quantmoe.calib.routing import RoutingStats, collect_routing
-    from quantmoe.quant.api import calibration_tokens, model_fingerprint
-
-    found: dict[str, Any] = {}
-    if args.routing:
-        stats = RoutingStats.from_json(Path(args.routing).read_text(encoding="utf-8"))
-        expected = {b.index: b.num_experts for b in anatomy.blocks if b.is_moe}
-        if {b: len(c) for b, c in stats.counts.items()} != expected:
-            raise ValueError(f"check --routing: {args.routing} counts experts of other blocks than this model's "
-                             f"MoE blocks ({len(expected)} blocks of {max(expected.values(), default=0)} experts)")
-        found["routing"] = stats
-    todo = [n for n in needs if n not in found]
-    if not todo or model is None:
-        return Evidence(**found)
-    key = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(args.model).name)}-{model_fingerprint(model)[:12]}"
-    folder = cache_root(args.cache_dir) / key
-
-    def windows(split: str):
-        return calibration_windows(calibration_tokens(split, tokenizer), args.windows, args.seq_len, args.seed)
-
-    tag = f"{Path(args.split).stem}-{args.windows}x{args.seq_len}-seed{args.seed}"
-    for need in todo:
-        if need == "routing":
-            found[need] = _cached(folder / f"routing-{tag}.json", RoutingStats.from_json,
-                                  lambda: collect_routing(model, anatomy, windows(args.split)))
-        elif need == "wanda":
-            found[need] = _cached(folder / f"wanda-{tag}.json", scorers.ExpertScores.from_json,
-                                  lambda: scorers.wanda_expert_scores(model, anatomy, windows(args.split)))
-        elif need == "massive":
-            found[need] = _cached(folder / f"massive-{tag}-t{args.massive_threshold:g}.json",
-                                  scorers.ExpertScores.from_json,
-                                  lambda: scorers.massive_routing(model, anatomy, windows(args.split),
-                                                                  args.massive_threshold))
-        elif need == "outlier":
-            found[need] = scorers.outlier_scores(model, anatomy)
-        elif need == "importance":
-            config = predictor.PredictorConfig(seed=args.seed)
-            found[need] = _cached(folder / f"importance-{tag}-rank-{Path(args.rank_split).stem}.json",
-                                  predictor.BlockImportance.from_json,
-                                  lambda: predictor.block_importance(model, anatomy, windows(args.split),
-                                                                     windows(args.rank_split), config))
-    return Evidence(**found)
-
-
 # --- command ------------------------------------------------------------------------------------
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from quantmoe.alloc.evidence import StatisticsConfig, gather_evidence, load_routing
     from quantmoe.alloc.policies import build_plan, policy_needs
     from quantmoe.anatomy import describe, describe_config, inspect_model
     from quantmoe.atomic import atomic_write_text
@@ -168,7 +102,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         log.warning("--bits-only: data-driven rules pick experts/blocks/linears in index order; the average "
                     "bits are exact, the choice is not")
     else:
-        evidence = gather_evidence(needs, model, tokenizer, anatomy, args)
+        routing = load_routing(Path(args.routing), anatomy) if args.routing else None
+        stats = StatisticsConfig(split=args.split, rank_split=args.rank_split, windows=args.windows,
+                                 seq_len=args.seq_len, seed=args.seed, massive_threshold=args.massive_threshold)
+        evidence = gather_evidence(needs, model, tokenizer, anatomy, stats, model_name=args.model,
+                                   cache_dir=args.cache_dir, routing=routing)
     plan = build_plan(rules, anatomy, evidence, group_size=group_size or None, symmetric=not args.asym)
     specs = plan.resolve(anatomy)
     moe = [b for b in anatomy.blocks if b.is_moe]

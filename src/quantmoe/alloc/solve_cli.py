@@ -7,8 +7,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
 
@@ -29,31 +27,8 @@ def _parse_role_bits(items: list[str] | None) -> dict[str, int]:
     return out
 
 
-def load_or_measure_damage(model, tokenizer, anatomy, widths, args, cache: Path | None):
-    from quantmoe.alloc.damage import DamageTable, measure_damage
-    from quantmoe.calib.data import calibration_windows
-    from quantmoe.quant.api import calibration_tokens
-
-    if cache is not None and cache.exists():
-        d = np.load(cache, allow_pickle=False)
-        table = DamageTable(tuple(d["units"].tolist()), tuple(int(w) for w in d["widths"]), d["damage"], d["params"],
-                            str(d["metric"]))
-        if set(widths) <= set(table.widths) and table.units == tuple(u.name for u in anatomy.units):
-            log.info("damage table from %s", cache)
-            return table
-    windows = calibration_windows(calibration_tokens(args.calib, tokenizer), args.calib_windows, args.calib_len,
-                                  args.seed)
-    table = measure_damage(model, anatomy, windows, widths, group_size=args.group_size or None,
-                           symmetric=not args.asym, metric=args.metric)
-    if cache is not None:
-        from quantmoe.atomic import atomic_write
-
-        atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), units=np.array(table.units), widths=np.array(
-            table.widths), damage=table.damage, params=table.params, metric=np.array(table.metric)))
-    return table
-
-
 def _cmd_solve(args: argparse.Namespace) -> int:
+    from quantmoe.alloc.damage import DamageConfig, load_or_measure_damage
     from quantmoe.alloc.solver import SolverConfig, solve
     from quantmoe.anatomy import describe
     from quantmoe.atomic import atomic_write_text
@@ -62,15 +37,18 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
-                          role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits))
+                          role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits),
+                          time_limit=args.time_limit)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     anatomy = describe(model)
-    table = load_or_measure_damage(model, tokenizer, anatomy, widths, args,
+    damage = DamageConfig(split=args.calib, windows=args.calib_windows, seq_len=args.calib_len, seed=args.seed,
+                          group_size=args.group_size or None, symmetric=not args.asym, metric=args.metric)
+    table = load_or_measure_damage(model, tokenizer, anatomy, widths, damage,
                                    Path(args.damage_cache) if args.damage_cache else None)
     sol = solve(anatomy, table, config, group_size=args.group_size or None, symmetric=not args.asym)
     stats = bit_stats(sol.plan.resolve(anatomy), anatomy.units)
     print(f"{args.model}: {stats.average_bits:.4f} average bits ({stats.effective_bits:.3f} effective), "
-          f"estimated {table.metric} damage {sol.damage:.4g}, {sol.groups} groups")
+          f"estimated {table.metric} damage {sol.damage:.4g}, {sol.groups} groups, {sol.status}")
     by_role: dict[str, dict[int, int]] = {}
     for u in anatomy.units:
         by_role.setdefault(u.role, {}).setdefault(sol.bits[u.name], 0)
@@ -105,7 +83,10 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damage-cache", help="npz file to reuse measured damage across targets")
+    p.add_argument("--time-limit", type=float, default=120.0,
+                   help="seconds for the exact program; then the best plan found, with its gap to the optimum")
+    p.add_argument("--damage-cache", help="npz file to reuse measured damage across targets (reused only when "
+                                          "measured on the same weights, text and settings; else measured again)")
     p.add_argument("--out", help="write the plan YAML here")
     p.add_argument("--json", action="store_true", help="also print unit -> bits as JSON")
     p.add_argument("--trust-remote-code", action="store_true")

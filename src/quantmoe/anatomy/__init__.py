@@ -1,6 +1,6 @@
 """Model anatomy: which MoE family a model is, where its parts live, and a per-expert view.
 
-Families are declared as data in `specs.FAMILIES`; see docs/adding-a-family.md to add one.
+Families are declared as data in `families.FAMILIES`; see docs/adding-a-family.md to add one.
 """
 
 from quantmoe.anatomy.describe import (
@@ -19,8 +19,8 @@ from quantmoe.anatomy.expert_view import (
     per_expert_view,
     unfuse_experts,
 )
-from quantmoe.anatomy.report import format_anatomy
 from quantmoe.anatomy.families import FAMILIES, REFUSED, family_of
+from quantmoe.anatomy.report import format_anatomy
 from quantmoe.anatomy.specs import (
     QUANTIZABLE_ROLES,
     ROLES,

@@ -9,13 +9,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def default_report_dir(store: Path) -> Path:
-    return store.parent / "report"
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from quantmoe.bench.runner import run_sweep
-    from quantmoe.bench.summary import stored_table
+    from quantmoe.bench.summary import default_report_dir, stored_table
     from quantmoe.bench.sweep import load_sweep
 
     config = load_sweep(args.sweep)
@@ -37,6 +33,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from quantmoe.bench.report import build_report
+    from quantmoe.bench.summary import default_report_dir
 
     store = Path(args.store)
     path = build_report(store, args.out or default_report_dir(store), args.sweep)

@@ -19,13 +19,13 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from quantmoe.eval.hfcache import ensure_datasets_cache
+from quantmoe.suggest import did_you_mean
 from quantmoe.zoo.embedded import TEXT_SPLITS, split_path
 
 
@@ -73,8 +73,8 @@ def dataset_text(corpus: HubCorpus) -> str:
 
 
 def _unknown(source: str) -> ValueError:
-    close = difflib.get_close_matches(source, corpus_names(), n=2)
-    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    hint = did_you_mean(source, corpus_names(), n=2)
+    hint = f"{hint} " if hint else ""
     return ValueError(f"unknown text {source!r}: {hint}give one of {', '.join(corpus_names())} "
                       "or the path of a .txt file")
 

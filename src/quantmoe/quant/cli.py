@@ -34,7 +34,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
-    gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order)
+    gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
+                      static_groups=args.static_groups)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -68,7 +69,12 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder (written atomically)")
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ act-order: columns by descending Hessian diagonal (implies --static-groups)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="GPTQ: every group's scale/zero from the unquantized weight, not the error-updated one")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="GPTQ columns per lazy-update block (speed; see docs/quantization.md)")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=256)

@@ -66,8 +66,9 @@ STAGES: tuple[Stage, ...] = (
 class GPTQConfig:
     method: str = "gptq"
     damp: float = 0.01
-    block_size: int = 128
+    block_size: int = 128  # columns per lazy-update block (see gptq.py)
     act_order: bool = False
+    static_groups: bool = False  # group scale/zero from the unquantized W (forced by act_order with groups)
     batch_experts: bool = True  # one batched GPTQ over a block's experts of equal shape and settings
     # device memory a block may use to keep its routed experts' down inputs from the down stage's
     # pass for its final pass (which then skips their gate/up); 0 turns it off
@@ -78,6 +79,8 @@ class GPTQConfig:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"check `damp`: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"check `block_size`: {self.block_size!r} is not a positive number of columns")
         if self.expert_cache_mb < 0:
             raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
 
@@ -319,10 +322,12 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
         if is_expert and len(items) > 1 and gptq.batch_experts:
             results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
                                             damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
+                                            static_groups=gptq.static_groups,
                                             names=[u.name for u, _, _ in items])
         else:
             results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
-                                     act_order=gptq.act_order, name=u.name) for w, (u, H, _) in zip(weights, items)]
+                                     act_order=gptq.act_order, static_groups=gptq.static_groups, name=u.name)
+                       for w, (u, H, _) in zip(weights, items)]
         qlinears = QuantLinear.from_results(linears, results)
         for (unit, _, tokens), result, qlinear in zip(items, results, qlinears):
             _stage(model, unit.name, qlinear, staged, weight=result.Q)

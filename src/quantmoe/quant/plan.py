@@ -34,6 +34,7 @@ import yaml
 
 from quantmoe.anatomy import QUANTIZABLE_ROLES, LinearUnit, ModelAnatomy
 from quantmoe.quant.grid import QuantSpec
+from quantmoe.suggest import did_you_mean
 
 SETTING_KEYS = ("bits", "group_size", "symmetric")
 PLAN_KEYS = ("default", "roles", "kinds", "patterns", "modules")
@@ -43,8 +44,9 @@ SCALE_BITS = 16  # one float16 scale per group and row
 def _check_settings(where: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(settings) - set(SETTING_KEYS)
     if unknown:
+        hint = did_you_mean(sorted(unknown)[0], SETTING_KEYS)
         raise ValueError(f"check {where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                         f"allowed: {', '.join(SETTING_KEYS)}")
+                         f"{hint + ' ' if hint else ''}allowed: {', '.join(SETTING_KEYS)}")
     out = dict(settings)
     QuantSpec(**{**{"bits": 16}, **out})  # validates bits / group_size now, naming the setting
     return out
@@ -123,8 +125,9 @@ class Plan:
     def from_dict(cls, d: Mapping[str, Any], source: str = "the plan") -> Plan:
         unknown = set(d) - set(PLAN_KEYS)
         if unknown:
+            hint = did_you_mean(sorted(unknown)[0], PLAN_KEYS)
             raise ValueError(f"check {source}: unknown key(s) {', '.join(sorted(unknown))}; "
-                             f"allowed: {', '.join(PLAN_KEYS)}")
+                             f"{hint + ' ' if hint else ''}allowed: {', '.join(PLAN_KEYS)}")
         default = _check_settings("`default`", d.get("default") or {})
         patterns = []
         for item in d.get("patterns") or []:
