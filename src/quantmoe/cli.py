@@ -18,6 +18,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_families(args: argparse.Namespace) -> int:
+    from quantmoe.anatomy.catalog import family_rows, family_table_markdown
+
+    if args.markdown:
+        sys.stdout.write(family_table_markdown())
+        return 0
+    rows = family_rows()
+    for row in rows:
+        detail = row.roles if row.status == "refused" else row.name
+        print(f"{row.model_type:<22} {row.status:<12} {detail}")
+    counts = {s: sum(r.status == s for r in rows) for s in ("supported", "shapes only", "refused")}
+    print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from quantmoe.zoo.embedded import load_model
 
@@ -102,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Needs only the config: weights are not loaded.")
     _add_model_args(p)
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("families", help="every MoE family of the installed transformers: supported or why not",
+                       description="The MoE causal-LM model types of the installed transformers, each supported "
+                                   "(with its display name) or refused (with the reason). --markdown prints "
+                                   "docs/families.md.")
+    p.add_argument("--markdown", action="store_true", help="the full table (roles, per-expert view) as Markdown")
+    p.set_defaults(func=_cmd_families)
 
     p = sub.add_parser("eval", help="perplexity on a text, and lm-eval tasks",
                        description="Perplexity over non-overlapping windows of a text (an embedded split, "

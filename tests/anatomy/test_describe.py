@@ -62,8 +62,8 @@ def _meta_model(model_type: str, **overrides) -> nn.Module:
         return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
 
 
-def test_families_table_is_the_six():
-    assert sorted(FAMILIES) == sorted(FAMILY_TYPES)
+def test_families_table_keys_are_model_types():
+    assert set(FAMILY_TYPES) <= set(FAMILIES)  # the families these tests re-derive by hand
     assert all(spec.model_type == key for key, spec in FAMILIES.items())
 
 

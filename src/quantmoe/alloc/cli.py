@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from quantmoe.alloc.presets import PAPER_MODELS, PRESETS, format_policy, paper_config, parse_policy
+from quantmoe.alloc.presets import MODEL_SHAPES, PRESETS, format_policy, paper_config, parse_policy
 from quantmoe.alloc.scorers import Evidence
 from quantmoe.quant.plan import PLAN_HEADER
 from quantmoe.safeout import check_file_output, starts_with
@@ -94,7 +94,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     group_size = args.group_size if args.group_size is not None else preset.group_size if preset else 128
     model = tokenizer = None
     without_data = args.bits_only or not needs or (args.routing and needs == ["routing"])
-    if args.model in PAPER_MODELS:
+    if args.model in MODEL_SHAPES:
         anatomy = describe_config(paper_config(args.model))
     elif without_data:
         anatomy = inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
@@ -149,8 +149,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                        description="Apply a bit-allocation policy to MODEL and print the plan: bits by role and "
                                    "block, an expert-by-block bit map, average and effective bits.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="embedded model (mixtral-s, deepseek-s), local folder, hub id, or the paper's "
-                                 f"shapes on the meta device ({', '.join(PAPER_MODELS)})")
+    p.add_argument("model", help="embedded model (mixtral-s, deepseek-s), local folder, hub id, or the shapes "
+                                 f"of a paper or flagship model on the meta device ({', '.join(MODEL_SHAPES)})")
     p.add_argument("--policy", required=True, help="compact rules, a preset name, or a policy YAML file")
     p.add_argument("--out", help="write the plan here as YAML (for `quantmoe quantize --plan`); an existing file "
                                  "is replaced only if quantmoe wrote it and --overwrite is given")

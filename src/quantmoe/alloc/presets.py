@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmoe.alloc.policies import Pattern, Rule, get_rule
+from quantmoe.anatomy.flagships import FLAGSHIPS
 from quantmoe.suggest import did_you_mean
 from quantmoe.yamlfile import read_yaml
 
@@ -90,13 +91,19 @@ PAPER_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# every name `quantmoe plan` builds on the meta device: the paper's models and the flagships of
+# the supported families (quantmoe.anatomy.flagships, from their published configs)
+MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {**PAPER_MODELS, **FLAGSHIPS}
+
+
 def paper_config(name: str):
-    """A transformers config with the shapes of a model of the paper (see the module docstring)."""
+    """A transformers config with the shapes of a model of the paper (see the module docstring) or of a
+    flagship model (`quantmoe.anatomy.flagships.FLAGSHIPS`)."""
     from transformers import AutoConfig
 
-    if name not in PAPER_MODELS:
-        raise ValueError(f"unknown paper model {name!r}; choose one of {', '.join(PAPER_MODELS)}")
-    model_type, kwargs = PAPER_MODELS[name]
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shapes {name!r}; choose one of {', '.join(MODEL_SHAPES)}")
+    model_type, kwargs = MODEL_SHAPES[name]
     return AutoConfig.for_model(model_type, **kwargs)
 
 

@@ -1,6 +1,6 @@
 """Model anatomy: which MoE family a model is, where its parts live, and a per-expert view.
 
-Families are declared as data in `specs.FAMILIES`; see docs/adding-a-family.md to add one.
+Families are declared as data in `families.FAMILIES`; see docs/adding-a-family.md to add one.
 """
 
 from quantmoe.anatomy.describe import (
@@ -19,27 +19,29 @@ from quantmoe.anatomy.expert_view import (
     per_expert_view,
     unfuse_experts,
 )
+from quantmoe.anatomy.families import FAMILIES, REFUSED, family_of
 from quantmoe.anatomy.report import format_anatomy
 from quantmoe.anatomy.specs import (
-    FAMILIES,
     QUANTIZABLE_ROLES,
     ROLES,
     ExpertLayout,
     FamilySpec,
+    Mixer,
     UnsupportedModelError,
-    family_of,
 )
 from quantmoe.anatomy.tiny import randomize_, tiny_config, tiny_model
 
 __all__ = [
     "FAMILIES",
     "QUANTIZABLE_ROLES",
+    "REFUSED",
     "ROLES",
     "BlockAnatomy",
     "ExpertLayout",
     "ExpertMLP",
     "FamilySpec",
     "LinearUnit",
+    "Mixer",
     "ModelAnatomy",
     "UnfusedExperts",
     "UnsupportedModelError",

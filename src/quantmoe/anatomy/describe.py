@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy.expert_view import UNIT_KINDS, expert_unit_shapes, unit_shape
-from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, family_of
+from quantmoe.anatomy.families import family_of
+from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec
 from quantmoe.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class BlockAnatomy:
     dense_mlp: tuple[str, ...]
     module_name: str
     experts_module: str | None
+    mixer: str = "self_attn"  # the block's token-mixer attribute (self_attn, linear_attn, mamba, ...)
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,32 @@ def _child(parent: nn.Module, parent_name: str, attr: str, field: str) -> nn.Mod
     return child
 
 
+def _mixer(block: nn.Module, prefix: str, spec: FamilySpec) -> tuple[str, tuple[str, ...], str]:
+    """(attribute, linears, FamilySpec field) of the token mixer `block` holds: the first of
+    `attention`, then `mixers`, whose attribute exists and has every declared linear (Kimi-Linear's
+    MLA and KDA layers both live in `self_attn`)."""
+    candidates = [(spec.attention, spec.attention_linears, "attention_linears")]
+    candidates += [(m.attr, m.linears, "mixers") for m in spec.mixers]
+    for attr, linears, field in candidates:
+        module = getattr(block, attr, None)
+        if module is not None and all(hasattr(module, kind) for kind in linears):
+            return attr, linears, field
+    for attr, linears, field in candidates:  # present, but a declared linear is missing: name it
+        module = getattr(block, attr, None)
+        if module is not None:
+            missing = next(kind for kind in linears if not hasattr(module, kind))
+            raise ValueError(f"`{prefix}.{attr}` has no `{missing}`; check `{field}` in the {spec.model_type} FamilySpec")
+    names = ", ".join([spec.attention, *(m.attr for m in spec.mixers)])
+    raise ValueError(f"`{prefix}` has none of {names}; check `attention` and `mixers` in the {spec.model_type} FamilySpec")
+
+
 def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[BlockAnatomy, list[LinearUnit]]:
     config = model.config
     prefix = f"{spec.layers}.{index}"
     block = model.get_submodule(prefix)
-    attn_name, mlp_name = f"{prefix}.{spec.attention}", f"{prefix}.{spec.mlp}"
-    attn = _child(block, prefix, spec.attention, "attention")
-    attention = _units(attn, attn_name, spec.attention_linears, "attention", index, "attention_linears")
+    mixer, mixer_linears, mixer_field = _mixer(block, prefix, spec)
+    attn_name, mlp_name = f"{prefix}.{mixer}", f"{prefix}.{spec.mlp}"
+    attention = _units(getattr(block, mixer), attn_name, mixer_linears, "attention", index, mixer_field)
     mlp = _child(block, prefix, spec.mlp, "mlp")
     experts = getattr(mlp, spec.experts, None)
     is_moe = experts is not None
@@ -157,6 +178,7 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
             dense_mlp=tuple(u.name for u in dense),
             module_name=prefix,
             experts_module=None,
+            mixer=mixer,
         )
         return anatomy, attention + dense
 
@@ -176,11 +198,13 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
         ])  # fmt: skip
     shared: list[LinearUnit] = []
     shared_gate = None
-    if spec.shared_expert is not None:
+    if spec.shared_expert is not None and not hasattr(mlp, spec.shared_expert):
+        raise ValueError(f"`{mlp_name}` has no `{spec.shared_expert}`; check `shared_expert` in the FamilySpec")
+    shared_mod = getattr(mlp, spec.shared_expert) if spec.shared_expert is not None else None
+    if shared_mod is not None:  # None: this config has no shared expert (Command-MoE with num_shared_experts=0)
         shared_name = f"{mlp_name}.{spec.shared_expert}"
-        shared_mod = _child(mlp, mlp_name, spec.shared_expert, "shared_expert")
         shared = _units(shared_mod, shared_name, spec.mlp_linears, "shared_expert", index, "mlp_linears")
-    if spec.shared_expert_gate is not None:
+    if spec.shared_expert_gate is not None and shared_mod is not None:
         _child(mlp, mlp_name, spec.shared_expert_gate, "shared_expert_gate")
         shared_gate = f"{mlp_name}.{spec.shared_expert_gate}"
     # Sequential order: attention; every gate/up (routed, then shared: same input); every down.
@@ -198,6 +222,7 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
         dense_mlp=(),
         module_name=prefix,
         experts_module=experts_name,
+        mixer=mixer,
     )
     return anatomy, units
 

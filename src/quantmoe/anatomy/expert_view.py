@@ -28,7 +28,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, family_of
+from quantmoe.anatomy.families import family_of
+from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,11 @@ def unfuse_experts(model: nn.Module, only: Collection[str] | None = None) -> nn.
     where the layout says so); the fused storage is freed. Idempotent.
     """
     spec = family_of(model)
+    if spec.view_refusal is not None:
+        raise UnsupportedModelError(
+            f"{spec.model_type} ({spec.display_name}) has no per-expert view, so it cannot be quantized: "
+            f"{spec.view_refusal}. `quantmoe inspect` and `quantmoe plan` still work from its shapes."
+        )
     names = [n for n in experts_module_names(model, spec)
              if (only is None or n in only) and not isinstance(model.get_submodule(n), UnfusedExperts)]
     for name in names:

@@ -20,7 +20,8 @@ Roles marked * are quantizable; "% quantizable" is the share of their sum.
 from __future__ import annotations
 
 from quantmoe.anatomy.describe import ModelAnatomy
-from quantmoe.anatomy.specs import FAMILIES, QUANTIZABLE_ROLES, ROLES
+from quantmoe.anatomy.families import FAMILIES
+from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES
 
 
 def _human(n: int) -> str:

@@ -1,6 +1,6 @@
 """Model families declared as data: where blocks, attention, router and experts live.
 
-One `FamilySpec` per family, in `FAMILIES`, keyed by `config.model_type`. Code that walks a
+One `FamilySpec` per family, in `families.FAMILIES`, keyed by `config.model_type`. Code that walks a
 model (describe, expert view, quantization driver) reads these fields and never branches
 on the family name. Module paths are relative: `layers` from the model root, `attention`
 and `mlp` from a block, `router`, `experts`, `shared_expert`, `shared_expert_gate` from
@@ -31,9 +31,10 @@ ROLES: tuple[str, ...] = (
 )
 QUANTIZABLE_ROLES: tuple[str, ...] = ("attention", "routed_expert", "shared_expert", "dense_mlp")
 
-MoeLayerRule = Literal["all", "sparse_step", "first_k_dense"]
+MoeLayerRule = Literal["all", "sparse_step", "first_k_dense", "interval", "listed", "typed", "counted"]
 Activation = Literal["glu", "clamped_swiglu"]
-_MOE_LAYER_RULES = ("all", "sparse_step", "first_k_dense")
+_MOE_LAYER_RULES = ("all", "sparse_step", "first_k_dense", "interval", "listed", "typed", "counted")
+_KEYED_RULES = ("listed", "typed", "counted")  # these read the config list named by `moe_layers_key`
 _ACTIVATIONS = ("glu", "clamped_swiglu")
 
 DOCS_HINT = "see docs/adding-a-family.md"
@@ -68,15 +69,42 @@ class ExpertLayout:
 
 
 @dataclass(frozen=True)
+class Mixer:
+    """A token mixer that some blocks hold instead of the softmax attention (hybrid models).
+
+    attr:    the block's attribute (`linear_attn`, `mamba`).
+    linears: its quantizable projections in execution order. Projections that are not listed
+             (Mamba's small `x_proj` / `dt_proj`, convolutions, decay parameters) stay in full
+             precision under the role "other".
+    label:   what it is, for reports ("linear attention", "Mamba").
+
+    Its linears take the role "attention" (the block's token mixer), so every policy that
+    covers attention covers them.
+    """
+
+    attr: str
+    linears: tuple[str, ...]
+    label: str
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Where the parts of one MoE family live, and how its experts are stored.
 
     attention_linears lists every projection the family may have, in execution order;
     a name transformers sets to None for a given config (DeepSeek's q_proj when
     q_lora_rank is set, q_a_proj/q_b_proj when it is None) is skipped.
+    mixers lists the other token mixers a block may hold instead of `attention` (Qwen3-Next's
+    `linear_attn`, Jamba's `mamba`); each block must hold exactly one of them.
+    view_refusal, when set, says why the family's experts have no per-expert view: `describe`,
+    `quantmoe inspect` and `quantmoe plan` work from shapes, quantization is refused with it.
     moe_layers says which blocks are MoE: "all"; "sparse_step" (Qwen: not in
     `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0); "first_k_dense"
-    (DeepSeek: i >= `first_k_dense_replace`).
+    (DeepSeek: i >= `first_k_dense_replace`, or the count `moe_layers_key` names); "interval" (ERNIE: (i + 1) % `moe_layer_interval`
+    == 0 and `moe_layer_start_index` <= i <= `moe_layer_end_index`); and three rules reading the
+    config list named by `moe_layers_key`: "listed" (i is in it: Llama 4's `moe_layers`),
+    "typed" (its i-th entry is "sparse": GLM-4.7-Flash's `mlp_layer_types`), "counted" (its
+    i-th entry, a number of experts, is > 1: Jamba's `layers_num_experts`).
     """
 
     model_type: str
@@ -84,9 +112,11 @@ class FamilySpec:
     num_experts_key: str
     top_k_key: str = "num_experts_per_tok"
     moe_layers: MoeLayerRule = "all"
+    moe_layers_key: str | None = None
     layers: str = "model.layers"
     attention: str = "self_attn"
     attention_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mixers: tuple[Mixer, ...] = ()
     mlp: str = "mlp"
     router: str = "gate"
     experts: str = "experts"
@@ -96,6 +126,7 @@ class FamilySpec:
     expert_layout: ExpertLayout = field(default_factory=ExpertLayout)
     embedding: str = "model.embed_tokens"
     lm_head: str = "lm_head"
+    view_refusal: str | None = None  # why there is no per-expert view (so no quantization); shapes still describe
 
     def __post_init__(self) -> None:
         if not self.model_type:
@@ -104,6 +135,14 @@ class FamilySpec:
             raise ValueError(
                 f"check `moe_layers` in FamilySpec {self.model_type!r}: {self.moe_layers!r} "
                 f"is not one of {', '.join(_MOE_LAYER_RULES)}"
+            )
+        keyed = self.moe_layers in _KEYED_RULES
+        if (keyed and self.moe_layers_key is None) or (
+            not keyed and self.moe_layers != "first_k_dense" and self.moe_layers_key is not None
+        ):
+            raise ValueError(
+                f"check `moe_layers_key` in FamilySpec {self.model_type!r}: the rules {', '.join(_KEYED_RULES)} "
+                "need the name of the config list they read, first_k_dense may name its count, the others take none"
             )
         if len(self.mlp_linears) != 3:
             raise ValueError(
@@ -128,57 +167,16 @@ class FamilySpec:
             mlp_only = getattr(config, "mlp_only_layers", None) or []
             return index not in mlp_only and (index + 1) % config.decoder_sparse_step == 0
         if self.moe_layers == "first_k_dense":
-            return index >= config.first_k_dense_replace
+            return index >= getattr(config, self.moe_layers_key or "first_k_dense_replace")
+        if self.moe_layers == "interval":
+            start, end = config.moe_layer_start_index, config.moe_layer_end_index
+            end = config.num_hidden_layers - 1 if end is None or end < 0 else end
+            return (index + 1) % config.moe_layer_interval == 0 and start <= index <= end
+        if self.moe_layers in _KEYED_RULES:
+            values = getattr(config, self.moe_layers_key)
+            if self.moe_layers == "listed":
+                return index in values
+            if self.moe_layers == "typed":
+                return values[index] == "sparse"
+            return values[index] > 1
         return True
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    spec.model_type: spec
-    for spec in (
-        FamilySpec("mixtral", "Mixtral", num_experts_key="num_local_experts"),
-        FamilySpec(
-            "qwen2_moe",
-            "Qwen2-MoE",
-            num_experts_key="num_experts",
-            moe_layers="sparse_step",
-            shared_expert="shared_expert",
-            shared_expert_gate="shared_expert_gate",
-        ),
-        FamilySpec("qwen3_moe", "Qwen3-MoE", num_experts_key="num_experts", moe_layers="sparse_step"),
-        FamilySpec(
-            "deepseek_v3",
-            "DeepSeek-V3",
-            num_experts_key="n_routed_experts",
-            moe_layers="first_k_dense",
-            attention_linears=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
-            shared_expert="shared_experts",
-        ),
-        FamilySpec("olmoe", "OLMoE", num_experts_key="num_experts"),
-        FamilySpec(
-            "gpt_oss",
-            "GPT-OSS",
-            num_experts_key="num_local_experts",
-            router="router",
-            expert_layout=ExpertLayout(
-                transposed=True, interleaved=True, has_bias=True, activation="clamped_swiglu"
-            ),
-        ),
-    )
-}
-
-
-def family_of(model_or_config: Any) -> FamilySpec:
-    """The FamilySpec of a model or config, by `config.model_type`.
-
-    Raises UnsupportedModelError (a ValueError) naming the supported families.
-    """
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    spec = FAMILIES.get(model_type) if isinstance(model_type, str) else None
-    if spec is None:
-        supported = ", ".join(f"{s.model_type} ({s.display_name})" for s in FAMILIES.values())
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family. Supported: {supported}. "
-            f"To add one, declare a FamilySpec in FAMILIES in quantmoe/anatomy/specs.py ({DOCS_HINT})."
-        )
-    return spec

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from quantmoe.anatomy.specs import FAMILIES, UnsupportedModelError
+from quantmoe.anatomy.families import FAMILIES
+from quantmoe.anatomy.specs import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,47 @@ _COMMON: dict[str, Any] = {
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,
+}
+
+# Shared by several families below.
+_DEEPSEEK_MOE: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 24,
+    "n_routed_experts": 6,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+}
+_MLA: dict[str, Any] = {
+    **_DEEPSEEK_MOE,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "head_dim": 8,
+}
+_TYPED_MOE: dict[str, Any] = {  # mlp_layer_types: block 0 dense
+    "num_hidden_layers": 3,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 24,
+    "num_experts_per_tok": 2,
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+}
+_GATED_DELTANET: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 24,
+    "shared_expert_intermediate_size": 40,
+    "num_experts": 6,
+    "num_experts_per_tok": 2,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
 }
 
 # Per family: what differs from _COMMON. Kept small enough that a forward pass over a
@@ -91,6 +133,62 @@ _TINY: dict[str, dict[str, Any]] = {
         "attention_bias": True,
         "max_position_embeddings": 131072,  # matches the default YaRN rope_parameters (no warning)
     },
+    "deepseek_v2": {**_MLA, "first_k_dense_replace": 1, "n_shared_experts": 1, "topk_method": "greedy"},
+    "deepseek_v32": {**_MLA, "n_shared_experts": 1, "index_n_heads": 2,
+                     "index_head_dim": 16, "index_topk": 4, "mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "glm4_moe": {**_DEEPSEEK_MOE, "first_k_dense_replace": 1, "n_shared_experts": 1, "head_dim": 8},
+    "glm4_moe_lite": {**_MLA, "n_shared_experts": 1, "mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "dots1": {**_DEEPSEEK_MOE, "first_k_dense_replace": 1, "n_shared_experts": 1, "head_dim": 8},
+    "ernie4_5_moe": {"num_hidden_layers": 3, "intermediate_size": 64, "moe_intermediate_size": 24,
+                     "moe_num_experts": 6, "moe_k": 2, "moe_num_shared_experts": 1, "moe_layer_start_index": 1,
+                     "moe_layer_end_index": 2, "moe_layer_interval": 1, "tie_word_embeddings": False},
+    "hunyuan_v1_moe": {"head_dim": 8, "intermediate_size": 24, "num_experts": 6, "moe_topk": 2,
+                       "num_shared_expert": 1, "use_qk_norm": True},
+    "phimoe": {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "minimax_m2": {"head_dim": 8, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "flex_olmo": {"intermediate_size": 32, "num_experts": 6, "num_experts_per_tok": 2},
+    "granitemoe": {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "solar_open": {**_DEEPSEEK_MOE, "n_shared_experts": 1, "head_dim": 8},
+    "exaone_moe": {**_TYPED_MOE, "num_experts": 6, "num_shared_experts": 1, "head_dim": 8,
+                   "layer_types": ["full_attention"] * 3},
+    "mimo_v2_flash": {**_TYPED_MOE, "n_routed_experts": 6, "head_dim": 8, "v_head_dim": 8,
+                      "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+    "hy_v3": {**_TYPED_MOE, "num_experts": 6, "num_shared_experts": 1, "head_dim": 8},
+    "laguna": {**_TYPED_MOE, "num_experts": 6, "shared_expert_intermediate_size": 40, "head_dim": 8,
+               "layer_types": ["full_attention"] * 3},
+    "mellum": {**_TYPED_MOE, "num_local_experts": 6, "head_dim": 8, "layer_types": ["full_attention"] * 3},
+    "kolibri1": {"head_dim": 8, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+                 "num_local_experts": 6, "num_experts_per_tok": 2, "layer_types": ["full_attention"] * 2},
+    "cohere2_moe": {**_TYPED_MOE, "head_dim": 8, "num_experts": 6, "num_shared_experts": 1,
+                    "mlp_layer_types": ["dense", "sparse", "sparse"], "layer_types": ["full_attention"] * 3},
+    "axk1": {**_MLA, "n_shared_experts": 1, "mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "afmoe": {**_TYPED_MOE, "num_experts": 6, "num_shared_experts": 1, "num_dense_layers": 1, "head_dim": 8,
+              "layer_types": ["full_attention"] * 3},
+    "beam": {**_TYPED_MOE, "num_experts": 6, "head_dim": 8, "n_group": 1, "topk_group": 1,
+             "layer_types": ["full_attention"] * 3},
+    "aria_text": {"head_dim": 8, "intermediate_size": 24, "moe_num_experts": 6, "moe_topk": 2,
+                  "moe_num_shared_experts": 1},
+    "flint": {"num_hidden_layers": 3, "head_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 24,
+              "shared_expert_intermediate_size": 40, "num_experts": 6, "num_experts_per_tok": 2,
+              "mlp_only_layers": [0], "decoder_sparse_step": 1, "layer_types": ["full_attention"] * 3},
+    "qwen3_next": {**_GATED_DELTANET, "decoder_sparse_step": 1, "mlp_only_layers": [1],
+                   "layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    "qwen3_5_moe_text": {**_GATED_DELTANET, "layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    "lara_mini": {**_GATED_DELTANET, "layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    "kimi_linear": {**_MLA, "num_local_experts": 6, "n_shared_experts": 1, "linear_head_dim": 8, "linear_num_heads": 4,
+                    "mlp_layer_types": ["dense", "sparse", "sparse"],
+                    "layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    "glm_moe_dsa": {**_MLA, "n_shared_experts": 1, "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4,
+                    "mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "minimax": {"head_dim": 8, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "block_size": 8, "layer_types": ["linear_attention", "full_attention"]},
+    "lfm2_moe": {"num_hidden_layers": 3, "intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 6,
+                 "num_experts_per_tok": 2, "num_dense_layers": 1, "layer_types": ["conv", "full_attention", "conv"]},
+    "llama4_text": {"num_hidden_layers": 3, "head_dim": 8, "intermediate_size": 24, "intermediate_size_mlp": 64,
+                    "num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2},
+    "jamba": {"num_hidden_layers": 3, "intermediate_size": 48, "num_experts": 4, "num_experts_per_tok": 2,
+              "attn_layer_period": 3, "attn_layer_offset": 2, "expert_layer_period": 2, "expert_layer_offset": 1,
+              "mamba_d_state": 8, "mamba_dt_rank": 4, "mamba_expand": 2, "use_mamba_kernels": False},
 }
 
 

@@ -48,12 +48,17 @@ class Stage:
 
 
 # The paper's sequential order inside a block, as data. MLA's q_b/kv_b read different inputs.
+# Linear-attention and Mamba mixers (anatomy `Mixer`s) read the block input in their in_proj*
+# and write it back through out_proj, like q/k/v and o_proj. A gated attention's gate_proj
+# shares its kind with the MLP's and is calibrated in the MLP's gate/up pass.
 STAGES: tuple[Stage, ...] = (
-    Stage(frozenset({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"}), True),
-    Stage(frozenset({"q_b_proj", "kv_b_proj"}), False),
-    Stage(frozenset({"o_proj"}), False),
-    Stage(frozenset({"gate_proj", "up_proj"}), True),
-    Stage(frozenset({"down_proj"}), False),
+    Stage(frozenset({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa", "in_proj",
+                     "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                     "g_a_proj", "b_proj", "qkv_proj", "output_gate"}), True),
+    Stage(frozenset({"q_b_proj", "kv_b_proj", "g_b_proj"}), False),
+    Stage(frozenset({"o_proj", "out_proj"}), False),
+    Stage(frozenset({"gate_proj", "up_proj", "w1", "w3"}), True),
+    Stage(frozenset({"down_proj", "w2"}), False),
 )
 
 
@@ -358,7 +363,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
         staged: dict[str, QuantLinear] = {}  # computed as dense stand-ins until the block is done
-        replay = _block_replay(block, block_info, units, family.attention, inputs, calib, gptq)
+        replay = _block_replay(block, block_info, units, block_info.mixer, inputs, calib, gptq)
         for stage_index in range(len(STAGES)):
             stage_units = [u for u in units if stage_of(u) == stage_index and not specs[u.name].keep]
             for u in units:

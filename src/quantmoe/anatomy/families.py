@@ -1,0 +1,187 @@
+"""The table of MoE families: every supported family's `FamilySpec`, and why the others are refused.
+
+`FAMILIES` maps `config.model_type` to its spec; `REFUSED` maps the MoE model types of the
+installed transformers that quantmoe does not handle to the reason, which `family_of`
+puts in its error. `docs/families.md` is generated from both (`quantmoe families
+--markdown`), and a test fails when the installed transformers has a MoE model type that is
+in neither (see `quantmoe.anatomy.catalog`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quantmoe.anatomy.specs import DOCS_HINT, ExpertLayout, FamilySpec, Mixer, UnsupportedModelError
+
+_MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+_MLA_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")  # always a low-rank query
+_GATED_ATTENTION = ("q_proj", "k_proj", "v_proj", "gate_proj", "o_proj")  # a sigmoid gate on the attention output
+_GATED_DELTANET_QKVZ = Mixer("linear_attn", ("in_proj_qkvz", "in_proj_ba", "out_proj"), "linear attention")
+_GATED_DELTANET_QKV = Mixer("linear_attn", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"),
+                            "linear attention")
+# KDA's low-rank forget gate (`forget_gate.f_a_proj/f_b_proj`) stays in full precision, role "other"
+_KIMI_DELTA_ATTENTION = Mixer("self_attn", ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "g_b_proj", "o_proj"),
+                              "linear attention (KDA)")
+_LIGHTNING = Mixer("self_attn", ("qkv_proj", "output_gate", "out_proj"), "lightning attention")
+_SHORT_CONV = Mixer("conv", ("in_proj", "out_proj"), "short convolution")
+_MAMBA = Mixer("mamba", ("in_proj", "out_proj"), "Mamba")
+
+_SPECS: tuple[FamilySpec, ...] = (
+    FamilySpec("mixtral", "Mixtral", num_experts_key="num_local_experts"),
+    FamilySpec("qwen2_moe", "Qwen2-MoE", num_experts_key="num_experts", moe_layers="sparse_step",
+               shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    FamilySpec("qwen3_moe", "Qwen3-MoE", num_experts_key="num_experts", moe_layers="sparse_step"),
+    FamilySpec("deepseek_v3", "DeepSeek-V3", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
+               attention_linears=_MLA, shared_expert="shared_experts"),
+    FamilySpec("olmoe", "OLMoE", num_experts_key="num_experts"),
+    FamilySpec("gpt_oss", "GPT-OSS", num_experts_key="num_local_experts", router="router",
+               expert_layout=ExpertLayout(transposed=True, interleaved=True, has_bias=True,
+                                          activation="clamped_swiglu")),
+    # --- same layout as the above, other names and layer rules ---
+    FamilySpec("deepseek_v2", "DeepSeek-V2", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
+               attention_linears=_MLA, shared_expert="shared_experts"),
+    FamilySpec("deepseek_v32", "DeepSeek-V3.2", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="shared_experts"),
+    FamilySpec("glm_moe_dsa", "GLM-5", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="shared_experts"),
+    FamilySpec("glm4_moe", "GLM-4.5", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
+               shared_expert="shared_experts"),
+    FamilySpec("glm4_moe_lite", "GLM-4.7-Flash", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA, shared_expert="shared_experts"),
+    FamilySpec("dots1", "dots.llm1", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
+               shared_expert="shared_experts"),
+    FamilySpec("ernie4_5_moe", "ERNIE-4.5-MoE", num_experts_key="moe_num_experts", top_k_key="moe_k",
+               moe_layers="interval", shared_expert="shared_experts"),
+    FamilySpec("hunyuan_v1_moe", "Hunyuan-A13B", num_experts_key="num_experts", top_k_key="moe_topk",
+               shared_expert="shared_mlp"),
+    FamilySpec("phimoe", "Phi-3.5-MoE", num_experts_key="num_local_experts", router="router"),
+    FamilySpec("minimax_m2", "MiniMax-M2", num_experts_key="num_local_experts"),
+    FamilySpec("flex_olmo", "FlexOlmo", num_experts_key="num_experts"),
+    FamilySpec("granitemoe", "Granite-MoE", num_experts_key="num_local_experts", mlp="block_sparse_moe",
+               router="router"),
+    FamilySpec("solar_open", "Solar-Open", num_experts_key="n_routed_experts", shared_expert="shared_experts"),
+    FamilySpec("exaone_moe", "EXAONE-MoE", num_experts_key="num_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+    FamilySpec("mimo_v2_flash", "MiMo-V2-Flash", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types"),
+    FamilySpec("hy_v3", "Hunyuan-V3", num_experts_key="num_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+    FamilySpec("laguna", "Laguna", num_experts_key="num_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+    FamilySpec("mellum", "Mellum", num_experts_key="num_local_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types"),
+    FamilySpec("kolibri1", "Kolibri-1", num_experts_key="num_local_experts", shared_expert="shared_experts"),
+    FamilySpec("cohere2_moe", "Command-MoE", num_experts_key="num_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+    FamilySpec("axk1", "A.X-K1", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="shared_experts"),
+    FamilySpec("afmoe", "AFMoE", num_experts_key="num_experts", moe_layers="first_k_dense",
+               moe_layers_key="num_dense_layers", attention_linears=_GATED_ATTENTION, router="router",
+               shared_expert="shared_experts"),
+    FamilySpec("beam", "Beam", num_experts_key="num_experts", moe_layers="typed", moe_layers_key="mlp_layer_types",
+               attention_linears=_GATED_ATTENTION),
+    FamilySpec("aria_text", "Aria (text)", num_experts_key="moe_num_experts", top_k_key="moe_topk", router="router",
+               shared_expert="shared_experts", expert_layout=ExpertLayout(transposed=True)),
+    FamilySpec("flint", "Flint", num_experts_key="num_experts", moe_layers="sparse_step",
+               shared_expert="shared_expert"),
+    # --- shapes only: inspect and plan, no per-expert view (so no quantization) ---
+    FamilySpec("llama4_text", "Llama 4", num_experts_key="num_local_experts", moe_layers="listed",
+               moe_layers_key="moe_layers", mlp="feed_forward", router="router", shared_expert="shared_expert",
+               expert_layout=ExpertLayout(transposed=True),
+               view_refusal="its experts (Llama4TextExperts) run every expert on every token in one batched matmul "
+                            "over router-scaled inputs, not through a top-k dispatch, so there is no per-expert call "
+                            "to replace or hook"),
+    # --- hybrid token mixers (linear attention, Mamba) ---
+    FamilySpec("qwen3_next", "Qwen3-Next", num_experts_key="num_experts", moe_layers="sparse_step",
+               mixers=(_GATED_DELTANET_QKVZ,), shared_expert="shared_expert",
+               shared_expert_gate="shared_expert_gate"),
+    FamilySpec("qwen3_5_moe_text", "Qwen3.5-MoE (text)", num_experts_key="num_experts",
+               mixers=(_GATED_DELTANET_QKV,), shared_expert="shared_expert",
+               shared_expert_gate="shared_expert_gate"),
+    FamilySpec("lara_mini", "Lara-Mini", num_experts_key="num_experts", mixers=(_GATED_DELTANET_QKV,),
+               shared_expert="shared_expert"),
+    FamilySpec("kimi_linear", "Kimi-Linear", num_experts_key="num_local_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, mixers=(_KIMI_DELTA_ATTENTION,),
+               shared_expert="shared_experts"),
+    FamilySpec("minimax", "MiniMax-Text-01", num_experts_key="num_local_experts", mixers=(_LIGHTNING,)),
+    FamilySpec("lfm2_moe", "LFM2-MoE", num_experts_key="num_experts", moe_layers="first_k_dense",
+               moe_layers_key="num_dense_layers", attention_linears=("q_proj", "k_proj", "v_proj", "out_proj"),
+               mixers=(_SHORT_CONV,), mlp="feed_forward", mlp_linears=("w1", "w3", "w2")),
+    FamilySpec("jamba", "Jamba", num_experts_key="num_experts", moe_layers="counted",
+               moe_layers_key="layers_num_experts", mlp="feed_forward", router="router", mixers=(_MAMBA,)),
+)
+
+FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in _SPECS}
+
+_MULTIMODAL = "a multimodal config; quantize its text model ({text}) instead"
+
+_SHARED_BESIDE = ("its shared MLP `shared_mlp` sits on the decoder layer beside `block_sparse_moe` and fuses gate and "
+                  "up into one `input_linear`; FamilySpec finds shared experts inside the MoE module as gate/up/down "
+                  "linears")
+_HYPER = "several residual streams enter each block through hyper-connections (`attn_hc`, `ffn_hc`)"
+
+# model_type -> why quantmoe does not handle it (shown by family_of and in docs/families.md)
+REFUSED: dict[str, str] = {
+    "axk2": "its attention adds a gated query projection `q_gate_proj` and a sparse-attention `indexer` normalised by "
+            "AXK2GatedRMSNorm, whose inputs have no calibration stage yet",
+    "bailing_hybrid": "its linear-attention layers (BailingHybridDeltaAttention) compute the forget gate inside a "
+                      "nested `forget_gate.f_proj` and gate the output with `g_proj`; no Mixer is declared for them yet",
+    "dbrx": "its experts (DbrxExperts / DbrxExpertGLU) store w1, v1, w2 as (E*I, H) matrices run by their own loop, "
+            "not transformers' fused-experts interface, so there is no per-expert view for them yet",
+    "deepseek_v4": f"{_HYPER}, the output projection is grouped (`o_a_proj`, DeepseekV4GroupedLinear) and a hash router "
+                   "picks the experts; none of these has a per-expert view or calibration stage yet",
+    "doge": "its DogeCDMoE experts are retrieval-style embedding tables (`down_embed`, `up_embed`) picked by product "
+            "keys, not gated MLPs",
+    "dots3_note": _MULTIMODAL.format(text="dots3_note_text"),
+    "dots3_note_text": "its attention adds a per-head output gate `g_proj` and a sparse-attention `indexer` beside "
+                       "MLA; the gate's input has no calibration stage yet",
+    "gemma4": _MULTIMODAL.format(text="gemma4_text"),
+    "gemma4_text": "its experts (`router`, `experts`) sit on the decoder layer and run beside the dense `mlp`, summed "
+                   "with it; FamilySpec expects the experts inside the block's MLP module",
+    "granitemoe_swa": f"with shared_intermediate_size > 0 {_SHARED_BESIDE}",
+    "granitemoehybrid": f"{_SHARED_BESIDE}; its Mamba2 layers are not declared as a Mixer either",
+    "granitemoeshared": _SHARED_BESIDE,
+    "hy_v4": f"{_HYPER} (HYV4HyperConnection), which the block-by-block driver does not model",
+    "inkling_text": "its shared experts are stored as 3D tensors (InklingSharedExperts) and its attention runs short "
+                    "convolutions (`k_sconv`, `v_sconv`) on the projections",
+    "inkling2_text": "its attention projections are custom modules (Inkling2QueryProjection, "
+                     "Inkling2GatedOutputProjection), not nn.Linear, and each block attends over earlier blocks' "
+                     "outputs (`attention_input`, `mlp_input`)",
+    "inkling2_loop_text": "like inkling2_text: custom attention projection modules (not nn.Linear) and block-attention "
+                          "residuals over earlier blocks, here with looped (repeated) blocks",
+    "jetmoe": "its experts are JetMoeParallelExperts (`input_linear`, `output_linear`) run by its own top-k gating, and "
+              "the attention itself is a mixture of attention experts (JetMoeMoA)",
+    "llama4": _MULTIMODAL.format(text="llama4_text"),
+    "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
+                     "each block holds two attention and two MLP sublayers",
+    "minimax_m3_vl_text": "its shared MLP (MiniMaxM3VLDenseMLP) fuses gate and up into one `gate_up_proj` linear, and "
+                          "its attention carries a sparse block indexer",
+    "nemotron_h": "its experts have no gate (`up_proj` and `down_proj` with a relu2 activation, has_gate=False) and "
+                  "each sublayer is its own block whose `mixer` is a Mamba2 mixer, attention, an MLP or the MoE",
+    "qwen3_5_moe": _MULTIMODAL.format(text="qwen3_5_moe_text"),
+    "qwen4_exp": _MULTIMODAL.format(text="qwen4_exp_text"),
+    "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "
+                      "(`attn_hyper_connection`, `mlp_hyper_connection`) around attention and MLP",
+    "zaya": "its attention projects through a ZayaCCAProjection (q/k/v linears plus causal convolutions, with a "
+            "delayed value projection) and its router is a small MLP; only top-1 routing is implemented",
+}
+
+
+def family_of(model_or_config: Any) -> FamilySpec:
+    """The FamilySpec of a model or config, by `config.model_type`.
+
+    Raises UnsupportedModelError (a ValueError): for a refused MoE family with the reason, for
+    any other model type with the list of supported families.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    spec = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if spec is not None:
+        return spec
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model_type {model_type!r} is a MoE family quantmoe refuses: {REFUSED[model_type]}")
+    supported = ", ".join(f"{s.model_type} ({s.display_name})" for s in FAMILIES.values())
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not a supported MoE family. Supported: {supported}. "
+        f"To add one, declare a FamilySpec in FAMILIES in quantmoe/anatomy/families.py ({DOCS_HINT})."
+    )

@@ -1,0 +1,235 @@
+"""Every family of the table, end to end on its tiny model: roles, per-expert view, quantize + reload, policies.
+
+One parametrized test per property, over `FAMILIES` (not a copy per family); the catalog tests
+check the table against the installed transformers and docs/families.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantmoe
+from quantmoe.alloc.policies import assign_bits
+from quantmoe.alloc.presets import parse_policy
+from quantmoe.alloc.scorers import Evidence
+from quantmoe.anatomy import (
+    FAMILIES,
+    QUANTIZABLE_ROLES,
+    REFUSED,
+    UnsupportedModelError,
+    describe,
+    family_of,
+    format_anatomy,
+    fuse_experts,
+    tiny_config,
+    tiny_model,
+    unfuse_experts,
+)
+from quantmoe.anatomy.catalog import family_table_markdown, moe_model_types
+from quantmoe.anatomy.expert_view import UNIT_KINDS
+from quantmoe.calib.data import CalibrationConfig
+from quantmoe.calib.routing import collect_routing
+from quantmoe.quant.checkpoint import save_quantized
+from quantmoe.quant.grid import QuantSpec
+from quantmoe.quant.pipeline import quantize_model
+
+SUPPORTED = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is None)
+SHAPES_ONLY = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is not None)
+DOC = Path(__file__).resolve().parents[2] / "docs" / "families.md"
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls run fastest on one thread (several threads on a busy machine: ~400x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _pristine(model_type: str) -> nn.Module:
+    return tiny_model(model_type)
+
+
+def _model(model_type: str) -> nn.Module:
+    return copy.deepcopy(_pristine(model_type))
+
+
+def _ids(seed: int = 1, batch: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+    return model(input_ids=_ids() if ids is None else ids).logits
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED + SHAPES_ONLY)
+def test_inspect_roles(model_type):
+    """Role totals are the parameter count; every linear is a unit or a documented full-precision part."""
+    model, spec = _pristine(model_type), FAMILIES[model_type]
+    anatomy = describe(model)
+    total = sum(p.numel() for p in model.parameters())
+    assert anatomy.total_params == total == sum(anatomy.role_params.values())
+    for role in QUANTIZABLE_ROLES:
+        units = anatomy.units_by_role(role)
+        assert anatomy.role_params[role] == sum(u.numel + (u.out_features if u.has_bias else 0) for u in units), role
+    assert format_anatomy(anatomy).splitlines()[-1] == f"sum of roles {total:,} = model parameters {total:,}"
+
+    mixer_kinds = {spec.attention: set(spec.attention_linears)}
+    for m in spec.mixers:
+        mixer_kinds.setdefault(m.attr, set()).update(m.linears)
+    for b in anatomy.blocks:
+        mlp = model.get_submodule(f"{b.module_name}.{spec.mlp}")
+        assert b.is_moe == (getattr(mlp, spec.experts, None) is not None), b.index
+        assert b.mixer in mixer_kinds and b.attention
+        assert {anatomy.unit(n).kind for n in b.attention} <= mixer_kinds[b.mixer]
+        assert all(anatomy.unit(n).kind in spec.mlp_linears for n in b.shared + b.dense_mlp)
+        if b.is_moe:
+            assert (b.num_experts, b.top_k) == (spec.num_experts(model.config), spec.top_k(model.config))
+            assert all(tuple(anatomy.unit(n).kind for n in ex) == UNIT_KINDS for ex in b.experts)
+            assert isinstance(model.get_submodule(b.router), nn.Module)
+    if spec.moe_layers != "all":  # the tiny config exercises both kinds of block
+        assert {b.is_moe for b in anatomy.blocks} == {True, False}
+    if spec.shared_expert:
+        assert any(b.shared for b in anatomy.blocks)
+    if spec.mixers:  # some block holds a declared mixer, not the softmax attention
+        assert any({anatomy.unit(n).kind for n in b.attention} == set(m.linears)
+                   for b in anatomy.blocks for m in spec.mixers)
+
+    # every other nn.Linear is a router, a shared-expert gate, the lm_head, or a documented
+    # full-precision part of a token mixer (Mamba x_proj/dt_proj, KDA forget gate, indexers)
+    if spec.view_refusal is not None:
+        return
+    unfused = unfuse_experts(copy.deepcopy(model))
+    units = {u.name for u in anatomy.units}
+    allowed = [spec.lm_head] + [b.router for b in anatomy.blocks if b.router]
+    allowed += [b.shared_gate for b in anatomy.blocks if b.shared_gate]
+    allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks]
+    for name, module in unfused.named_modules():
+        if isinstance(module, nn.Linear) and name not in units:
+            assert _under(name, allowed), f"{name} is neither a quantizable unit nor a documented full-precision part"
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_per_expert_view_round_trip(model_type):
+    model = _model(model_type)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = _logits(model)
+    assert reference.abs().max() > 0.05  # random weights give non-trivial logits
+    unfuse_experts(model)
+    assert (_logits(model) - reference).abs().max() < TOL
+    fuse_experts(model)
+    restored = dict(model.named_parameters())
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(p, original[n]) for n, p in restored.items())
+
+
+def _expected_bits(anatomy, top: dict[int, int]) -> dict[str, int]:
+    """The policy below, re-derived from the anatomy: first MoE block's experts 3, the most routed
+    expert of every MoE block 8, other experts 2, shared experts 8, the rest 4."""
+    first_moe = min(b.index for b in anatomy.blocks if b.is_moe)
+    bits = {}
+    for u in anatomy.units:
+        if u.role == "routed_expert":
+            bits[u.name] = 8 if top[u.block] == u.expert else 3 if u.block == first_moe else 2
+        else:
+            bits[u.name] = 8 if u.role == "shared_expert" else 4
+    return bits
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_quantize_mixed_plan_and_reload(model_type, tmp_path):
+    """Structure policies pick the right linears, and the quantized model reloads with identical logits."""
+    model = _model(model_type)
+    anatomy = describe(model)
+    windows = _ids(seed=0, batch=8, length=32)
+
+    # routing seen by the experts modules themselves, independently of the router hook of collect_routing
+    seen: dict[int, torch.Tensor] = {}
+    unfuse_experts(model)
+    hooks = [model.get_submodule(b.experts_module).register_forward_pre_hook(
+        lambda m, args, i=b.index: seen.__setitem__(i, seen.get(i, 0) + torch.bincount(
+            args[1].reshape(-1), minlength=m.num_experts + 1)[: m.num_experts]))
+        for b in anatomy.blocks if b.is_moe]  # fmt: skip
+    try:
+        routing = collect_routing(model, anatomy, windows)
+    finally:
+        for h in hooks:
+            h.remove()
+    for b in (b for b in anatomy.blocks if b.is_moe):
+        assert np.array_equal(routing.counts[b.index], seen[b.index].numpy()), b.index
+        assert routing.counts[b.index].sum() == windows.numel() * b.top_k
+    top = {b.index: int(np.argmax(routing.counts[b.index])) for b in anatomy.blocks if b.is_moe}
+
+    policy = "uniform=4,experts=2,first=1:3,topk=1:8" + (",shared=8" if any(b.shared for b in anatomy.blocks) else "")
+    bits = assign_bits(parse_policy(policy), anatomy, Evidence(routing=routing))
+    assert bits == _expected_bits(anatomy, top)
+    specs = {name: QuantSpec(bits=b, group_size=16) for name, b in bits.items()}
+
+    quantize_model(model, specs, windows, CalibrationConfig(min_expert_tokens=1), progress=False)
+    save_quantized(model, tmp_path / "q", specs, {"family": model_type})
+    loaded = quantmoe.load(tmp_path / "q", attn_implementation="eager")
+    for name, b in bits.items():
+        assert loaded.get_submodule(name).bits == b, name
+    ids = _ids(seed=2)
+    quantized = _logits(model, ids)
+    assert torch.equal(quantized, _logits(loaded, ids))
+    assert (quantized - _logits(_pristine(model_type), ids)).abs().max() > TOL  # the weights did change
+
+
+@pytest.mark.parametrize("model_type", SHAPES_ONLY)
+def test_shapes_only_families_refuse_the_per_expert_view(model_type):
+    model = _model(model_type)
+    with pytest.raises(UnsupportedModelError, match="no per-expert view") as info:
+        unfuse_experts(model)
+    assert FAMILIES[model_type].view_refusal in str(info.value)
+    assert not any(isinstance(m, nn.Linear) and ".experts." in n for n, m in model.named_modules())
+
+
+# --- the table against the installed transformers ------------------------------------------------
+
+
+def test_every_moe_family_is_supported_or_refused_with_a_reason():
+    installed = set(moe_model_types())
+    unknown = sorted(installed - set(FAMILIES) - set(REFUSED))
+    assert not unknown, f"MoE model types of the installed transformers without a FamilySpec or a reason: {unknown}"
+    assert not set(FAMILIES) & set(REFUSED)
+    assert all(len(reason) > 40 for reason in REFUSED.values())
+    assert set(REFUSED) <= installed  # no stale refusals
+    for model_type, reason in REFUSED.items():
+        with pytest.raises(UnsupportedModelError, match="refuses") as info:
+            family_of(type("Config", (), {"model_type": model_type})())
+        assert reason in str(info.value)
+
+
+def test_catalog_finds_known_families_and_skips_dense_ones():
+    installed = moe_model_types()
+    assert {"mixtral", "qwen3_next", "jamba", "dbrx", "llama4_text"} <= set(installed)
+    assert not {"llama", "qwen3", "mistral", "gemma2"} & set(installed)
+
+
+def test_docs_families_md_is_generated():
+    expected = family_table_markdown()
+    assert DOC.read_text(encoding="utf-8") == expected, (
+        "docs/families.md is stale: run `quantmoe families --markdown > docs/families.md`")
+    for model_type in moe_model_types():
+        assert f"| `{model_type}` |" in expected
+
+
+def test_tiny_config_for_every_family():
+    for model_type in SUPPORTED:
+        assert tiny_config(model_type).model_type == model_type
