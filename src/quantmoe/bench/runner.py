@@ -25,6 +25,7 @@ from quantmoe.bench.memory import PeakMemory
 from quantmoe.bench.shared import ModelContext, bitmap, run_key
 from quantmoe.bench.store import ResultsStore, RunRecord
 from quantmoe.bench.sweep import RunSpec, SweepConfig
+from quantmoe.quant.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class SweepOutcome:
     ran: int
     skipped: int
     seconds: float
+    failed: int = 0  # runs recorded as failed (distributed sweeps; rerun the command to try them again)
 
 
 def _seeds(run: RunSpec, config: SweepConfig) -> tuple[int | None, ...]:
@@ -105,13 +107,24 @@ def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_dir: Path) -> RunRecord:
+def pending_runs(ctx: ModelContext, done: set[str]) -> tuple[list[tuple[RunSpec, int | None, str]], int]:
+    """The (run, seed, key) of ``ctx``'s model that are not in ``done``, and how many are."""
+    config = ctx.sweep
+    jobs = [(run, seed) for run in config.runs if run.applies_to(ctx.spec.name) for seed in _seeds(run, config)]
+    keyed = [(run, seed, run_key(ctx.sha256, _identity(ctx, run, seed))) for run, seed in jobs]
+    todo = [(run, seed, key) for run, seed, key in keyed if key not in done]
+    return todo, len(keyed) - len(todo)
+
+
+def one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_dir: Path,
+            plan: Plan | None = None) -> RunRecord:
+    """Quantize (unless full precision) and evaluate one run; ``plan``: the run's plan when already built."""
     from quantmoe.quant import api
     from quantmoe.quant.checkpoint import library_versions
     from quantmoe.quant.plan import bit_stats
 
     config, q = ctx.sweep, ctx.sweep.quantizer
-    plan = ctx.plan_for(run)
+    plan = plan if plan is not None else ctx.plan_for(run)
     specs = plan.resolve(ctx.anatomy)
     stats = bit_stats(specs, ctx.anatomy.units)
     plan_bits = {name: s.bits for name, s in specs.items()}
@@ -139,7 +152,7 @@ def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_
         created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
 
 
-def _describe(record: RunRecord) -> str:
+def describe(record: RunRecord) -> str:
     m = record.metrics
     seed = "" if record.seed is None else f" seed {record.seed}"
     kl = f", KL {m['kl_mean']:.4f}" if m.get("kl_mean") is not None else ""
@@ -162,20 +175,18 @@ def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_d
         for spec in config.models:
             ctx = ModelContext.load(spec, config, cache)
             store.put_artifact(ctx.sha256, "routing", ctx.routing_summary())
-            jobs = [(run, seed) for run in config.runs if run.applies_to(spec.name) for seed in _seeds(run, config)]
-            keyed = [(run, seed, run_key(ctx.sha256, _identity(ctx, run, seed))) for run, seed in jobs]
-            todo = [(run, seed, key) for run, seed, key in keyed if key not in done]
-            skipped += len(keyed) - len(todo)
-            if len(todo) < len(keyed):
-                log.info("%s: %d of %d runs already in %s", spec.name, len(keyed) - len(todo), len(keyed), store_path)
+            todo, already = pending_runs(ctx, done)
+            skipped += already
+            if already:
+                log.info("%s: %d of %d runs already in %s", spec.name, already, already + len(todo), store_path)
             bar = tqdm(todo, desc=spec.name, unit="run", disable=not progress)
             for run, seed, key in bar:
                 bar.set_postfix_str(f"{run.name}{'' if seed is None else f' seed {seed}'}")
-                record = _one_run(ctx, run, seed, key, store_path.parent)
+                record = one_run(ctx, run, seed, key, store_path.parent)
                 if store.add(record):
                     ran += 1
                     done.add(key)
-                log.info("%s", _describe(record))
+                log.info("%s", describe(record))
             del ctx
     return SweepOutcome(store=store_path, ran=ran, skipped=skipped, seconds=time.perf_counter() - t0)
 
