@@ -18,6 +18,8 @@ from typing import Any
 
 from quantmoe.alloc.presets import PAPER_MODELS, PRESETS, format_policy, paper_config, parse_policy
 from quantmoe.alloc.scorers import Evidence
+from quantmoe.quant.plan import PLAN_HEADER
+from quantmoe.safeout import check_file_output, starts_with
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from quantmoe.atomic import atomic_write_text
     from quantmoe.zoo.embedded import load_model, resolve_model
 
+    if args.out:
+        check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")
     rules = parse_policy(args.policy)
     needs = policy_needs(rules)
     preset = PRESETS.get(args.policy.strip())
@@ -95,7 +99,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif without_data:
         anatomy = inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
     else:
-        model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                                      tokenizer=args.tokenizer)
         anatomy = describe(model)
     if args.bits_only:
         evidence = Evidence(placeholder=True)
@@ -119,7 +124,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from quantmoe.quant.plan import bit_stats
 
         stats = bit_stats(specs, anatomy.units)
-        header = (f"# quantmoe plan {args.model} --policy '{format_policy(rules)}'\n"
+        header = (f"{PLAN_HEADER} plan {args.model} --policy '{format_policy(rules)}'\n"
                   f"# average bits {stats.average_bits:.4f}, effective bits {stats.effective_bits:.4f}\n")
         atomic_write_text(Path(args.out), header + plan.to_yaml())
         print(f"wrote {args.out}")
@@ -143,7 +148,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="embedded model (mixtral-s, deepseek-s), local folder, hub id, or the paper's "
                                  f"shapes on the meta device ({', '.join(PAPER_MODELS)})")
     p.add_argument("--policy", required=True, help="compact rules, a preset name, or a policy YAML file")
-    p.add_argument("--out", help="write the plan here as YAML (for `quantmoe quantize --plan`)")
+    p.add_argument("--out", help="write the plan here as YAML (for `quantmoe quantize --plan`); an existing file "
+                                 "is replaced only if quantmoe wrote it and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan file quantmoe wrote earlier at --out")
     p.add_argument("--group-size", type=int, default=None,
                    help="group size of the plan; 0 = per-channel (default: the preset's, else 128)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid")
@@ -154,11 +161,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                                                           "(embedded split or text file)")
     p.add_argument("--rank-split", default="validation", help="text the block-importance predictor ranks on")
     p.add_argument("--windows", type=int, default=64, help="windows of text for statistics")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per statistics window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window offsets (and of randomk/the predictor)")
     p.add_argument("--massive-threshold", type=float, default=1000.0,
                    help="|h| at or above which a token is a massive-activation token")
     p.add_argument("--cache-dir", help="statistics cache (default $QUANTMOE_CACHE or ~/.cache/quantmoe)")
     p.add_argument("--device", default="cpu", help="torch device for computing statistics")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_plan)

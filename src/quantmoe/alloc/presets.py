@@ -31,10 +31,9 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quantmoe.alloc.policies import Pattern, Rule, get_rule
 from quantmoe.suggest import did_you_mean
+from quantmoe.yamlfile import read_yaml
 
 
 @dataclass(frozen=True)
@@ -163,10 +162,7 @@ def parse_policy(spec: str | Path | Sequence[Any]) -> tuple[Rule, ...]:
         return _parse_items(spec, "the policy")
     text = str(spec).strip()
     if text.endswith((".yaml", ".yml")) and "=" not in text:
-        path = Path(text)
-        if not path.is_file():
-            raise ValueError(f"policy file {text} not found")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(Path(text), "policy file")
         if not isinstance(data, list):
             raise ValueError(f"check {text}: a policy file is a list of rules like `- experts: 2`")
         return _parse_items(data, text)

@@ -7,6 +7,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
+from quantmoe.quant.plan import PLAN_HEADER
+from quantmoe.safeout import check_file_output, starts_with
+
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +32,14 @@ def _parse_role_bits(items: list[str] | None) -> dict[str, int]:
     return out
 
 
+def _is_damage_cache(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return {"units", "widths", "damage", "params", "metric"} <= set(d.files)
+    except (OSError, ValueError):
+        return False
+
+
 def _cmd_solve(args: argparse.Namespace) -> int:
     from quantmoe.alloc.damage import DamageConfig, load_or_measure_damage
     from quantmoe.alloc.solver import SolverConfig, solve
@@ -35,11 +48,16 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from quantmoe.quant.plan import bit_stats
     from quantmoe.zoo.embedded import load_model
 
+    if args.out:
+        check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")
+    if args.damage_cache:  # an existing cache of ours is reused or refreshed; anything else is left alone
+        check_file_output(Path(args.damage_cache), overwrite=True, ours=_is_damage_cache, what="damage cache",
+                          option="--damage-cache")
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
                           role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits),
                           time_limit=args.time_limit)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     anatomy = describe(model)
     damage = DamageConfig(split=args.calib, windows=args.calib_windows, seq_len=args.calib_len, seed=args.seed,
                           group_size=args.group_size or None, symmetric=not args.asym, metric=args.metric)
@@ -57,7 +75,10 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         total = sum(counts.values())
         print(f"  {role:<14} " + ", ".join(f"{b}-bit {100 * n / total:.0f}%" for b, n in sorted(counts.items())))
     if args.out:
-        atomic_write_text(Path(args.out), sol.plan.to_yaml())
+        header = (f"{PLAN_HEADER} solve {args.model} --target {args.target:g} --widths {args.widths} "
+                  f"--granularity {args.granularity} --metric {table.metric}\n"
+                  f"# average bits {stats.average_bits:.4f}, effective bits {stats.effective_bits:.4f}\n")
+        atomic_write_text(Path(args.out), header + sol.plan.to_yaml())
         print(f"plan written to {args.out}")
     if args.json:
         print(json.dumps(sol.bits))
@@ -69,25 +90,30 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                        description="Measure what each unit costs at each width (empirical-Fisher loss estimate or "
                                    "GPTQ output error) and pick widths by mixed-integer programming so that the "
                                    "average bits hit the target within the tolerance.")
-    p.add_argument("model")
+    p.add_argument("model", help="embedded model name (mixtral-s, deepseek-s), local folder or hub id")
     p.add_argument("--target", type=float, required=True, help="average bits, e.g. 2.5")
     p.add_argument("--widths", default="2,3,4", help="allowed widths, e.g. 2,3,4,8")
     p.add_argument("--granularity", default="linear", choices=("linear", "expert", "block"),
                    help="unit of choice for routed experts; 'block' = serving-compatible")
-    p.add_argument("--metric", default="fisher", choices=("fisher", "output"))
+    p.add_argument("--metric", default="fisher", choices=("fisher", "output"),
+                   help="damage estimate: empirical-Fisher loss change, or GPTQ output error")
     p.add_argument("--min-bits", nargs="*", metavar="ROLE=BITS", help="e.g. attention=4")
-    p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS")
+    p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS", help="e.g. routed_expert=3")
     p.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
-    p.add_argument("--asym", action="store_true")
-    p.add_argument("--calib", default="calibration")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--asym", action="store_true", help="asymmetric grid")
+    p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows for measuring damage")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
     p.add_argument("--time-limit", type=float, default=120.0,
                    help="seconds for the exact program; then the best plan found, with its gap to the optimum")
     p.add_argument("--damage-cache", help="npz file to reuse measured damage across targets (reused only when "
                                           "measured on the same weights, text and settings; else measured again)")
-    p.add_argument("--out", help="write the plan YAML here")
+    p.add_argument("--out", help="write the plan YAML here; an existing file is replaced only if quantmoe wrote "
+                                 "it and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan file quantmoe wrote earlier at --out")
     p.add_argument("--json", action="store_true", help="also print unit -> bits as JSON")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_solve)

@@ -10,6 +10,7 @@ calibrates nothing and is run once, not once per seed.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -91,14 +92,17 @@ def _evaluate(model: torch.nn.Module, ctx: ModelContext) -> dict[str, Any]:
 def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: Path, label: str) -> int:
     """Save the quantized model (atomically) and measure it; kept only when the sweep asks to."""
     from quantmoe.quant import api
+    from quantmoe.safeout import check_folder_output, remove_stale_temporaries
 
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=store_dir))
+    remove_stale_temporaries(store_dir, ".checkpoint-")  # what killed runs left
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{os.getpid()}-", dir=store_dir))
     try:
         path = api.save(result, tmp / "model", ctx.tokenizer, plan, calib, gptq, ctx.spec.name, ctx.sha256)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         if ctx.sweep.save_checkpoints:
             final = store_dir / "checkpoints" / label
-            if final.exists():
+            if final.exists():  # an earlier checkpoint of this run; anything else is refused, untouched
+                check_folder_output(final, overwrite=True)
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             path.rename(final)

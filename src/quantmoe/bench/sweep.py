@@ -32,10 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.suggest import did_you_mean
+from quantmoe.yamlfile import read_yaml
 
 T = TypeVar("T")
 
@@ -297,15 +296,5 @@ def sweep_from_dict(data: Any, source: str = "the sweep") -> SweepConfig:
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    data = read_yaml(path, "sweep file")
     return sweep_from_dict(data, str(path))

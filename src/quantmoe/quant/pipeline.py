@@ -217,11 +217,11 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     anatomy: ModelAnatomy = describe(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    for unit in anatomy.units:
-        w = model.get_submodule(unit.name).weight
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{unit.name} has NaN/Inf weights: the checkpoint is corrupt or was saved "
-                             "after a diverged training run")
+    for name, t in model.state_dict().items():  # every tensor (routers, norms, embeddings), not only linears
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"the model's tensor {name} has {int((~torch.isfinite(t)).sum()):,} NaN/Inf values: "
+                             "the checkpoint is corrupt or was saved after a diverged training run; quantization "
+                             "needs finite weights")
     blocks = model.get_submodule(family.layers)
     model.get_submodule(family.embedding).to(device)
     rotary = getattr(model.get_submodule(family.layers.rsplit(".", 1)[0]), "rotary_emb", None)
@@ -274,8 +274,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     if rotary is not None:
         rotary.to(home)
     if fallbacks:
-        log.warning("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian); "
-                    "see the report", len(fallbacks))
+        log.info("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian): "
+                 "%s", len(fallbacks), ", ".join(fallbacks[:3]) + (", ..." if len(fallbacks) > 3 else ""))
     return QuantReport(units=reports, expert_tokens=expert_tokens, fallbacks=tuple(fallbacks),
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
 
