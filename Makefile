@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned, so that the CPU build on local disk is taken (no multi-GB CUDA download)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	# every other package at the exact version that produced the README's numbers
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -49,3 +49,18 @@ def test_other_schema_version_is_refused(tmp_path):
     db.close()
     with pytest.raises(ValueError, match="schema 99"):
         ResultsStore(path)
+
+
+def test_a_failed_run_stays_pending_and_its_failure_goes_once_it_is_stored(tmp_path):
+    from quantmoe.bench.store import FailedRun
+
+    fail = lambda key: FailedRun(key=key, sweep="s", model="m", run="r", seed=1, attempts=3,
+                                 error="RuntimeError: boom", created_at="2026-01-01T00:00:00")
+    with ResultsStore(tmp_path / "s.sqlite") as store:
+        store.add(record("done"))
+        store.add_failure(fail("done"))  # a stored run is never marked failed
+        store.add_failure(fail("k"))
+        assert [f.key for f in store.failures()] == ["k"] and store.keys() == {"done"}  # "k" is still to run
+        assert store.failures("other sweep") == []
+        store.add(record("k"))
+        assert store.failures() == [] and store.keys() == {"done", "k"}

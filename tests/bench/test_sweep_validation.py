@@ -10,6 +10,7 @@ from quantmoe.bench.sweep import (
     ModelSpec,
     PerplexitySettings,
     QuantizerSettings,
+    RaySettings,
     SolverSettings,
     StatisticsSettings,
     SweepConfig,
@@ -119,7 +120,8 @@ def _tuples(value):
     (sweep_schema.CalibrationSection, CalibrationConfig), (sweep_schema.QuantizerSection, QuantizerSettings),
     (sweep_schema.PerplexitySection, PerplexitySettings), (sweep_schema.EvalSection, EvalSettings),
     (sweep_schema.StatisticsSection, StatisticsSettings), (sweep_schema.SolverSection, SolverSettings),
-    (sweep_schema.ModelEntry, ModelSpec), (sweep_schema.SweepFile, SweepConfig),
+    (sweep_schema.ModelEntry, ModelSpec), (sweep_schema.RaySection, RaySettings),
+    (sweep_schema.SweepFile, SweepConfig),
 ])
 def test_schema_matches_the_config_dataclasses(schema, config):
     """Every key the schema accepts is a field of the config, with the same default (the dataclass's
@@ -170,3 +172,33 @@ def test_solver_time_limit_is_settable_and_keeps_earlier_run_keys():
     assert short.solver.config().time_limit == 5 and short.identity()["solver"]["time_limit"] == 5
     with pytest.raises(ValueError, match=r"runs\[0\].solver.time_limit: input should be greater than 0"):
         sweep_from_dict({**BASE, "runs": [{"name": "s", "solver": {"target_bits": 2.5, "time_limit": 0}}]})
+
+
+def test_ray_resources_are_checked_and_not_part_of_a_run():
+    cfg = sweep_from_dict({**BASE, "ray": {"num_gpus": 1, "num_cpus": 4, "memory_gb": 1.5, "max_retries": 0}})
+    assert cfg.ray.options() == {"num_cpus": 4.0, "num_gpus": 1.0, "max_retries": 0, "retry_exceptions": True,
+                                 "memory": 3 * 2**29}
+    assert "memory" not in sweep_from_dict(BASE).ray.options()
+    for bad, message in (({"num_gpus": -1}, r"ray.num_gpus: input should be greater than or equal to 0"),
+                         ({"num_gpus": True}, r"ray.num_gpus: expected a number, got true"),
+                         ({"max_retries": 1.5}, r"ray.max_retries: expected an integer"),
+                         ({"gpus": 1}, r"ray.gpus: unknown key \(did you mean 'num_gpus'")):
+        with pytest.raises(ValueError, match=message):
+            sweep_from_dict({**BASE, "ray": bad}, "sweep.yaml")
+
+
+def test_bench_exits_1_when_runs_failed(tmp_path, monkeypatch, capsys):
+    from quantmoe.bench import ray_runner, runner
+    from quantmoe.bench.store import ResultsStore
+    from quantmoe.cli import main
+
+    ResultsStore(tmp_path / "r.sqlite").close()  # an empty store for the summary
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"models: [mixtral-s]\nstore: {tmp_path / 'r.sqlite'}\nruns: [{{name: a, policy: uniform=2}}]\n",
+                    encoding="utf-8")
+    for failed, code in ((1, 1), (0, 0)):
+        outcome = runner.SweepOutcome(store=tmp_path / "r.sqlite", ran=0, skipped=0, seconds=0.0, failed=failed)
+        monkeypatch.setattr(ray_runner, "run_sweep_ray", lambda *a, _o=outcome, **k: _o)
+        assert main(["bench", str(path), "--quiet", "--no-report", "--ray"]) == code
+    assert "1 failed (rerun the same command" in capsys.readouterr().out

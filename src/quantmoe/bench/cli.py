@@ -10,6 +10,8 @@ from quantmoe.bench.outputs import check_report_dir, check_store, is_results_sto
 
 log = logging.getLogger(__name__)
 
+_LOCAL = "local"  # `--ray` given without an address
+
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from quantmoe.bench.runner import run_sweep
@@ -25,8 +27,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    outcome = run_sweep(config, store_path=args.store, cache_dir=args.cache_dir, progress=not args.quiet)
-    print(f"\n{config.name}: {outcome.ran} runs done now, {outcome.skipped} already in {outcome.store} "
+    if args.ray is not None:
+        from quantmoe.bench.ray_runner import run_sweep_ray
+
+        outcome = run_sweep_ray(config, store_path=args.store, cache_dir=args.cache_dir,
+                                address=None if args.ray == _LOCAL else args.ray, progress=not args.quiet,
+                                threads=args.threads)
+    else:
+        outcome = run_sweep(config, store_path=args.store, cache_dir=args.cache_dir, progress=not args.quiet)
+    failed = f", {outcome.failed} failed (rerun the same command to try them again)" if outcome.failed else ""
+    print(f"\n{config.name}: {outcome.ran} runs done now, {outcome.skipped} already in {outcome.store}{failed} "
           f"({outcome.seconds:.0f} s)\n")
     print(stored_table(outcome.store, config.name))
     if not args.no_report:
@@ -34,7 +44,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         path = build_report(outcome.store, prepare_report_dir(report_dir), config.name)
         print(f"\nreport: {path} (and {path.with_suffix('.html').name})")
-    return 0
+    return 1 if outcome.failed else 0
 
 
 def _write_plan(args: argparse.Namespace) -> int:
@@ -82,6 +92,10 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--report-dir", help="where the report goes (default: `report` beside the store)")
+    p.add_argument("--ray", nargs="?", const=_LOCAL, default=None, metavar="ADDRESS",
+                   help="run each (model, run, seed) as a Ray task with the sweep's `ray` resources: on the cluster "
+                        "at ADDRESS (e.g. auto, ray://head:10001), or without ADDRESS on a local Ray with 2 CPUs "
+                        "(needs pip install 'quantmoe[ray]'; see docs/benchmark.md)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("report", help="build the Markdown/HTML report of a results store (no model runs)",

@@ -26,6 +26,7 @@ from quantmoe.bench.shared import ModelContext, bitmap, run_key
 from quantmoe.bench.store import ResultsStore, RunRecord
 from quantmoe.bench.sweep import RunSpec, SweepConfig
 from quantmoe.progress import quiet_library_bars, quiet_loggers, redirect_logging, sweep_bar
+from quantmoe.quant.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class SweepOutcome:
     ran: int
     skipped: int
     seconds: float
+    failed: int = 0  # runs recorded as failed (distributed sweeps; rerun the command to try them again)
 
 
 def _seeds(run: RunSpec, config: SweepConfig) -> tuple[int | None, ...]:
@@ -112,15 +114,25 @@ def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str,
-             store_dir: Path) -> tuple[RunRecord, float]:
-    """The run's record and its evaluation time in seconds."""
+def pending_runs(ctx: ModelContext, done: set[str]) -> tuple[list[tuple[RunSpec, int | None, str]], int]:
+    """The (run, seed, key) of ``ctx``'s model that are not in ``done``, and how many are."""
+    config = ctx.sweep
+    jobs = [(run, seed) for run in config.runs if run.applies_to(ctx.spec.name) for seed in _seeds(run, config)]
+    keyed = [(run, seed, run_key(ctx.sha256, _identity(ctx, run, seed))) for run, seed in jobs]
+    todo = [(run, seed, key) for run, seed, key in keyed if key not in done]
+    return todo, len(keyed) - len(todo)
+
+
+def one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_dir: Path,
+            plan: Plan | None = None) -> tuple[RunRecord, float]:
+    """Quantize (unless full precision) and evaluate one run: its record and its evaluation time in
+    seconds; ``plan``: the run's plan when already built."""
     from quantmoe.quant import api
     from quantmoe.quant.checkpoint import library_versions
     from quantmoe.quant.plan import bit_stats
 
     config, q = ctx.sweep, ctx.sweep.quantizer
-    plan = ctx.plan_for(run)
+    plan = plan if plan is not None else ctx.plan_for(run)
     specs = plan.resolve(ctx.anatomy)
     stats = bit_stats(specs, ctx.anatomy.units)
     plan_bits = {name: s.bits for name, s in specs.items()}
@@ -150,13 +162,16 @@ def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str,
         created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds")), eval_seconds
 
 
-def _describe(record: RunRecord, total: float, eval_seconds: float) -> str:
+def describe(record: RunRecord, total: float | None = None, eval_seconds: float | None = None) -> str:
     m = record.metrics
     seed = "" if record.seed is None else f" seed {record.seed}"
     kl = f", KL {m['kl_mean']:.4f}" if m.get("kl_mean") is not None else ""
     tasks = f", task mean {m['task_mean']:.3f}" if "task_mean" in m else ""
-    return (f"{record.model} | {record.run}{seed}: {record.average_bits:.3f} bits, ppl {m['ppl']:.2f}{kl}{tasks}"
-            f" | {total:.1f} s (quantize {record.quant_seconds:.1f} s, evaluate {eval_seconds:.1f} s)")
+    line = f"{record.model} | {record.run}{seed}: {record.average_bits:.3f} bits, ppl {m['ppl']:.2f}{kl}{tasks}"
+    if total is not None:
+        line += f" | {total:.1f} s (quantize {record.quant_seconds:.1f} s"
+        line += ")" if eval_seconds is None else f", evaluate {eval_seconds:.1f} s)"
+    return line
 
 
 def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_dir: str | Path | None = None,
@@ -181,22 +196,21 @@ def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_d
             with quiet_library_bars():
                 ctx = ModelContext.load(spec, config, cache)
                 store.put_artifact(ctx.sha256, "routing", ctx.routing_summary())
-            keyed = [(run, seed, run_key(ctx.sha256, _identity(ctx, run, seed))) for run, seed in jobs_of[spec.name]]
-            todo = [(run, seed, key) for run, seed, key in keyed if key not in done]
-            skipped += len(keyed) - len(todo)
-            if len(todo) < len(keyed):
-                log.info("%s: %d of %d runs already in %s", spec.name, len(keyed) - len(todo), len(keyed), store_path)
-                bar.total -= len(keyed) - len(todo)  # the time left counts only the runs still to do
+            todo, already = pending_runs(ctx, done)
+            skipped += already
+            if already:
+                log.info("%s: %d of %d runs already in %s", spec.name, already, already + len(todo), store_path)
+                bar.total -= already  # the time left counts only the runs still to do
             for run, seed, key in todo:
                 bar.set_postfix_str(f"{spec.name} | {run.name}{'' if seed is None else f' seed {seed}'}",
                                     refresh=True)
                 t_run = time.perf_counter()
                 with quiet_library_bars(), quiet_loggers(RUN_CHATTER if progress else ()):
-                    record, eval_seconds = _one_run(ctx, run, seed, key, store_path.parent)
+                    record, eval_seconds = one_run(ctx, run, seed, key, store_path.parent)
                 if store.add(record):
                     ran += 1
                     done.add(key)
-                log.info("%s", _describe(record, time.perf_counter() - t_run, eval_seconds))
+                log.info("%s", describe(record, time.perf_counter() - t_run, eval_seconds))
                 bar.update()
             del ctx
     return SweepOutcome(store=store_path, ran=ran, skipped=skipped, seconds=time.perf_counter() - t0)

@@ -7,7 +7,10 @@ sweep skips the keys already present. ``key`` is a hash of everything the run co
 changed setting is a new run and never a stale hit.
 
 Per-model artifacts that reports need (the anatomy's expert layout, routing statistics)
-live in a second table, keyed by the model's weight hash.
+live in a second table, keyed by the model's weight hash. Runs that failed (a distributed
+sweep records a run whose retries are spent, with its error) live in a third table,
+``failures``: a failed key is not in ``runs``, so the next invocation runs it again, and its
+failure row is removed once it succeeds.
 
 Testing hook: with ``QUANTMOE_TEST_PAUSE=store-row-in-transaction:FILE`` (see
 ``quantmoe.safeout.pause_for_test``) ``add`` creates FILE and sleeps inside the row's
@@ -31,6 +34,20 @@ SCHEMA_VERSION = 1
 
 _JSON_FIELDS = ("spec", "plan", "bitmap", "quantizer", "calibration", "evaluation", "versions", "metrics",
                 "fallbacks")
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """A run whose every attempt failed; it is not in ``runs`` and is run again on the next invocation."""
+
+    key: str
+    sweep: str
+    model: str
+    run: str
+    seed: int | None
+    attempts: int  # how many times it was tried in the invocation that recorded it
+    error: str  # the last attempt's error (type and message)
+    created_at: str
 
 
 @dataclass(frozen=True)
@@ -70,7 +87,9 @@ def _schema() -> str:
     return (f"CREATE TABLE IF NOT EXISTS runs (\n  {cols}\n);\n"
             "CREATE TABLE IF NOT EXISTS artifacts (model_sha256 TEXT, kind TEXT, json TEXT, "
             "PRIMARY KEY (model_sha256, kind));\n"
-            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);\n")
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);\n"
+            "CREATE TABLE IF NOT EXISTS failures (key TEXT PRIMARY KEY, sweep TEXT, model TEXT, run TEXT, "
+            "seed INTEGER, attempts INTEGER, error TEXT, created_at TEXT);\n")
 
 
 class ResultsStore:
@@ -123,6 +142,7 @@ class ResultsStore:
             cur = db.execute(f"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) "
                              f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
             pause_for_test(PAUSE_POINT)
+            db.execute("DELETE FROM failures WHERE key = ?", (record.key,))
             return cur.rowcount == 1
 
     def records(self, sweep: str | None = None) -> list[RunRecord]:
@@ -140,6 +160,26 @@ class ResultsStore:
             data["plan"] = {k: int(v) for k, v in data["plan"].items()}
             out.append(RunRecord(**data))
         return out
+
+    # --- failed runs ----------------------------------------------------------------------------
+
+    def add_failure(self, failure: FailedRun) -> None:
+        """Record (or replace) the failure of a run that is not stored; a stored run is never marked failed."""
+        row = asdict(failure)
+        names = list(row)
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM runs WHERE key = ?", (failure.key,)).fetchone() is None:
+                db.execute(f"INSERT OR REPLACE INTO failures ({', '.join(names)}) "
+                           f"VALUES ({', '.join('?' * len(names))})", [row[n] for n in names])
+
+    def failures(self, sweep: str | None = None) -> list[FailedRun]:
+        names = [f.name for f in fields(FailedRun)]
+        query = f"SELECT {', '.join(names)} FROM failures"
+        args: tuple = ()
+        if sweep is not None:
+            query += " WHERE sweep = ?"
+            args = (sweep,)
+        return [FailedRun(**dict(zip(names, row))) for row in self._db.execute(query + " ORDER BY created_at", args)]
 
     # --- per-model artifacts ------------------------------------------------------------------
 

@@ -140,6 +140,31 @@ class SolverSettings:
 
 
 @dataclass(frozen=True)
+class RaySettings:
+    """What one (model, run, seed) task asks of a Ray cluster (``quantmoe bench --ray``), and how often a
+    failed task is tried again. Scheduling only: not part of a run's identity."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_gb: float | None = None  # None: no memory reservation
+    max_retries: int = 2  # extra attempts after a crash or a dead worker; then the run is recorded as failed
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or self.num_gpus < 0 or (self.memory_gb is not None and self.memory_gb <= 0):
+            raise ValueError("check `ray`: num_cpus > 0, num_gpus >= 0 and memory_gb > 0 (or null)")
+        if self.max_retries < 0:
+            raise ValueError(f"check `ray.max_retries`: {self.max_retries} is negative")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of Ray's ``.options()``."""
+        out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_retries": self.max_retries,
+                               "retry_exceptions": True}
+        if self.memory_gb is not None:
+            out["memory"] = int(self.memory_gb * 2**30)
+        return out
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One allocation of the sweep; exactly one of policy, plan, solver, full_precision."""
 
@@ -187,6 +212,7 @@ class SweepConfig:
     store: str = "runs/results.sqlite"
     device: str | None = None  # where each block is quantized (None: where the model is)
     save_checkpoints: bool = False  # keep every quantized checkpoint beside the store
+    ray: RaySettings = field(default_factory=RaySettings)  # resources per run under `quantmoe bench --ray`
 
     def __post_init__(self) -> None:
         if not self.models or not self.runs:
@@ -261,7 +287,7 @@ def sweep_from_dict(data: Any, source: str = "the sweep") -> SweepConfig:
         runs=tuple(_run_from(r, f"{source}: runs[{i}]") for i, r in enumerate(doc.runs)),
         calibration=section("calibration", CalibrationConfig), quantizer=section("quantizer", QuantizerSettings),
         eval=_build(f"{source}: eval", lambda: EvalSettings(**ev)),
-        statistics=section("statistics", StatisticsSettings))
+        statistics=section("statistics", StatisticsSettings), ray=section("ray", RaySettings))
     if "seeds" in given:
         kwargs["seeds"] = tuple(given["seeds"])
     kwargs.update({k: given[k] for k in ("store", "device", "save_checkpoints") if k in given})

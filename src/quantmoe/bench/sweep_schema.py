@@ -100,6 +100,19 @@ def _role_bits(value: dict[str, int] | None) -> dict[str, int] | None:
     return value
 
 
+class RaySection(_Section):
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+    max_retries: int = Field(2, ge=0)
+
+    @field_validator("num_cpus", "num_gpus", "memory_gb", mode="before")
+    @classmethod
+    def _whole_numbers_too(cls, value: Any) -> Any:
+        """Strict floats refuse ``num_gpus: 1``; an integer is a number here (a bool is not)."""
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class SolverSection(_Section):
     target_bits: float
     widths: list[int] = Field([2, 3, 4], min_length=1)
@@ -143,6 +156,7 @@ class SweepFile(_Section):
     statistics: StatisticsSection = StatisticsSection()
     device: str | None = None
     save_checkpoints: bool = False
+    ray: RaySection = RaySection()
 
     @field_validator("models", mode="before")
     @classmethod
