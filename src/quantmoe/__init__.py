@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device="cpu", trust_remote_code=False, attn_implementation=None):
-    """Load a quantized checkpoint written by ``quantmoe quantize`` (see quantmoe.quant.api.load)."""
+    """Load a quantized checkpoint written by ``quantmoe quantize``, or a GPTQ-format folder
+    (``quantmoe export``, GPTQModel): see quantmoe.quant.api.load."""
     from quantmoe.quant.api import load as _load
 
     return _load(path, device=device, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)

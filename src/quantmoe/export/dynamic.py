@@ -65,6 +65,7 @@ _CHAINS: tuple[tuple[str, ...], ...] = (
     ("role", "block_role", "expert"),
     ("role", "role_kind", "block_role_kind", "expert"),
     ("role", "block_role", "block_role_kind", "expert"),
+    ("role", "role_kind", "block_role", "block_role_kind", "expert"),
 )
 
 
@@ -142,17 +143,18 @@ def _rules(units: Sequence[LinearUnit], names: Mapping[str, str], want: Formats,
 
 
 def dynamic_map(units: Sequence[LinearUnit], names: Mapping[str, str], want: Formats,
-                others: Sequence[str] = ()) -> tuple[GPTQFormat, dict[str, dict]]:
+                others: Sequence[str] = (), base: GPTQFormat | None = None) -> tuple[GPTQFormat, dict[str, dict]]:
     """(base format, dynamic map) reproducing ``want`` (checkpoint name -> format) for ``units``.
 
     ``names`` maps unit names to checkpoint names; ``others`` are checkpoint names of linears
-    that no pattern may match (routers, the LM head).
+    that no pattern may match (routers, the LM head); ``base`` forces the base format.
     """
     quantized = Counter(f for f in want.values() if f is not None)
     if not quantized:
         raise ValueError("the plan keeps every linear at 16 bits: there is nothing to export in the GPTQ format")
+    bases = [(base, quantized[base])] if base is not None else quantized.most_common()
     best: tuple[int, int, GPTQFormat, dict[str, dict]] | None = None
-    for base, count in quantized.most_common():
+    for base, count in bases:
         for chain in _CHAINS:
             dynamic = _rules(units, names, want, base, chain, others)
             key = (len(dynamic), -count)

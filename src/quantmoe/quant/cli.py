@@ -38,6 +38,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if args.target:  # before the long part: a plan the engine cannot load stops here
+        from quantmoe.anatomy import describe
+        from quantmoe.export.engines import check
+
+        anatomy = describe(model)
+        check(anatomy.units, plan.resolve(anatomy), args.target)
     fingerprint = api.model_fingerprint(model)
     windows = ref = None
     if args.eval:
@@ -45,7 +51,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         ref = reference_logprobs(model, windows)
         base = evaluate(model, windows, ref)
     result = api.quantize(model, tokenizer, plan, calib, gptq, device=args.device)
-    out = api.save(result, Path(args.out), tokenizer, plan, calib, gptq, args.model, fingerprint)
+    if args.format == "gptq":
+        out = api.save_gptq(result, Path(args.out), tokenizer, plan, calib, gptq, args.model, fingerprint,
+                            target=args.target)
+    else:
+        out = api.save(result, Path(args.out), tokenizer, plan, calib, gptq, args.model, fingerprint)
     print(f"{args.model}: {result.bits.average_bits:.3f} average bits ({result.bits.effective_bits:.3f} effective), "
           f"{len(result.report.units)} linears, {len(result.report.fallbacks)} fallbacks, "
           f"{result.report.seconds:.1f} s -> {out}")
@@ -66,6 +76,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=128, help="with --bits: group size, 0 = per-channel")
     p.add_argument("--asym", action="store_true", help="with --bits: asymmetric grid")
     p.add_argument("--out", required=True, help="checkpoint folder (written atomically)")
+    p.add_argument("--format", choices=("quantmoe", "gptq"), default="quantmoe",
+                   help="quantmoe: a checkpoint for quantmoe.load; gptq: a GPTQ-format folder that serving engines "
+                        "(and quantmoe.load) read, as `quantmoe export` writes")
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
@@ -80,4 +93,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="device for the block being quantized, e.g. cuda:0")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
+    from quantmoe.export.cli import add_target_arg
+
+    add_target_arg(p)
     p.set_defaults(func=_cmd_quantize)

@@ -45,11 +45,25 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               trust_remote_code: bool = False):
-    """Model (eval mode) and tokenizer of an embedded name, a local folder or a hub id."""
+               trust_remote_code: bool = False, quantized_ok: bool = False):
+    """Model (eval mode) and tokenizer of an embedded name, a local folder or a hub id.
+
+    A quantized folder (a quantmoe checkpoint or a GPTQ-format folder) is loaded with
+    ``quantmoe.load`` when ``quantized_ok`` (evaluation); otherwise it is an error that names
+    the full-precision model to give instead.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
+    from quantmoe.quant.api import load, quantized_format
+
+    kind = quantized_format(path)
+    if kind is not None:
+        if not quantized_ok:
+            raise ValueError(f"{name_or_path} is a quantized model ({kind} format); this command needs the "
+                             "full-precision model: give the model it was quantized from")
+        model = load(path, device=device, trust_remote_code=trust_remote_code)
+        return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  experts_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
