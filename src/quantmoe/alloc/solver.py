@@ -9,7 +9,8 @@ Problem (a multiple-choice knapsack, solved exactly as a mixed-integer program w
 where P is the number of quantizable parameters (the paper's average bits). A group is a
 single linear, one expert (its gate/up/down move together) or all routed experts of a
 block ("serving-compatible": serving engines want one format for all the experts of a
-layer). Widths can be restricted per role (e.g. attention at least 4 bits).
+layer; with it, the linears engines fuse, q/k/v and a shared expert's gate/up, also share a
+width, so the plan passes `quantmoe export --target vllm`'s layout checks). Widths can be restricted per role (e.g. attention at least 4 bits).
 """
 
 from __future__ import annotations
@@ -66,12 +67,17 @@ class Solution:
 
 
 def _groups(anatomy: ModelAnatomy, granularity: str) -> list[list[str]]:
+    from quantmoe.export.engines import FUSED_KINDS
+
     groups: dict[tuple, list[str]] = {}
     for u in anatomy.units:
+        fused = next((kinds for kinds in FUSED_KINDS if u.kind in kinds), None)
         if u.role == "routed_expert" and granularity == "expert":
             key = ("expert", u.block, u.expert)
         elif u.role == "routed_expert" and granularity == "block":
             key = ("block", u.block)
+        elif granularity == "block" and fused is not None:  # linears engines fuse (q/k/v, gate/up) share a width
+            key = ("fused", u.name.rsplit(".", 1)[0], fused)
         else:
             key = ("linear", u.name)
         groups.setdefault(key, []).append(u.name)

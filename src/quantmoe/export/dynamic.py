@@ -40,10 +40,11 @@ class GPTQFormat:
 
     @classmethod
     def of(cls, spec: QuantSpec, in_features: int) -> GPTQFormat | None:
-        """None for a module kept at 16 bits; a group as wide as the input is per-channel (-1)."""
+        """None for a module kept at 16 bits; a group wider than the input is per-channel (-1)
+        (a group exactly as wide stays: the same tensors, and one setting with its neighbours)."""
         if spec.keep:
             return None
-        size = spec.group_size if spec.group_size is not None and spec.group_size < in_features else -1
+        size = spec.group_size if spec.group_size is not None and spec.group_size <= in_features else -1
         return cls(bits=spec.bits, group_size=size, sym=spec.symmetric)
 
     def overrides(self, base: GPTQFormat) -> dict[str, int | bool]:

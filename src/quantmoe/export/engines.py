@@ -85,13 +85,13 @@ def _vllm(units: Sequence[LinearUnit], fmts: Mapping[str, GPTQFormat | None]) ->
     experts: dict[int, list[LinearUnit]] = defaultdict(list)
     fused: dict[tuple, list[LinearUnit]] = defaultdict(list)
     for u in units:
+        f = fmts[u.name]
         if u.role == "routed_expert":
             experts[u.block].append(u)
-            continue
-        for kinds in FUSED_KINDS:
-            if u.kind in kinds:
-                fused[(u.name.rsplit(".", 1)[0], kinds)].append(u)
-        f = fmts[u.name]
+        else:
+            for kinds in FUSED_KINDS:
+                if u.kind in kinds:
+                    fused[(u.name.rsplit(".", 1)[0], kinds)].append(u)
         if f is not None and f.group_size > 0 and u.in_features % f.group_size:
             out.append(Problem(u.name, f"in_features {u.in_features} is not a multiple of group size {f.group_size}",
                                "use a group size that divides it, or -1 (null: per-channel)"))

@@ -4,15 +4,16 @@ The folder is what GPTQModel writes and vLLM, SGLang and transformers read: ``co
 with ``quantization_config`` (``quant_method: gptq``, ``checkpoint_format: gptq``, the base
 ``bits``/``group_size``/``sym``, ``desc_act: false`` and the ``dynamic`` map of
 ``export/dynamic.py``), the same settings in ``quantize_config.json``, the tokenizer, the
-generation config, and the tensors under the model's own checkpoint names (``names.py``) in
+generation config, and the tensors under the model's own checkpoint names (``names.py``; for
+``target="gptqmodel"`` the per-expert names GPTQModel looks up, which differ for Mixtral) in
 ``model.safetensors``, or in shards with ``model.safetensors.index.json`` when larger than
 ``max_shard_bytes``. ``quantmoe_export.json`` records the plan, the per-module settings and
 the provenance; ``quant_report.json`` is copied when given.
 
 ``desc_act`` is false for every module: quantmoe's act-order keeps groups contiguous (static
 groups), so ``g_idx`` is the plain ``i // group_size`` and engines need no permutation.
-Tensors that are not quantized are stored in the source model's dtype (``config.dtype``) when
-that is exact, else in their own dtype. Writes are atomic (a temporary sibling folder renamed
+Tensors that are not quantized are stored in bfloat16 (or float16) when all of them hold
+values of that dtype exactly (a bfloat16 model quantized in float32), else in their own dtype. Writes are atomic (a temporary sibling folder renamed
 into place); an existing ``--out`` is replaced only if it is an earlier export.
 """
 
@@ -46,6 +47,9 @@ EXPORT_META = "quantmoe_export.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 2**30
+# GPTQModel 7.7 loads an MoE model into its own per-expert view (defuser) and looks tensors up by
+# those names (Mixtral: mlp.experts.<e>.gate_proj, not the hub's block_sparse_moe.experts.<e>.w1)
+PER_EXPERT_NAMES = ("gptqmodel",)
 
 
 def quantization_config(base: GPTQFormat, dynamic: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,19 +60,18 @@ def quantization_config(base: GPTQFormat, dynamic: Mapping[str, Any]) -> dict[st
             "pack_dtype": "int32", "dynamic": dict(dynamic), "meta": {"quantizer": [f"quantmoe:{__version__}"]}}
 
 
-def _source_dtype(config) -> torch.dtype | None:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else None
+def _lossless_dtype(tensors: list[torch.Tensor]) -> torch.dtype | None:
+    """bfloat16 or float16 if every tensor's values are exactly that dtype's, else None."""
+    for dtype in (torch.bfloat16, torch.float16):
+        if all(torch.equal(t.to(dtype).to(t.dtype), t) for t in tensors if t.is_floating_point()):
+            return dtype
+    return None
 
 
 def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     t = t.detach().to("cpu")
-    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        cast = t.to(dtype)
-        if torch.equal(cast.to(t.dtype), t):
-            t = cast
+    if dtype is not None and t.is_floating_point() and t.dtype.itemsize > dtype.itemsize:
+        t = t.to(dtype)
     return t.contiguous()
 
 
@@ -86,14 +89,19 @@ def export_tensors(model: nn.Module, specs: Mapping[str, QuantSpec],
         found = engines.problems(units, specs, "gptqmodel")[:1]
         if found:
             raise engines.ServingError(f"cannot export: {found[0]}")
-    names = checkpoint_names(model)
     unit_names = {u.name for u in units}
+    if target in PER_EXPERT_NAMES:  # the reader's own module names (its per-expert view of fused experts)
+        names = {**{n: n for n in unit_names}, **{k: k for k in model.state_dict()}}
+    else:
+        names = checkpoint_names(model)
     want = {names[u.name]: GPTQFormat.of(specs[u.name], u.in_features) for u in units}
     others = [names.get(f"{n}.weight", f"{n}.weight").removesuffix(".weight")
               for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in unit_names]
     base_hint = engines.expert_base(units, specs) if target in ("vllm", "sglang") else None
     base, dynamic = dynamic_map(units, names, want, others, base=base_hint)
-    dtype = _source_dtype(model.config)
+    plain = [t.detach() for k, t in model.state_dict().items()
+             if t.is_floating_point() and not k.endswith((".scales", ".qweight", ".qzeros"))]
+    dtype = _lossless_dtype(plain)  # e.g. a bfloat16 model quantized in float32: bfloat16, exactly
     tensors: dict[str, torch.Tensor] = {}
     for u in units:
         module, key = model.get_submodule(u.name), names[u.name]
@@ -117,7 +125,7 @@ def export_tensors(model: nn.Module, specs: Mapping[str, QuantSpec],
             continue
         seen.add(ident)
         tensors[names.get(key, key)] = _stored(t, dtype)
-    return tensors, quantization_config(base, dynamic)
+    return tensors, {**quantization_config(base, dynamic), "_dtype": dtype}
 
 
 def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -148,11 +156,10 @@ def _write_tensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_bytes:
     (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def _config_json(model: nn.Module, qconfig: Mapping[str, Any]) -> dict[str, Any]:
+def _config_json(model: nn.Module, qconfig: Mapping[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
     cfg = json.loads(model.config.to_json_string(use_diff=False))
     cfg["quantization_config"] = dict(qconfig)
-    dtype = _source_dtype(model.config)
-    if dtype is not None:
+    if dtype is not None:  # what the unquantized tensors are stored in
         cfg["dtype"] = str(dtype).removeprefix("torch.")
     return cfg
 
@@ -166,11 +173,12 @@ def write_export(model: nn.Module, specs: Mapping[str, QuantSpec], out_dir: Path
         raise ValueError(f"{out_dir} exists and is not a quantmoe export: choose another --out (it is never "
                          "overwritten)")
     tensors, qconfig = export_tensors(model, specs, target)
+    dtype = qconfig.pop("_dtype")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
         _write_tensors(tmp, tensors, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(_config_json(model, qconfig), indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(_config_json(model, qconfig, dtype), indent=2, sort_keys=True))
         (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
         generation = getattr(model, "generation_config", None)
         if generation is not None:
@@ -182,6 +190,7 @@ def write_export(model: nn.Module, specs: Mapping[str, QuantSpec], out_dir: Path
         meta = {"format": "gptq", "modules": {n: {"bits": s.bits, "group_size": s.group_size,
                                                   "symmetric": s.symmetric} for n, s in specs.items()},
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "target": target,
+                "names": "per-expert" if target in PER_EXPERT_NAMES else "checkpoint",
                 **(metadata or {})}
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))  # last: a folder without it is no export
         umask = current_umask()
