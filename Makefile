@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# GPTQModel 7.7 in its own venv (its metadata pins torch>=2.14.1), built once: the real client
+# that loads quantmoe's GPTQ exports in the tests (tests/export/test_gptqmodel_client.py)
+GPTQMODEL_STAMP := .cache/bench/gptqmodel-venv/.bench-stamp
 
 export HF_DATASETS_CACHE := $(CURDIR)/.cache/hf_datasets
 export HF_HOME := $(CURDIR)/.cache/hf_home
@@ -25,8 +28,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/quantmoe demo
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+$(GPTQMODEL_STAMP): benches/gptqmodel_env.py $(STAMP)
+	$(PY) benches/gptqmodel_env.py
+	touch $@
+
+test: $(STAMP) $(GPTQMODEL_STAMP)
+	HF_HUB_OFFLINE=1 QUANTMOE_REQUIRE_GPTQMODEL=1 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) .cache/hf_datasets .pytest_cache
