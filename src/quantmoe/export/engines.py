@@ -156,3 +156,15 @@ def expert_base(units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec]) -> 
         return None
     experts = {fmts[u.name] for u in units if u.role == "routed_expert"}
     return next(iter(experts)) if len(experts) == 1 and None not in experts else None
+
+
+def format_servable(units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec]) -> str:
+    """One line per engine: whether it can serve the plan's GPTQ export, else the first reason."""
+    lines = ["serving (GPTQ export, `quantmoe export --target ENGINE`):"]
+    for engine, found in servable(units, specs).items():
+        if not found:
+            lines.append(f"  {engine:<12} yes")
+        else:
+            more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+            lines.append(f"  {engine:<12} no: {found[0].where}: {found[0].reason}{more}")
+    return "\n".join(lines)
