@@ -8,7 +8,8 @@ GPTQModel's own reading of the files:
 Per job: ``ids.safetensors`` holds ``input_ids`` (batch, seq) int64; ``out.safetensors`` gets
 ``logits`` (float32 of the model run in ``--dtype``) and, per quantized module,
 ``weight.<name>``: the weight GPTQModel's kernel dequantizes (its own v1 -> v2 zero-point
-conversion first), (out, in) float32. One JSON line per job on stdout: versions, kernel
+conversion first), (out, in) float32. With ``--save-suffix``, GPTQModel also writes the model
+it loaded with its own writer (a GPTQModel-written folder). One JSON line per job on stdout: versions, kernel
 classes, the linears left unquantized, seconds. Several jobs share one import of GPTQModel.
 """
 
@@ -24,6 +25,8 @@ def main() -> None:
     p.add_argument("--job", nargs=3, action="append", required=True, metavar=("DIR", "IDS", "OUT"))
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-suffix", default=None,
+                   help="also save each loaded model with GPTQModel's own writer to DIR + this suffix")
     args = p.parse_args()
 
     import time
@@ -64,6 +67,8 @@ def main() -> None:
                 elif isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
                     plain.append(name)
         save_file(out, out_path)
+        if args.save_suffix:
+            model.save(folder.rstrip("/") + args.save_suffix)
         seconds = {"import": round(t_start - t0, 1), "load": round(t_load - t_start, 1),
                    "forward": round(t_forward - t_load, 1), "weights": round(time.perf_counter() - t_forward, 1)}
         print(json.dumps({"model": folder, "gptqmodel": gptqmodel.__version__, "torch": torch.__version__,

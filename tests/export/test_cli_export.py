@@ -82,3 +82,16 @@ def test_quantize_format_gptq_writes_the_export_directly(tiny_model_dir, tmp_pat
     assert sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear") > 0
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_serve_check_without_a_gpu_says_what_it_would_check(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benches" / "serve_check.py"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: serve_check runs for real (minutes), not as a unit test")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 1
+    assert "would serve" in proc.stdout and "vLLM" in proc.stdout

@@ -230,3 +230,11 @@ def test_unstorable_width_is_an_error_naming_the_module(tmp_path):
     with pytest.raises(engines.ServingError, match=r"down_proj: cannot be stored in the GPTQ format"):
         write_export(model, specs, tmp_path / "x")
     assert quantmoe  # the package imports without the export subpackage's optional parts
+
+
+def test_transformers_target_is_refused_for_moe_models_with_the_reason(tmp_path):
+    model, specs, _ = _quantized("olmoe")
+    with pytest.raises(engines.ServingError, match="replaces nn.Linear modules only"):
+        write_export(model, specs, tmp_path / "x", target="transformers")
+    report = engines.format_servable(describe(model).units, specs)
+    assert "gptqmodel    yes" in report and "transformers no: routed experts" in report

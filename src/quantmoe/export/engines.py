@@ -4,8 +4,12 @@ The rules come from the engines' own loaders (docs/serving.md cites them):
 
 * every engine: the format stores 2, 3, 4 and 8 bits; packing needs whole int32 words along
   both dimensions (3 bits: multiples of 32).
-* gptqmodel / transformers (GPTQModel's torch kernel, ``TorchLinear``): group sizes -1, 16, 32,
-  ..., 1024; any mix of formats per module, routed experts included.
+* gptqmodel (its torch kernel, ``TorchLinear``): group sizes -1, 16, 32, ..., 1024; any mix of
+  formats per module, routed experts included.
+* transformers (5.24, through optimum 2.3 + GPTQModel 7.7; tried here, docs/serving.md): its GPTQ
+  integration replaces ``nn.Linear`` modules only, so the fused 3D experts of transformers 5 MoE
+  models are left unquantized (their per-expert tensors "unexpected"), and it builds every
+  linear in the base format, ignoring ``dynamic``: no MoE export loads.
 * vllm / sglang (SGLang reuses vLLM's GPTQ loaders): the fused-MoE kernel takes one format per
   layer, so all routed experts of a block share one format, 4 or 8 bits symmetric (Marlin MoE:
   uint4b8/uint8b128; the MoeWNA16 fallback also takes 4/8); linears that the engine fuses
@@ -129,6 +133,10 @@ def problems(units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec], target
         raise ValueError(f"check `--target`: {target!r} is not one of {', '.join(ENGINES)}")
     fmts = {u.name: GPTQFormat.of(specs[u.name], u.in_features) for u in units}
     out = _common(units, fmts)
+    if target == "transformers" and any(u.role == "routed_expert" for u in units):
+        out.append(Problem("routed experts", "transformers' GPTQ integration (optimum + GPTQModel) replaces nn.Linear "
+                           "modules only: it leaves transformers 5's fused 3D experts unquantized and ignores "
+                           "`dynamic`", "load the export with GPTQModel (`--target gptqmodel`) or quantmoe.load"))
     if target in ("gptqmodel", "transformers"):
         return out + _torch_kernel(units, fmts)
     return out + _vllm(units, fmts)

@@ -95,8 +95,9 @@ def export_tensors(model: nn.Module, specs: Mapping[str, QuantSpec],
     else:
         names = checkpoint_names(model)
     want = {names[u.name]: GPTQFormat.of(specs[u.name], u.in_features) for u in units}
-    others = [names.get(f"{n}.weight", f"{n}.weight").removesuffix(".weight")
-              for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in unit_names]
+    unit_prefixes = tuple(f"{n}." for n in unit_names)
+    others = [names.get(k, k).removesuffix(".weight") for k, t in model.state_dict().items()  # routers, heads
+              if k.endswith(".weight") and t.dim() == 2 and not k.startswith(unit_prefixes)]
     base_hint = engines.expert_base(units, specs) if target in ("vllm", "sglang") else None
     base, dynamic = dynamic_map(units, names, want, others, base=base_hint)
     plain = [t.detach() for k, t in model.state_dict().items()
@@ -114,11 +115,10 @@ def export_tensors(model: nn.Module, specs: Mapping[str, QuantSpec],
         else:
             for leaf, t in module.named_parameters(recurse=False):
                 tensors[f"{key}.{leaf}"] = _stored(t, dtype)
-    prefixes = tuple(f"{n}." for n in unit_names)
     seen: set[tuple[int, int]] = set()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for key, t in model.state_dict().items():
-        if key.startswith(prefixes) or (tied and key.endswith("lm_head.weight")):
+        if key.startswith(unit_prefixes) or (tied and key.endswith("lm_head.weight")):
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset())
         if t.numel() and ident in seen:
