@@ -9,7 +9,7 @@ Per job: ``ids.safetensors`` holds ``input_ids`` (batch, seq) int64; ``out.safet
 ``logits`` (float32 of the model run in ``--dtype``) and, per quantized module,
 ``weight.<name>``: the weight GPTQModel's kernel dequantizes (its own v1 -> v2 zero-point
 conversion first), (out, in) float32. With ``--save-suffix``, GPTQModel also writes the model
-it loaded with its own writer (a GPTQModel-written folder). One JSON line per job on stdout: versions, kernel
+it loaded with its own writer (a GPTQModel-written folder). One line "RESULT {json}" per job on stdout: versions, kernel
 classes, the linears left unquantized, seconds. Several jobs share one import of GPTQModel.
 """
 
@@ -40,11 +40,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import gptqmodel
+    import transformers
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
-
-    import transformers
 
     t_start = time.perf_counter()
     for folder, ids_path, out_path in args.job:
@@ -71,7 +70,7 @@ def main() -> None:
             model.save(folder.rstrip("/") + args.save_suffix)
         seconds = {"import": round(t_start - t0, 1), "load": round(t_load - t_start, 1),
                    "forward": round(t_forward - t_load, 1), "weights": round(time.perf_counter() - t_forward, 1)}
-        print(json.dumps({"model": folder, "gptqmodel": gptqmodel.__version__, "torch": torch.__version__,
+        print("RESULT " + json.dumps({"model": folder, "gptqmodel": gptqmodel.__version__, "torch": torch.__version__,
                           "transformers": transformers.__version__, "kernels": kernels, "unquantized_linears": plain,
                           "dtype": args.dtype, "seconds": seconds}), flush=True)
         t0 = t_start = time.perf_counter()

@@ -238,3 +238,22 @@ def test_transformers_target_is_refused_for_moe_models_with_the_reason(tmp_path)
         write_export(model, specs, tmp_path / "x", target="transformers")
     report = engines.format_servable(describe(model).units, specs)
     assert "gptqmodel    yes" in report and "transformers no: routed experts" in report
+
+
+def test_reader_splits_dense_fused_experts(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, specs, windows = _quantized("qwen3_moe", {"default": {"bits": 4, "group_size": 16},
+                                                      "roles": {"routed_expert": {"bits": 16}}})
+    out = write_export(model, specs, tmp_path / "x")
+    tensors = load_file(str(out / "model.safetensors"))
+    experts = "model.layers.1.mlp.experts"
+    count = model.config.num_experts
+    gate_up = [torch.cat([tensors.pop(f"{experts}.{e}.gate_proj.weight"), tensors.pop(f"{experts}.{e}.up_proj.weight")])
+               for e in range(count)]
+    tensors[f"{experts}.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, H): transformers' own layout
+    tensors[f"{experts}.down_proj"] = torch.stack([tensors.pop(f"{experts}.{e}.down_proj.weight") for e in range(count)])
+    save_file(tensors, str(out / "model.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(load_gptq(out, attn_implementation="eager")(input_ids=windows).logits,
+                           model(input_ids=windows).logits)

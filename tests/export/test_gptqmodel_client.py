@@ -92,7 +92,7 @@ def exported(tmp_path_factory):
                            "--save-suffix", "_resaved"],
                           capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summaries = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT {")]
     return {name: (*case, summary) for (name, case), summary in zip(cases.items(), summaries, strict=True)}
 
 
@@ -134,9 +134,11 @@ def test_gptqmodel_loads_the_export_with_our_weights_and_logits(exported, name):
     assert torch.equal(quantmoe.load(folder)(input_ids=ids).logits, ours(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("name", list(PLANS))
-def test_quantmoe_reads_the_folder_gptqmodel_writes(exported, name):
-    ckpt, folder, ids, specs, _, _ = exported[name]
+def test_quantmoe_reads_the_folder_gptqmodel_writes(exported):
+    # mixtral-s only: GPTQModel 7.7's save() of a loaded DeepSeek-V3 GPTQ model writes its routed
+    # experts as fused float16 tensors of uninitialized memory (values up to 512, NaN logits), a
+    # GPTQModel bug seen here, not a folder any reader could load correctly
+    ckpt, folder, ids, specs, _, _ = exported["mixtral-s"]
     resaved = folder.with_name(folder.name + "_resaved")  # GPTQModel's writer, from its loaded model
     assert json.loads((resaved / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
     ours, theirs = quantmoe.load(ckpt), quantmoe.load(resaved)

@@ -100,7 +100,7 @@ def _vllm(units: Sequence[LinearUnit], fmts: Mapping[str, GPTQFormat | None]) ->
             out.append(Problem(u.name, f"in_features {u.in_features} is not a multiple of group size {f.group_size}",
                                "use a group size that divides it, or -1 (null: per-channel)"))
     expert_formats = set()
-    for block, members in sorted(experts.items()):
+    for _, members in sorted(experts.items()):
         formats = {fmts[u.name] for u in members}
         where = members[0].name.rsplit(".", 2)[0]  # model.layers.N.mlp.experts
         expert_formats |= formats

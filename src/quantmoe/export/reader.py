@@ -5,7 +5,9 @@ Each quantized linear's width comes from its tensors (``qweight`` rows = in * bi
 groups from ``scales`` and ``g_idx`` (any assignment, act-order included), its zero points
 from the v1 ``qzeros`` (stored zero - 1). Names are looked up as the model's checkpoint names
 (``names.py``) and, for folders written from a per-expert view (GPTQModel), as the per-expert
-names. Modules without ``qweight`` are plain linears (the ``-:`` modules).
+names. Modules without ``qweight`` are plain linears (the ``-:`` modules); experts stored dense
+and fused, as transformers holds them (GPTQModel 7.7 re-saves a loaded DeepSeek-V3 so), are
+split into the per-expert view.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quantmoe.anatomy import describe, unfuse_experts
+from quantmoe.anatomy import describe, family_of, unfuse_experts
+from quantmoe.anatomy.expert_view import experts_module_names
 from quantmoe.export.gptq_format import from_gptq
 from quantmoe.export.names import checkpoint_names
 from quantmoe.export.writer import EXPORT_META, INDEX, WEIGHTS
@@ -87,10 +90,17 @@ def load_gptq(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  experts_implementation="eager",
                                                  attn_implementation=attn_implementation)
-    unfuse_experts(model)
-    names = checkpoint_names(model)
     tensors = _read_tensors(path)
     used: set[str] = set()
+    for name in experts_module_names(model, family_of(model)):  # dense fused experts, as GPTQModel re-saves some
+        fused = model.get_submodule(name)
+        for pname, param in list(fused.named_parameters(recurse=False)):
+            t = tensors.get(f"{name}.{pname}")
+            if t is not None and tuple(t.shape) == tuple(param.shape):
+                setattr(fused, pname, nn.Parameter(t.to(dtype), requires_grad=False))
+                used.add(f"{name}.{pname}")
+    unfuse_experts(model)
+    names = checkpoint_names(model)
     replaced: list[str] = []
     for unit in describe(model).units:
         key = next((k for k in (names[unit.name], unit.name) if f"{k}.qweight" in tensors), None)
@@ -113,9 +123,9 @@ def load_gptq(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         module, _, leaf = key.rpartition(".")
         view = inverse.get(key) or (f"{inverse[module]}.{leaf}" if module in inverse else key)
         state[view] = t.to(dtype) if t.is_floating_point() else t
+    present = {k for k, t in model.state_dict().items() if not t.is_meta}  # the QuantLinears, split fused experts
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    done = tuple(f"{n}." for n in replaced)
-    missing = [k for k in missing if not k.startswith(done)]
+    missing = [k for k in missing if k not in present]
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
