@@ -14,13 +14,14 @@ export QUANTMOE_CACHE := $(CURDIR)/.cache/quantmoe
 
 .PHONY: setup demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "quantmoe needs Python >= 3.11"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned, so that the CPU build on local disk is taken (no multi-GB CUDA download)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	# every other package at the exact version that produced the README's numbers
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,6 +34,7 @@ $(GPTQMODEL_STAMP): benches/gptqmodel_env.py $(STAMP)
 	touch $@
 
 test: $(STAMP) $(GPTQMODEL_STAMP)
+	$(VENV)/bin/ruff check src tests benches
 	HF_HUB_OFFLINE=1 QUANTMOE_REQUIRE_GPTQMODEL=1 $(PY) -m pytest -q
 
 clean:

@@ -20,15 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-
-from quantmoe.alloc.cli import gather_evidence
 from quantmoe.alloc.damage import measure_damage
+from quantmoe.alloc.evidence import StatisticsConfig, gather_evidence
 from quantmoe.alloc.policies import build_plan, policy_needs
 from quantmoe.alloc.presets import parse_policy
 from quantmoe.alloc.solver import SolverConfig, solve
 from quantmoe.anatomy import describe
-from quantmoe.bench.runner import dequantize_in_place
 from quantmoe.atomic import atomic_write_text
+from quantmoe.bench.runner import dequantize_in_place
 from quantmoe.calib.data import CalibrationConfig, calibration_windows
 from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
 from quantmoe.quant import api
@@ -72,9 +71,6 @@ def main() -> None:
     windows = make_windows(split_tokens("test", tok), 256, args.eval_windows)
     ref = reference_logprobs(fp, windows)
     calib = CalibrationConfig(num_windows=args.calib_windows)
-    ev_args = argparse.Namespace(model=args.model, routing=None, cache_dir=str(Path(".cache/quantmoe").resolve()),
-                                 split="calibration", rank_split="validation", windows=64, seq_len=256, seed=0,
-                                 massive_threshold=1000.0)
     candidates: dict[str, list[tuple[str, float]]] = {}
     all_rules = {}
     for name, (template, params) in families(anatomy).items():
@@ -85,7 +81,8 @@ def main() -> None:
             options.append((p, rules))
         candidates[name] = options
     needs = sorted({n for rules in all_rules.values() for n in policy_needs(rules)})
-    evidence = gather_evidence(needs, fp, tok, anatomy, ev_args)
+    evidence = gather_evidence(needs, fp, tok, anatomy, StatisticsConfig(), model_name=args.model,
+                               cache_dir=Path(".cache/quantmoe").resolve())
     damage = measure_damage(copy.deepcopy(fp), anatomy, calibration_windows(
         api.calibration_tokens("calibration", tok), args.damage_windows, 256, 0), (2, 3, 4))
 

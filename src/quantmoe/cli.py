@@ -27,7 +27,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and not tasks:
         raise ValueError("`--limit` applies to `--tasks`: add --tasks, or use --max-windows for perplexity")
     model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
-                                  quantized_ok=True)
+                                  tokenizer=args.tokenizer, quantized_ok=True)
     if args.split is not None or not tasks:
         from quantmoe.eval.corpora import load_tokens
         from quantmoe.eval.metrics import evaluate, make_windows
@@ -51,6 +51,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from quantmoe.demo import run_demo
 
     return run_demo(threads=args.threads)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default shown, unless it is None or off, or its help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if (shown and "default" not in text
+                and action.option_strings and not isinstance(action, argparse._VersionAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
+class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``HelpFormatter`` keeping the description and epilog as written (rule tables)."""
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _subparsers(sub)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -88,16 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, metavar="TEXT",
                    help="calibration, validation, test, wikitext2, c4 or a .txt path "
                         "(default: test, unless only --tasks is given)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per perplexity window")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only (default: all)")
     p.add_argument("--tasks", default=None, metavar="A,B",
                    help="lm-eval tasks, e.g. qmoe_suite or winogrande,piqa (the paper's: "
                         "winogrande,copa,openbookqa,hellaswag,piqa,mmlu)")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task (quick checks)")
     p.add_argument("--num-fewshot", type=int, default=None, help="default: the paper's (mmlu 5), else the task's")
     p.add_argument("--seed", type=int, default=0, help="lm-eval seeds")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows or lm-eval requests per forward")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on the embedded models",
@@ -113,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_solve_parser(sub)
     add_bench_parsers(sub)
     add_zoo_parser(sub)
+    for p in (parser, *_subparsers(parser)):
+        raw = issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter)
+        p.formatter_class = RawHelpFormatter if raw else HelpFormatter
     return parser
 
 
@@ -124,11 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # bad input: a clear message, no traceback
+    except (ValueError, OSError) as err:  # bad input: one clear line, no traceback (-v shows it)
         if args.verbose:
             raise
-        log.error("%s", err)
+        log.error("%s", " ".join(line.strip() for line in str(err).splitlines() if line.strip()))
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        log.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ def demo_sweep_path() -> Path:
 
 def run_demo(threads: int | None = None, sweep: Path | None = None, store: Path | None = None,
              report_dir: Path | None = None) -> int:
-    from quantmoe.bench.cli import default_report_dir
+    from quantmoe.bench.outputs import check_store, prepare_report_dir
     from quantmoe.bench.report import build_report
     from quantmoe.bench.runner import run_sweep
-    from quantmoe.bench.summary import stored_table
+    from quantmoe.bench.summary import default_report_dir, stored_table
     from quantmoe.bench.sweep import load_sweep
 
     if threads:
@@ -45,8 +45,10 @@ def run_demo(threads: int | None = None, sweep: Path | None = None, store: Path 
         print(f"\n=== {spec.name} ===\n{format_anatomy(inspect_model(resolve_model(spec.name)))}", flush=True)
     print(f"\nsweep {config.name}: {len(config.models)} models x {len(config.runs)} runs x "
           f"{len(config.seeds)} calibration seeds", flush=True)
+    check_store(Path(store or config.store))
     outcome = run_sweep(config, store_path=store)
-    report = build_report(outcome.store, report_dir or default_report_dir(outcome.store), sweep=config.name)
+    report = build_report(outcome.store, prepare_report_dir(report_dir or default_report_dir(outcome.store)),
+                          sweep=config.name)
     ppl = config.eval.perplexity
     print(f"\n{config.name}: mean ± std over calibration seeds; ppl and KL (mean per-token KL(full precision || "
           f"quantized)) on {ppl.max_windows or 'all'} {ppl.split} windows of {ppl.seq_len} tokens; task mean = "

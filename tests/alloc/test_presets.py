@@ -70,7 +70,7 @@ def test_preset_by_name_and_as_item():
 
 
 def test_unknown_preset_says_did_you_mean():
-    with pytest.raises(ValueError, match="did you mean deepseek-shared8-top30"):
+    with pytest.raises(ValueError, match="did you mean 'deepseek-shared8-top30'"):
         parse_policy("preset=deepseek-shared8-top03")
-    with pytest.raises(ValueError, match="did you mean mixtral-experts2-attn4"):
+    with pytest.raises(ValueError, match="did you mean 'mixtral-experts2-attn4'"):
         parse_policy("mixtral-experts2-attn")

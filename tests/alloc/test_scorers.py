@@ -99,8 +99,9 @@ def test_expert_scores_json_round_trip(tmp_path):
 
 
 def test_scorers_on_meta_models_say_they_need_weights():
-    from quantmoe.anatomy import tiny_config
     from transformers import AutoModelForCausalLM
+
+    from quantmoe.anatomy import tiny_config
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(tiny_config("mixtral"))

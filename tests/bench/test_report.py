@@ -217,8 +217,9 @@ def test_cli_report_and_bench_build_it(store_path, tmp_path, monkeypatch, capsys
     calls = []
     monkeypatch.setattr(report, "build_report", lambda *args: calls.append(args) or Path(args[1]) / "report.md")
     assert main(["bench", str(sweep), "--store", str(store_path), "--report-dir", str(tmp_path / "rep")]) == 0
-    assert calls == [(str(store_path), str(tmp_path / "rep"), "trial")]
+    assert [(a, Path(b), c) for a, b, c in calls] == [(str(store_path), tmp_path / "rep", "trial")]
+    assert (tmp_path / "rep" / ".quantmoe-output").is_file()  # the report folder is marked as ours
     assert main(["bench", str(sweep), "--store", str(store_path)]) == 0
-    assert calls[-1] == (str(store_path), store_path.parent / "report", "trial")
+    assert (calls[-1][0], Path(calls[-1][1]), calls[-1][2]) == (str(store_path), store_path.parent / "report", "trial")
     assert main(["bench", str(sweep), "--store", str(store_path), "--no-report"]) == 0
     assert len(calls) == 2

@@ -37,7 +37,7 @@ def _reference(model, block, batches, mode, kind):
             if not len(rows):
                 continue
             seen = []
-            h = getattr(experts[e], kind).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+            h = getattr(experts[e], kind).register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # noqa: B023
             try:
                 with torch.no_grad():
                     experts[e](rows)

@@ -1,7 +1,18 @@
 import pytest
 
-from quantmoe.eval.tasks import (HEADLINE, LOCAL_SUITE, LOCAL_TASKS, PAPER_TASKS, TaskResults, TaskScore,
-                                 format_results, local_tasks_dir, resolve_tasks, run_tasks, task_manager)
+from quantmoe.eval.tasks import (
+    HEADLINE,
+    LOCAL_SUITE,
+    LOCAL_TASKS,
+    PAPER_TASKS,
+    TaskResults,
+    TaskScore,
+    format_results,
+    local_tasks_dir,
+    resolve_tasks,
+    run_tasks,
+    task_manager,
+)
 from quantmoe.zoo.embedded import load_model
 
 LIMIT = 30

@@ -165,6 +165,21 @@ def test_singular_hessian_is_damped():
     assert res.fallback is None and res.damp_used == pytest.approx(0.1)
 
 
+def test_damp_zero_on_an_exactly_singular_hessian_retries_instead_of_crashing(caplog):
+    # two identical input columns: the Cholesky factor gets an exact zero on its diagonal, which
+    # cholesky_inverse refuses; damp=0 must take the damping retries (then RTN), as documented
+    H = torch.eye(8)
+    H[:2, :2] = 1.0
+    W = torch.randn(3, 4, 8)
+    with caplog.at_level(logging.WARNING):
+        single = gptq_quantize(W[0], H, QuantSpec(4, None), damp=0.0, name="experts.0.down_proj")
+        batch = gptq_quantize_batched(W, torch.stack([H, torch.eye(8), -torch.eye(8)]), QuantSpec(4, None), damp=0.0)
+    assert single.fallback is None and single.damp_used > 0 and "experts.0.down_proj" in caplog.text
+    assert [r.fallback for r in batch] == [None, None, "rtn"]
+    assert batch[0].damp_used > 0 and batch[1].damp_used == 0.0
+    assert torch.equal(batch[0].Q, single.Q)
+
+
 def test_nan_and_inf_name_module_and_input():
     W, H = torch.randn(4, 8), torch.eye(8)
     with pytest.raises(ValueError, match=r"experts\.3\.up_proj: the weight W has NaN"):

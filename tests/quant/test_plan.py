@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from quantmoe.anatomy import describe, tiny_model
 from quantmoe.quant.grid import QuantSpec

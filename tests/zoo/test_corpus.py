@@ -1,6 +1,5 @@
-from quantmoe.zoo.corpus import SPLITS, Document, _chunks
+from quantmoe.zoo.corpus import DOC_SEPARATOR, SPLITS, Document, _chunks
 from quantmoe.zoo.embedded import split_path
-from quantmoe.zoo.corpus import DOC_SEPARATOR
 
 
 def test_split_assignment_is_stable_and_mostly_train():

@@ -3,8 +3,16 @@ import json
 import pytest
 
 from quantmoe.zoo.embedded import embedded_root, split_path
-from quantmoe.zoo.suite import (SUITE_TASKS, build_suite, cloze_items, ending_items, prose_lines, source_of,
-                                split_documents, split_half)
+from quantmoe.zoo.suite import (
+    SUITE_TASKS,
+    build_suite,
+    cloze_items,
+    ending_items,
+    prose_lines,
+    source_of,
+    split_documents,
+    split_half,
+)
 
 
 @pytest.fixture(scope="module")

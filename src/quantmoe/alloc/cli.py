@@ -4,22 +4,22 @@ Rules that need no data (uniform, attention, shared, experts, first/last, kind, 
 randomk) run on the config alone (meta device, no weights). Data-driven rules (topk, global,
 outlier, importance) load the model; their statistics are computed once on the full-precision
 model and cached as JSON under ``--cache-dir`` ($QUANTMOE_CACHE, else ~/.cache/quantmoe), keyed
-by the model's name and weight fingerprint, the split, window count/length and seed.
+by content: the weight hash, the hash of the token windows and every setting (alloc/evidence.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from quantmoe.alloc.presets import PAPER_MODELS, PRESETS, format_policy, paper_config, parse_policy
 from quantmoe.alloc.scorers import Evidence
+from quantmoe.quant.plan import PLAN_HEADER
+from quantmoe.safeout import check_file_output, starts_with
 
 log = logging.getLogger(__name__)
 
@@ -76,80 +76,18 @@ def format_importance(result) -> str:
             f"Spearman rank correlation of mean similarity {result.spearman:.3f}")
 
 
-# --- evidence -----------------------------------------------------------------------------------
-
-
-def cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir or os.environ.get("QUANTMOE_CACHE") or Path.home() / ".cache" / "quantmoe")
-
-
-def _cached(path: Path, load: Callable[[str], Any], compute: Callable[[], Any]) -> Any:
-    if path.is_file():
-        log.info("reusing %s", path)
-        return load(path.read_text(encoding="utf-8"))
-    value = compute()
-    value.save(path)
-    log.info("saved %s", path)
-    return value
-
-
-def gather_evidence(needs: list[str], model, tokenizer, anatomy, args: argparse.Namespace) -> Evidence:
-    """Compute (or reuse from the cache) the statistics the rules need, on the full-precision model."""
-    from quantmoe.alloc import predictor, scorers
-    from quantmoe.calib.data import calibration_windows
-    from quantmoe.calib.routing import RoutingStats, collect_routing
-    from quantmoe.quant.api import calibration_tokens, model_fingerprint
-
-    found: dict[str, Any] = {}
-    if args.routing:
-        stats = RoutingStats.from_json(Path(args.routing).read_text(encoding="utf-8"))
-        expected = {b.index: b.num_experts for b in anatomy.blocks if b.is_moe}
-        if {b: len(c) for b, c in stats.counts.items()} != expected:
-            raise ValueError(f"check --routing: {args.routing} counts experts of other blocks than this model's "
-                             f"MoE blocks ({len(expected)} blocks of {max(expected.values(), default=0)} experts)")
-        found["routing"] = stats
-    todo = [n for n in needs if n not in found]
-    if not todo or model is None:
-        return Evidence(**found)
-    key = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(args.model).name)}-{model_fingerprint(model)[:12]}"
-    folder = cache_root(args.cache_dir) / key
-
-    def windows(split: str):
-        return calibration_windows(calibration_tokens(split, tokenizer), args.windows, args.seq_len, args.seed)
-
-    tag = f"{Path(args.split).stem}-{args.windows}x{args.seq_len}-seed{args.seed}"
-    for need in todo:
-        if need == "routing":
-            found[need] = _cached(folder / f"routing-{tag}.json", RoutingStats.from_json,
-                                  lambda: collect_routing(model, anatomy, windows(args.split)))
-        elif need == "wanda":
-            found[need] = _cached(folder / f"wanda-{tag}.json", scorers.ExpertScores.from_json,
-                                  lambda: scorers.wanda_expert_scores(model, anatomy, windows(args.split)))
-        elif need == "massive":
-            found[need] = _cached(folder / f"massive-{tag}-t{args.massive_threshold:g}.json",
-                                  scorers.ExpertScores.from_json,
-                                  lambda: scorers.massive_routing(model, anatomy, windows(args.split),
-                                                                  args.massive_threshold))
-        elif need == "outlier":
-            found[need] = scorers.outlier_scores(model, anatomy)
-        elif need == "importance":
-            config = predictor.PredictorConfig(seed=args.seed)
-            found[need] = _cached(folder / f"importance-{tag}-rank-{Path(args.rank_split).stem}.json",
-                                  predictor.BlockImportance.from_json,
-                                  lambda: predictor.block_importance(model, anatomy, windows(args.split),
-                                                                     windows(args.rank_split), config))
-    return Evidence(**found)
-
-
 # --- command ------------------------------------------------------------------------------------
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from quantmoe.alloc.evidence import StatisticsConfig, gather_evidence, load_routing
     from quantmoe.alloc.policies import build_plan, policy_needs
     from quantmoe.anatomy import describe, describe_config, inspect_model
     from quantmoe.atomic import atomic_write_text
     from quantmoe.zoo.embedded import load_model, resolve_model
 
+    if args.out:
+        check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")
     rules = parse_policy(args.policy)
     needs = policy_needs(rules)
     preset = PRESETS.get(args.policy.strip())
@@ -161,14 +99,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif without_data:
         anatomy = inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
     else:
-        model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                                      tokenizer=args.tokenizer)
         anatomy = describe(model)
     if args.bits_only:
         evidence = Evidence(placeholder=True)
         log.warning("--bits-only: data-driven rules pick experts/blocks/linears in index order; the average "
                     "bits are exact, the choice is not")
     else:
-        evidence = gather_evidence(needs, model, tokenizer, anatomy, args)
+        routing = load_routing(Path(args.routing), anatomy) if args.routing else None
+        stats = StatisticsConfig(split=args.split, rank_split=args.rank_split, windows=args.windows,
+                                 seq_len=args.seq_len, seed=args.seed, massive_threshold=args.massive_threshold)
+        evidence = gather_evidence(needs, model, tokenizer, anatomy, stats, model_name=args.model,
+                                   cache_dir=args.cache_dir, routing=routing)
     plan = build_plan(rules, anatomy, evidence, group_size=group_size or None, symmetric=not args.asym)
     specs = plan.resolve(anatomy)
     moe = [b for b in anatomy.blocks if b.is_moe]
@@ -184,7 +127,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from quantmoe.quant.plan import bit_stats
 
         stats = bit_stats(specs, anatomy.units)
-        header = (f"# quantmoe plan {args.model} --policy '{format_policy(rules)}'\n"
+        header = (f"{PLAN_HEADER} plan {args.model} --policy '{format_policy(rules)}'\n"
                   f"# average bits {stats.average_bits:.4f}, effective bits {stats.effective_bits:.4f}\n")
         atomic_write_text(Path(args.out), header + plan.to_yaml())
         print(f"wrote {args.out}")
@@ -208,7 +151,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="embedded model (mixtral-s, deepseek-s), local folder, hub id, or the paper's "
                                  f"shapes on the meta device ({', '.join(PAPER_MODELS)})")
     p.add_argument("--policy", required=True, help="compact rules, a preset name, or a policy YAML file")
-    p.add_argument("--out", help="write the plan here as YAML (for `quantmoe quantize --plan`)")
+    p.add_argument("--out", help="write the plan here as YAML (for `quantmoe quantize --plan`); an existing file "
+                                 "is replaced only if quantmoe wrote it and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan file quantmoe wrote earlier at --out")
     p.add_argument("--group-size", type=int, default=None,
                    help="group size of the plan; 0 = per-channel (default: the preset's, else 128)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid")
@@ -219,11 +164,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                                                           "(embedded split or text file)")
     p.add_argument("--rank-split", default="validation", help="text the block-importance predictor ranks on")
     p.add_argument("--windows", type=int, default=64, help="windows of text for statistics")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per statistics window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window offsets (and of randomk/the predictor)")
     p.add_argument("--massive-threshold", type=float, default=1000.0,
                    help="|h| at or above which a token is a massive-activation token")
     p.add_argument("--cache-dir", help="statistics cache (default $QUANTMOE_CACHE or ~/.cache/quantmoe)")
     p.add_argument("--device", default="cpu", help="torch device for computing statistics")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_plan)

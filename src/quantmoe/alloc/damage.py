@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,10 +29,10 @@ from torch import nn
 from tqdm import tqdm
 
 from quantmoe.anatomy import ModelAnatomy, per_expert_view
+from quantmoe.calib.data import run_windows
 from quantmoe.calib.hessian import HessianCollector
 from quantmoe.quant.gptq import gptq_quantize
 from quantmoe.quant.grid import QuantSpec, rtn
-from quantmoe.calib.data import run_windows
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +138,83 @@ def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tenso
                     table[i, j] = 0.5 * tokens * float(torch.einsum("oi,ij,oj->", D, H, D))
     params = np.array([u.numel for u in anatomy.units], dtype=np.float64)
     return DamageTable(units=names, widths=widths, damage=np.maximum(table, 0.0), params=params, metric=metric)
+
+
+# --- cached tables ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DamageConfig:
+    """How a damage table is measured: the text and every setting of ``measure_damage``."""
+
+    split: str = "calibration"  # embedded split, hub corpus or text file
+    windows: int = 32
+    seq_len: int = 256
+    seed: int = 0
+    group_size: int | None = 128
+    symmetric: bool = True
+    metric: str = "fisher"
+    quantizer: str = "gptq"
+    damp: float = 0.01
+    moe_mode: str = "routed"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"check `metric`: {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.windows < 1 or self.seq_len < 2:
+            raise ValueError("check the damage windows: `windows` >= 1 and `seq_len` >= 2")
+
+    def measure_settings(self) -> dict:
+        """What the table depends on besides the model and the token windows (the text's name is not)."""
+        return {k: v for k, v in asdict(self).items() if k != "split"}
+
+
+def _read_table(path: Path) -> tuple[DamageTable, str | None]:
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            table = DamageTable(tuple(d["units"].tolist()), tuple(int(w) for w in d["widths"]), d["damage"],
+                                d["params"], str(d["metric"]))
+            return table, str(d["key"]) if "key" in d.files else None
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a damage table written by quantmoe ({err}); give another --damage-cache "
+                         f"path or remove that file") from None
+
+
+def load_or_measure_damage(model: nn.Module, tokenizer, anatomy: ModelAnatomy, widths: Sequence[int],
+                           config: DamageConfig = DamageConfig(), cache: Path | None = None,
+                           fingerprint: str | None = None) -> DamageTable:
+    """The damage table of ``model`` at ``widths``: from ``cache`` (an npz file) when it was measured on the
+    same weights, token windows and settings and has these widths, else measured (and saved to ``cache``).
+
+    The cache stores a content key (weight hash, token-window hash, every setting) and is reused only when
+    it matches; any difference measures again and replaces the file. ``fingerprint``: the model's weight
+    hash when the caller has it (else computed).
+    """
+    from quantmoe.cache import array_sha256, content_key
+    from quantmoe.calib.data import calibration_windows
+    from quantmoe.quant.api import calibration_tokens, model_fingerprint
+
+    windows = calibration_windows(calibration_tokens(config.split, tokenizer), config.windows, config.seq_len,
+                                  config.seed)
+    key = content_key({"kind": "damage", "model": fingerprint or model_fingerprint(model),
+                       "windows": array_sha256(windows), **config.measure_settings()})
+    if cache is not None and Path(cache).exists():
+        table, stored = _read_table(Path(cache))
+        if stored == key and set(widths) <= set(table.widths) and table.units == tuple(u.name for u in anatomy.units):
+            log.info("damage table from %s", cache)
+            return table
+        log.info("%s was measured %s; measuring again", cache,
+                 "on other weights, text or settings" if stored != key else "for other widths or units")
+    table = measure_damage(model, anatomy, windows, widths, group_size=config.group_size, symmetric=config.symmetric,
+                           metric=config.metric, quantizer=config.quantizer, damp=config.damp,
+                           moe_mode=config.moe_mode)
+    if cache is not None:
+        from quantmoe.atomic import atomic_write
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, units=np.array(table.units), widths=np.array(table.widths), damage=table.damage,
+                         params=table.params, metric=np.array(table.metric), key=np.array(key))
+
+        atomic_write(Path(cache), write)
+    return table

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -48,11 +47,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from quantmoe.alloc.plan_from_bits import plan_from_bits
 from quantmoe.alloc.scorers import EXPERT_RANKINGS, Evidence
 from quantmoe.anatomy import QUANTIZABLE_ROLES, BlockAnatomy, ModelAnatomy
 from quantmoe.quant.grid import SUPPORTED_BITS
-from quantmoe.alloc.plan_from_bits import plan_from_bits
 from quantmoe.quant.plan import Plan
+from quantmoe.suggest import did_you_mean
 
 BLOCK_SOURCES = ("predicted", "measured")
 ROLE_ALIASES = {"attention": "attention", "routed_expert": "routed_expert", "experts": "routed_expert",
@@ -61,8 +61,8 @@ ROLE_ALIASES = {"attention": "attention", "routed_expert": "routed_expert", "exp
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
-    return f"did you mean {' or '.join(close)}? " if close else ""
+    hint = did_you_mean(word, choices, cutoff=0.5)
+    return f"{hint} " if hint else ""
 
 
 def top(scores: np.ndarray, n: int) -> list[int]:

@@ -171,7 +171,7 @@ def train_predictor(X: torch.Tensor, y: torch.Tensor, config: PredictorConfig = 
         net = make_predictor(hidden, config.width or min(1024, 4 * hidden), mean, std)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best, best_state, stale, epoch = math.inf, None, 0, 0
-    for epoch in range(1, config.max_epochs + 1):
+    for epoch in range(1, config.max_epochs + 1):  # noqa: B007 (returned: the epochs run)
         net.train()
         order = train[torch.randperm(len(train), generator=gen)]
         for i in range(0, len(order), config.batch_size):

@@ -26,15 +26,14 @@ qwen2_moe config (true MHA, one shared expert of 2816); both give identical figu
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quantmoe.alloc.policies import Pattern, Rule, get_rule
+from quantmoe.suggest import did_you_mean
+from quantmoe.yamlfile import read_yaml
 
 
 @dataclass(frozen=True)
@@ -71,9 +70,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise ValueError(f"unknown preset {name!r}; {hint}presets: {', '.join(PRESETS)}")
+        hint = did_you_mean(name, PRESETS, cutoff=0.5)
+        raise ValueError(f"unknown preset {name!r}; {hint + ' ' if hint else ''}presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -132,8 +130,8 @@ def _rule_from_item(name: str, value: Any) -> list[Rule]:
         kwargs = dict(value)
         for key in kwargs:
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f"did you mean {close[0]}? " if close else ""
+                hint = did_you_mean(str(key), allowed, n=1)
+                hint = f"{hint} " if hint else ""
                 raise ValueError(f"check rule {cls.name!r}: unknown field {key!r}; {hint}fields: {', '.join(allowed)}")
     else:
         text = str(value).strip()
@@ -164,10 +162,7 @@ def parse_policy(spec: str | Path | Sequence[Any]) -> tuple[Rule, ...]:
         return _parse_items(spec, "the policy")
     text = str(spec).strip()
     if text.endswith((".yaml", ".yml")) and "=" not in text:
-        path = Path(text)
-        if not path.is_file():
-            raise ValueError(f"policy file {text} not found")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(Path(text), "policy file")
         if not isinstance(data, list):
             raise ValueError(f"check {text}: a policy file is a list of rules like `- experts: 2`")
         return _parse_items(data, text)
@@ -185,8 +180,8 @@ def parse_policy(spec: str | Path | Sequence[Any]) -> tuple[Rule, ...]:
 
 
 def _maybe_preset(word: str) -> str:
-    close = difflib.get_close_matches(word, [*PRESETS, "uniform", "experts", "attention", "shared"], n=3, cutoff=0.5)
-    return f"did you mean {' or '.join(close)}?" if close else "see --help for rules and presets"
+    hint = did_you_mean(word, [*PRESETS, "uniform", "experts", "attention", "shared"], cutoff=0.5)
+    return hint or "see --help for rules and presets"
 
 
 def format_policy(rules: Sequence[Rule]) -> str:

@@ -25,12 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from quantmoe.calib.data import run_windows
 from torch import nn
 
 from quantmoe.anatomy import BlockAnatomy, ModelAnatomy, per_expert_view
 from quantmoe.atomic import atomic_write_text
+from quantmoe.calib.data import run_windows
 
 log = logging.getLogger(__name__)
 

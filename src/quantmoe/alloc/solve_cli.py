@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from quantmoe.quant.plan import PLAN_HEADER
+from quantmoe.safeout import check_file_output, starts_with
+
 log = logging.getLogger(__name__)
 
 
@@ -29,48 +32,41 @@ def _parse_role_bits(items: list[str] | None) -> dict[str, int]:
     return out
 
 
-def load_or_measure_damage(model, tokenizer, anatomy, widths, args, cache: Path | None):
-    from quantmoe.alloc.damage import DamageTable, measure_damage
-    from quantmoe.calib.data import calibration_windows
-    from quantmoe.quant.api import calibration_tokens
-
-    if cache is not None and cache.exists():
-        d = np.load(cache, allow_pickle=False)
-        table = DamageTable(tuple(d["units"].tolist()), tuple(int(w) for w in d["widths"]), d["damage"], d["params"],
-                            str(d["metric"]))
-        if set(widths) <= set(table.widths) and table.units == tuple(u.name for u in anatomy.units):
-            log.info("damage table from %s", cache)
-            return table
-    windows = calibration_windows(calibration_tokens(args.calib, tokenizer), args.calib_windows, args.calib_len,
-                                  args.seed)
-    table = measure_damage(model, anatomy, windows, widths, group_size=args.group_size or None,
-                           symmetric=not args.asym, metric=args.metric)
-    if cache is not None:
-        from quantmoe.atomic import atomic_write
-
-        atomic_write(cache, lambda tmp: np.savez(open(tmp, "wb"), units=np.array(table.units), widths=np.array(
-            table.widths), damage=table.damage, params=table.params, metric=np.array(table.metric)))
-    return table
+def _is_damage_cache(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return {"units", "widths", "damage", "params", "metric"} <= set(d.files)
+    except (OSError, ValueError):
+        return False
 
 
 def _cmd_solve(args: argparse.Namespace) -> int:
+    from quantmoe.alloc.damage import DamageConfig, load_or_measure_damage
     from quantmoe.alloc.solver import SolverConfig, solve
     from quantmoe.anatomy import describe
     from quantmoe.atomic import atomic_write_text
     from quantmoe.quant.plan import bit_stats
     from quantmoe.zoo.embedded import load_model
 
+    if args.out:
+        check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")
+    if args.damage_cache:  # an existing cache of ours is reused or refreshed; anything else is left alone
+        check_file_output(Path(args.damage_cache), overwrite=True, ours=_is_damage_cache, what="damage cache",
+                          option="--damage-cache")
     widths = _parse_widths(args.widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
-                          role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits))
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+                          role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits),
+                          time_limit=args.time_limit)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     anatomy = describe(model)
-    table = load_or_measure_damage(model, tokenizer, anatomy, widths, args,
+    damage = DamageConfig(split=args.calib, windows=args.calib_windows, seq_len=args.calib_len, seed=args.seed,
+                          group_size=args.group_size or None, symmetric=not args.asym, metric=args.metric)
+    table = load_or_measure_damage(model, tokenizer, anatomy, widths, damage,
                                    Path(args.damage_cache) if args.damage_cache else None)
     sol = solve(anatomy, table, config, group_size=args.group_size or None, symmetric=not args.asym)
     stats = bit_stats(sol.plan.resolve(anatomy), anatomy.units)
     print(f"{args.model}: {stats.average_bits:.4f} average bits ({stats.effective_bits:.3f} effective), "
-          f"estimated {table.metric} damage {sol.damage:.4g}, {sol.groups} groups")
+          f"estimated {table.metric} damage {sol.damage:.4g}, {sol.groups} groups, {sol.status}")
     by_role: dict[str, dict[int, int]] = {}
     for u in anatomy.units:
         by_role.setdefault(u.role, {}).setdefault(sol.bits[u.name], 0)
@@ -79,7 +75,10 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         total = sum(counts.values())
         print(f"  {role:<14} " + ", ".join(f"{b}-bit {100 * n / total:.0f}%" for b, n in sorted(counts.items())))
     if args.out:
-        atomic_write_text(Path(args.out), sol.plan.to_yaml())
+        header = (f"{PLAN_HEADER} solve {args.model} --target {args.target:g} --widths {args.widths} "
+                  f"--granularity {args.granularity} --metric {table.metric}\n"
+                  f"# average bits {stats.average_bits:.4f}, effective bits {stats.effective_bits:.4f}\n")
+        atomic_write_text(Path(args.out), header + sol.plan.to_yaml())
         print(f"plan written to {args.out}")
     if args.json:
         print(json.dumps(sol.bits))
@@ -91,22 +90,30 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                        description="Measure what each unit costs at each width (empirical-Fisher loss estimate or "
                                    "GPTQ output error) and pick widths by mixed-integer programming so that the "
                                    "average bits hit the target within the tolerance.")
-    p.add_argument("model")
+    p.add_argument("model", help="embedded model name (mixtral-s, deepseek-s), local folder or hub id")
     p.add_argument("--target", type=float, required=True, help="average bits, e.g. 2.5")
     p.add_argument("--widths", default="2,3,4", help="allowed widths, e.g. 2,3,4,8")
     p.add_argument("--granularity", default="linear", choices=("linear", "expert", "block"),
                    help="unit of choice for routed experts; 'block' = serving-compatible")
-    p.add_argument("--metric", default="fisher", choices=("fisher", "output"))
+    p.add_argument("--metric", default="fisher", choices=("fisher", "output"),
+                   help="damage estimate: empirical-Fisher loss change, or GPTQ output error")
     p.add_argument("--min-bits", nargs="*", metavar="ROLE=BITS", help="e.g. attention=4")
-    p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS")
+    p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS", help="e.g. routed_expert=3")
     p.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
-    p.add_argument("--asym", action="store_true")
-    p.add_argument("--calib", default="calibration")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damage-cache", help="npz file to reuse measured damage across targets")
-    p.add_argument("--out", help="write the plan YAML here")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid")
+    p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows for measuring damage")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    p.add_argument("--time-limit", type=float, default=120.0,
+                   help="seconds for the exact program; then the best plan found, with its gap to the optimum")
+    p.add_argument("--damage-cache", help="npz file to reuse measured damage across targets (reused only when "
+                                          "measured on the same weights, text and settings; else measured again)")
+    p.add_argument("--out", help="write the plan YAML here; an existing file is replaced only if quantmoe wrote "
+                                 "it and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan file quantmoe wrote earlier at --out")
     p.add_argument("--json", action="store_true", help="also print unit -> bits as JSON")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
+                   help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_solve)

@@ -10,7 +10,15 @@ where P is the number of quantizable parameters (the paper's average bits). A gr
 single linear, one expert (its gate/up/down move together) or all routed experts of a
 block ("serving-compatible": serving engines want one format for all the experts of a
 layer; with it, the linears engines fuse, q/k/v and a shared expert's gate/up, also share a
-width, so the plan passes `quantmoe export --target vllm`'s layout checks). Widths can be restricted per role (e.g. attention at least 4 bits).
+width, so the plan passes `quantmoe export --target vllm`'s layout checks). Widths can be
+restricted per role (e.g. attention at least 4 bits).
+
+The one-width-per-group constraints are a sparse (groups x groups*widths) matrix with one
+block of ones per row, so a DeepSeek-V3-shaped problem (about 45,000 linears) builds in
+megabytes (benches/bench_solver_scale.py). The solver stops at ``time_limit`` seconds: the
+solution then says ``time limit, gap X%`` (X = HiGHS's relative gap between the plan found
+and the best lower bound) and keeps the best plan found; without any plan by then it is an
+error that says to raise the limit.
 """
 
 from __future__ import annotations
@@ -20,16 +28,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from quantmoe.alloc.damage import DamageTable
-from quantmoe.anatomy import ModelAnatomy
+from quantmoe.anatomy import QUANTIZABLE_ROLES, ModelAnatomy
 from quantmoe.quant.grid import SUPPORTED_BITS
 from quantmoe.quant.plan import Plan
+from quantmoe.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("linear", "expert", "block")
+MIP_REL_GAP = 1e-4  # a plan this close (relative) to the lower bound counts as optimal (HiGHS's default)
 
 
 @dataclass(frozen=True)
@@ -40,14 +51,23 @@ class SolverConfig:
     tolerance: float = 0.01
     role_min_bits: Mapping[str, int] | None = None
     role_max_bits: Mapping[str, int] | None = None
+    time_limit: float = 120.0  # seconds; then the best plan found so far, with its optimality gap
 
     def __post_init__(self) -> None:
+        if not self.time_limit > 0:
+            raise ValueError(f"check `time_limit`: {self.time_limit} must be a positive number of seconds")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"check `granularity`: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
         if not self.widths:
             raise ValueError("check `widths`: give at least one bit width")
         if not 0 < self.tolerance < 1:
             raise ValueError("check `tolerance`: it must be in (0, 1) bits")
+        for key in ("role_min_bits", "role_max_bits"):
+            for role in getattr(self, key) or {}:
+                if role not in QUANTIZABLE_ROLES:
+                    hint = did_you_mean(role, QUANTIZABLE_ROLES)
+                    raise ValueError(f"check `{key}`: unknown role {role!r}; {hint + ' ' if hint else ''}"
+                                     f"roles: {', '.join(QUANTIZABLE_ROLES)}")
         bad = [w for w in self.widths if w not in SUPPORTED_BITS]
         if bad:
             raise ValueError(f"check `widths`: {bad[0]} bits is not one of {', '.join(map(str, SUPPORTED_BITS))}")
@@ -64,6 +84,14 @@ class Solution:
     average_bits: float
     damage: float
     groups: int
+    optimal: bool = True  # False: stopped by the time limit, `gap` away from the proven optimum at most
+    gap: float | None = None  # HiGHS's relative MIP gap of the plan (optimal: within its 1e-4 tolerance)
+
+    @property
+    def status(self) -> str:
+        if self.optimal:
+            return "optimal"
+        return "time limit, gap " + ("unknown" if self.gap is None else f"{100 * self.gap:.2f}%")
 
 
 def _groups(anatomy: ModelAnatomy, granularity: str) -> list[list[str]]:
@@ -71,17 +99,72 @@ def _groups(anatomy: ModelAnatomy, granularity: str) -> list[list[str]]:
 
     groups: dict[tuple, list[str]] = {}
     for u in anatomy.units:
-        fused = next((kinds for kinds in FUSED_KINDS if u.kind in kinds), None)
+        fused = next((k for k in FUSED_KINDS if u.kind in k), None) if granularity == "block" else None
         if u.role == "routed_expert" and granularity == "expert":
             key = ("expert", u.block, u.expert)
         elif u.role == "routed_expert" and granularity == "block":
             key = ("block", u.block)
-        elif granularity == "block" and fused is not None:  # linears engines fuse (q/k/v, gate/up) share a width
+        elif fused is not None:  # with block granularity, linears engines fuse (q/k/v, gate/up) share a width
             key = ("fused", u.name.rsplit(".", 1)[0], fused)
         else:
             key = ("linear", u.name)
         groups.setdefault(key, []).append(u.name)
     return list(groups.values())
+
+
+def _value(c: np.ndarray, choice: np.ndarray) -> float:
+    return float(c[np.arange(len(choice)), choice].sum())
+
+
+def _greedy(c: np.ndarray, spend: np.ndarray, allowed: np.ndarray,
+            budget: float) -> tuple[np.ndarray | None, float]:
+    """Greedy for the multiple-choice knapsack: (an integer choice spending <= budget, a lower bound).
+
+    Start every group at its narrowest allowed width; the upgrades along each group's lower convex
+    hull of (spend, cost), taken in order of damage saved per bit spent, give the LP relaxation's
+    optimum (all upgrades that fit, then a fraction of the first that does not; Sinha & Zoltners
+    1979): a lower bound on the optimum. The integer choice takes every upgrade that fits.
+    """
+    n_g = len(c)
+    choice = np.array([np.flatnonzero(a)[0] for a in allowed])
+    upgrades = []  # (cost per bit, group, step, from, to)
+    for g in range(n_g):
+        at, step = choice[g], 0
+        while True:
+            ahead = [j for j in np.flatnonzero(allowed[g]) if spend[g, j] > spend[g, at]]
+            slopes = [(c[g, j] - c[g, at]) / (spend[g, j] - spend[g, at]) for j in ahead]
+            if not slopes or min(slopes) >= 0:
+                break
+            j = ahead[int(np.argmin(slopes))]
+            upgrades.append((min(slopes), g, step, at, j))
+            at, step = j, step + 1
+    upgrades.sort()
+    used = float(spend[np.arange(n_g), choice].sum())
+    if used > budget + 1e-12:
+        return None, -np.inf
+    value, bound, blocked = _value(c, choice), None, np.zeros(n_g, dtype=bool)
+    for slope, g, _, a, b in upgrades:
+        if blocked[g] or choice[g] != a:
+            blocked[g] = True
+            continue
+        extra = spend[g, b] - spend[g, a]
+        if used + extra <= budget + 1e-12:
+            choice[g], used, value = b, used + extra, value + c[g, b] - c[g, a]
+        else:
+            if bound is None:  # the LP optimum takes this upgrade in part
+                bound = value + slope * (budget - used)
+            blocked[g] = True
+    return choice, value if bound is None else min(bound, value)
+
+
+def _milp(c: np.ndarray, spend: np.ndarray, allowed: np.ndarray, low: float, high: float, time_limit: float):
+    """The exact program: x[g, w] binary (flattened row-major), one width per group, spend in [low, high]."""
+    n_g, n_w = c.shape
+    one_hot = sparse.kron(sparse.identity(n_g, format="csr"), np.ones((1, n_w)), format="csr")  # (groups, x)
+    constraints = [LinearConstraint(one_hot, 1, 1), LinearConstraint(spend.reshape(1, -1), low, high)]
+    return milp(c.reshape(-1), constraints=constraints, integrality=np.ones(c.size),
+                bounds=Bounds(0, allowed.reshape(-1).astype(float)),
+                options={"time_limit": time_limit, "mip_rel_gap": MIP_REL_GAP})
 
 
 def solve(anatomy: ModelAnatomy, table: DamageTable, config: SolverConfig, group_size: int | None = 128,
@@ -115,26 +198,35 @@ def solve(anatomy: ModelAnatomy, table: DamageTable, config: SolverConfig, group
     if not lowest - 1e-9 <= config.target_bits <= highest + 1e-9:
         raise ValueError(f"impossible budget: {config.target_bits} bits is outside [{lowest:.3f}, {highest:.3f}], "
                          f"what widths {widths} with these role limits can reach")
-    # x[g, w] binary, flattened row-major
-    c = cost.reshape(-1) / max(cost.max(), 1e-30)  # scale for numerical comfort; argmin unchanged
-    one_hot = np.zeros((n_g, n_g * n_w))
-    for g in range(n_g):
-        one_hot[g, g * n_w:(g + 1) * n_w] = 1
-    budget_row = (params[:, None] * w_arr[None, :]).reshape(1, -1) / total
-    constraints = [LinearConstraint(one_hot, 1, 1),
-                   LinearConstraint(budget_row, config.target_bits - config.tolerance, config.target_bits)]
-    upper = allowed.reshape(-1).astype(float)
-    res = milp(c, constraints=constraints, integrality=np.ones_like(c), bounds=Bounds(0, upper),
-               options={"time_limit": 120})
-    if res.x is None:
-        raise ValueError(f"no allocation reaches {config.target_bits} bits within {config.tolerance}: "
-                         f"widen `tolerance`, allow more widths, or relax the role limits ({res.message})")
-    choice = np.asarray(res.x).reshape(n_g, n_w).argmax(axis=1)
+    c = cost / max(cost.max(), 1e-30)  # (groups, widths), scaled for numerical comfort; argmin unchanged
+    spend = params[:, None] * w_arr[None, :] / total  # (groups, widths): average bits each choice adds
+    low, high = config.target_bits - config.tolerance, config.target_bits
+    choice, bound = _greedy(c, spend, allowed, high)
+    value = None if choice is None or spend[np.arange(n_g), choice].sum() < low else _value(c, choice)
+    optimal, gap = False, None
+    if value is not None and value - bound <= MIP_REL_GAP * max(abs(value), 1e-30):
+        optimal, gap = True, (value - bound) / max(abs(value), 1e-30)  # within the MILP's own tolerance
+    else:
+        res = _milp(c, spend, allowed, low, high, config.time_limit)
+        if res.x is not None and (value is None or res.fun < value):
+            choice, value = np.asarray(res.x).reshape(n_g, n_w).argmax(axis=1), float(res.fun)
+        if value is None:
+            if res.status == 1:
+                raise ValueError(f"the solver found no allocation within its time limit of {config.time_limit:g} s: "
+                                 f"raise `time_limit` ({res.message})")
+            raise ValueError(f"no allocation reaches {config.target_bits} bits within {config.tolerance}: "
+                             f"widen `tolerance`, allow more widths, or relax the role limits ({res.message})")
+        optimal = res.status == 0
+        dual = res.get("mip_dual_bound")
+        best_bound = max(bound, dual) if dual is not None and np.isfinite(dual) else bound
+        gap = max(value - best_bound, 0.0) / max(abs(value), 1e-30)
     bits = {n: widths[choice[g]] for g, names in enumerate(groups) for n in names}
     avg = float(sum(params[g] * widths[choice[g]] for g in range(n_g)) / total)
     damage = float(sum(cost[g, choice[g]] for g in range(n_g)))
     plan = Plan.from_dict({"default": {"bits": widths[0], "group_size": group_size, "symmetric": symmetric},
                            "modules": {n: {"bits": b} for n, b in bits.items()}})
-    log.info("solver: %.4f average bits (target %.3f), estimated damage %.4g over %d groups",
-             avg, config.target_bits, damage, n_g)
-    return Solution(plan=plan, bits=bits, average_bits=avg, damage=damage, groups=n_g)
+    solution = Solution(plan=plan, bits=bits, average_bits=avg, damage=damage, groups=n_g, optimal=optimal, gap=gap)
+    log.log(logging.INFO if optimal else logging.WARNING,
+            "solver: %.4f average bits (target %.3f), estimated damage %.4g over %d groups (%s)",
+            avg, config.target_bits, damage, n_g, solution.status)
+    return solution

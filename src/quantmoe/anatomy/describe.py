@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +27,7 @@ from torch import nn
 
 from quantmoe.anatomy.expert_view import UNIT_KINDS, expert_unit_shapes, unit_shape
 from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, family_of
+from quantmoe.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ class ModelAnatomy:
         try:
             return self._by_name[name]
         except KeyError:
-            close = difflib.get_close_matches(name, list(self._by_name), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {self.units[0].name}" if self.units else ""
+            hint = did_you_mean(name, self._by_name) or (f"e.g. {self.units[0].name}" if self.units else "")
             raise KeyError(f"no quantizable linear named {name!r} in this {self.family} model; {hint}") from None
 
     def units_by_role(self, role: str) -> tuple[LinearUnit, ...]:

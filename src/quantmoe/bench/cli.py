@@ -6,19 +6,21 @@ import argparse
 import logging
 from pathlib import Path
 
+from quantmoe.bench.outputs import check_report_dir, check_store, is_results_store, prepare_report_dir
+
 log = logging.getLogger(__name__)
-
-
-def default_report_dir(store: Path) -> Path:
-    return store.parent / "report"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from quantmoe.bench.runner import run_sweep
-    from quantmoe.bench.summary import stored_table
+    from quantmoe.bench.summary import default_report_dir, stored_table
     from quantmoe.bench.sweep import load_sweep
 
     config = load_sweep(args.sweep)
+    store = check_store(Path(args.store or config.store))  # both outputs are checked before any run
+    report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(store)
+    if not args.no_report:
+        check_report_dir(report_dir)
     if args.threads:
         import torch
 
@@ -30,16 +32,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_report:
         from quantmoe.bench.report import build_report
 
-        path = build_report(outcome.store, args.report_dir or default_report_dir(Path(outcome.store)), config.name)
+        path = build_report(outcome.store, prepare_report_dir(report_dir), config.name)
         print(f"\nreport: {path} (and {path.with_suffix('.html').name})")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from quantmoe.bench.report import build_report
+    from quantmoe.bench.summary import default_report_dir
 
     store = Path(args.store)
-    path = build_report(store, args.out or default_report_dir(store), args.sweep)
+    if store.exists() and not is_results_store(store):
+        raise ValueError(f"{store} is not a quantmoe results store: give the store written by `quantmoe bench`")
+    path = build_report(store, prepare_report_dir(Path(args.out) if args.out else default_report_dir(store)),
+                        args.sweep)
     print(f"report: {path} (and {path.with_suffix('.html').name})")
     return 0
 

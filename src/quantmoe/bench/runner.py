@@ -10,6 +10,7 @@ calibrates nothing and is run once, not once per seed.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -45,7 +46,8 @@ def _identity(ctx: ModelContext, run: RunSpec, seed: int | None) -> dict[str, An
     config = ctx.sweep
     ident: dict[str, Any] = {"run": run.identity(), "evaluation": asdict(config.eval)}
     if seed is not None:
-        ident.update(seed=seed, calibration=asdict(config.calibration_for(seed)), quantizer=asdict(config.quantizer))
+        ident.update(seed=seed, calibration=asdict(config.calibration_for(seed)),
+                     quantizer=config.quantizer.identity())
     if ctx.statistics_matter(run):
         ident["statistics"] = asdict(config.statistics)
     return ident
@@ -88,14 +90,17 @@ def _evaluate(model: torch.nn.Module, ctx: ModelContext) -> dict[str, Any]:
 def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: Path, label: str) -> int:
     """Save the quantized model (atomically) and measure it; kept only when the sweep asks to."""
     from quantmoe.quant import api
+    from quantmoe.safeout import check_folder_output, remove_stale_temporaries
 
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=store_dir))
+    remove_stale_temporaries(store_dir, ".checkpoint-")  # what killed runs left
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{os.getpid()}-", dir=store_dir))
     try:
         path = api.save(result, tmp / "model", ctx.tokenizer, plan, calib, gptq, ctx.spec.name, ctx.sha256)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         if ctx.sweep.save_checkpoints:
             final = store_dir / "checkpoints" / label
-            if final.exists():
+            if final.exists():  # an earlier checkpoint of this run; anything else is refused, untouched
+                check_folder_output(final, overwrite=True)
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             path.rename(final)
@@ -107,7 +112,6 @@ def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: P
 def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_dir: Path) -> RunRecord:
     from quantmoe.quant import api
     from quantmoe.quant.checkpoint import library_versions
-    from quantmoe.quant.pipeline import GPTQConfig
     from quantmoe.quant.plan import bit_stats
 
     config, q = ctx.sweep, ctx.sweep.quantizer
@@ -116,7 +120,7 @@ def _one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_
     stats = bit_stats(specs, ctx.anatomy.units)
     plan_bits = {name: s.bits for name, s in specs.items()}
     calib = config.calibration_for(0 if seed is None else seed)
-    gptq = GPTQConfig(method=q.method, damp=q.damp, act_order=q.act_order)
+    gptq = q.gptq()
     seconds, fallbacks, checkpoint = 0.0, (), None
     with PeakMemory() as peak:
         model = ctx.fresh_model()
@@ -151,7 +155,7 @@ def _describe(record: RunRecord) -> str:
 def run_sweep(config: SweepConfig, store_path: str | Path | None = None, cache_dir: str | Path | None = None,
               progress: bool = True) -> SweepOutcome:
     """Run every (model, run, seed) of ``config`` not yet in the store."""
-    from quantmoe.alloc.cli import cache_root
+    from quantmoe.cache import cache_root
 
     t0 = time.perf_counter()
     store_path = Path(store_path or config.store)

@@ -8,13 +8,12 @@ safetensors file keyed by the weight hash, split and window settings.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +104,22 @@ class ModelContext:
 
     # --- allocation evidence -----------------------------------------------------------------
 
-    def _stats_args(self) -> argparse.Namespace:
+    def statistics_config(self):
+        from quantmoe.alloc.evidence import StatisticsConfig
+
         s = self.sweep.statistics
-        return argparse.Namespace(model=self.spec.name, routing=None, cache_dir=str(self.cache_dir.parent),
-                                  split=s.split, rank_split=s.rank_split, windows=s.windows, seq_len=s.seq_len,
-                                  seed=s.seed, massive_threshold=s.massive_threshold)
+        return StatisticsConfig(split=s.split, rank_split=s.rank_split, windows=s.windows, seq_len=s.seq_len,
+                                seed=s.seed, massive_threshold=s.massive_threshold)
 
     def evidence(self, needs: list[str]):
-        from quantmoe.alloc.cli import gather_evidence
+        from quantmoe.alloc.evidence import gather_evidence
         from quantmoe.alloc.scorers import Evidence
 
         missing = [n for n in needs if n not in self._evidence]
         if missing:
-            found = gather_evidence(missing, self.model, self.tokenizer, self.anatomy, self._stats_args())
+            found = gather_evidence(missing, self.model, self.tokenizer, self.anatomy, self.statistics_config(),
+                                    model_name=self.spec.name, cache_dir=self.cache_dir.parent,
+                                    fingerprint=self.sha256)
             self._evidence.update({n: getattr(found, n) for n in missing})
         return Evidence(**{n: self._evidence[n] for n in needs})
 
@@ -128,20 +130,24 @@ class ModelContext:
                 "frequency": {str(b): routing.frequency(b).tolist() for b in routing.counts},
                 "mean_weight": {str(b): routing.mean_weight(b).tolist() for b in routing.counts}}
 
-    def damage(self, widths: tuple[int, ...]):
-        """The solver's measured damage table (one per model; cached as npz)."""
-        if self._damage is None or not set(widths) <= set(self._damage.widths):
-            from quantmoe.alloc.solve_cli import load_or_measure_damage
+    def damage_config(self):
+        from quantmoe.alloc.damage import DamageConfig
 
-            s, q = self.sweep.statistics, self.sweep.quantizer
+        s, q = self.sweep.statistics, self.sweep.quantizer
+        return DamageConfig(split=s.split, windows=s.damage_windows, seq_len=s.seq_len, seed=s.seed,
+                            group_size=q.group_size, symmetric=q.symmetric, metric=s.damage_metric)
+
+    def damage(self, widths: tuple[int, ...]):
+        """The solver's measured damage table (one per model; cached as npz, keyed by content)."""
+        if self._damage is None or not set(widths) <= set(self._damage.widths):
+            from quantmoe.alloc.damage import load_or_measure_damage
+            from quantmoe.cache import content_key
+
+            config = self.damage_config()
             all_widths = tuple(sorted({w for r in self.sweep.runs if r.solver for w in r.solver.widths} | set(widths)))
-            args = argparse.Namespace(calib=s.split, calib_windows=s.damage_windows, calib_len=s.seq_len,
-                                      seed=s.seed, group_size=q.group_size or 0, asym=not q.symmetric,
-                                      metric=s.damage_metric)
-            tag = (f"damage-{s.damage_metric}-{_slug(s.split)}-{s.damage_windows}x{s.seq_len}-seed{s.seed}"
-                   f"-g{q.group_size or 0}{'' if q.symmetric else '-asym'}.npz")
+            path = self.cache_dir / f"damage-{content_key(asdict(config))[:16]}.npz"
             self._damage = load_or_measure_damage(copy.deepcopy(self.model), self.tokenizer, self.anatomy,
-                                                  all_widths, args, self.cache_dir / tag)
+                                                  all_widths, config, path, fingerprint=self.sha256)
         return self._damage
 
     def plan_for(self, run) -> Plan:

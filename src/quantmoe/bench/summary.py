@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-
-from pathlib import Path
 
 from quantmoe.bench.store import ResultsStore, RunRecord
 
@@ -19,6 +18,11 @@ METRICS: tuple[tuple[str, str, str, bool], ...] = (
     ("top1_agreement", "top-1", "{:.3f}", False),
     ("task_mean", "task mean", "{:.3f}", False),
 )
+
+
+def default_report_dir(store: Path) -> Path:
+    """Where `quantmoe bench`, `quantmoe report` and the demo put the report of a store."""
+    return Path(store).parent / "report"
 
 
 @dataclass(frozen=True)

@@ -19,48 +19,24 @@ Example ``sweep.yaml`` (every key but ``models`` and ``runs`` is optional)::
 
 A run is a ``policy`` (compact rules, a preset name or a policy YAML file; see ``quantmoe
 plan --help``), a ``plan`` (a plan YAML file), ``solver`` settings (the budget solver), or
-``full_precision``. Unknown keys are errors.
+``full_precision``. Every value is type- and range-checked first (``sweep_schema.py``, strict:
+nothing is coerced); errors name the key path. Unknown keys are errors.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, TypeVar
 
 from quantmoe.calib.data import CalibrationConfig
+from quantmoe.suggest import did_you_mean
+from quantmoe.yamlfile import read_yaml
 
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_keys(where: str, data: Any, allowed: Sequence[str]) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"check {where}: expected a mapping of {', '.join(allowed)}, got {data!r}")
-    for key in data:
-        if key not in allowed:
-            raise ValueError(f"check {where}: unknown key {key!r}{_did_you_mean(str(key), allowed)}; "
-                             f"allowed: {', '.join(allowed)}")
-    return dict(data)
-
-
-def _build(cls: type, where: str, data: Any) -> Any:
-    names = [f.name for f in fields(cls)]
-    values = _check_keys(where, data, names)
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ValueError(f"check {where}: {err}") from None
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,13 +57,29 @@ class QuantizerSettings:
     act_order: bool = False
     moe_mode: str = "routed"
     min_expert_tokens: int = 16
+    block_size: int = 128  # GPTQ columns per lazy-update block
+    static_groups: bool = False  # GPTQ group scale/zero from the unquantized weight
 
     def __post_init__(self) -> None:
         from quantmoe.quant.grid import QuantSpec
-        from quantmoe.quant.pipeline import GPTQConfig
 
         QuantSpec(bits=4, group_size=self.group_size, symmetric=self.symmetric)
-        GPTQConfig(method=self.method, damp=self.damp, act_order=self.act_order)
+        self.gptq()  # validates now
+
+    def gptq(self):
+        from quantmoe.quant.pipeline import GPTQConfig
+
+        return GPTQConfig(method=self.method, damp=self.damp, act_order=self.act_order, block_size=self.block_size,
+                          static_groups=self.static_groups)
+
+    def identity(self) -> dict[str, Any]:
+        """What these settings compute: settings added after the first stores count only when not at their
+        default, so that rows stored before them keep their keys."""
+        out = asdict(self)
+        for key, default in (("block_size", 128), ("static_groups", False)):
+            if out[key] == default:
+                del out[key]
+        return out
 
 
 @dataclass(frozen=True)
@@ -133,6 +125,7 @@ class SolverSettings:
     tolerance: float = 0.01
     min_bits: Mapping[str, int] | None = None
     max_bits: Mapping[str, int] | None = None
+    time_limit: float = 120.0  # seconds; then the best plan found, reported with its gap
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
@@ -142,7 +135,8 @@ class SolverSettings:
         from quantmoe.alloc.solver import SolverConfig
 
         return SolverConfig(target_bits=self.target_bits, widths=self.widths, granularity=self.granularity,
-                            tolerance=self.tolerance, role_min_bits=self.min_bits, role_max_bits=self.max_bits)
+                            tolerance=self.tolerance, role_min_bits=self.min_bits, role_max_bits=self.max_bits,
+                            time_limit=self.time_limit)
 
 
 @dataclass(frozen=True)
@@ -173,14 +167,11 @@ class RunSpec:
     def identity(self) -> dict[str, Any]:
         """What the run computes (the name and model filter are labels and not part of it)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("name", "models") and v not in (None, False)}
+        if self.solver is not None and self.solver.time_limit == 120.0:  # added later: keep earlier rows' keys
+            del out["solver"]["time_limit"]
         if self.plan is not None:  # a plan file counts by its content
             out["plan"] = hashlib.sha256(Path(self.plan).read_bytes()).hexdigest()
         return out
-
-
-RUN_KEYS = tuple(f.name for f in fields(RunSpec))
-SWEEP_KEYS = ("name", "store", "models", "seeds", "calibration", "quantizer", "eval", "statistics", "runs",
-              "device", "save_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -210,8 +201,9 @@ class SweepConfig:
         for run in self.runs:
             for name in run.models or ():
                 if name not in known:
+                    hint = did_you_mean(name, known)
                     raise ValueError(f"check run {run.name!r}: `models` names {name!r}, which is not a model of "
-                                     f"the sweep{_did_you_mean(name, known)}")
+                                     f"the sweep{' (' + hint + ')' if hint else ''}")
 
     def calibration_for(self, seed: int) -> CalibrationConfig:
         from dataclasses import replace
@@ -220,58 +212,63 @@ class SweepConfig:
                        min_expert_tokens=self.quantizer.min_expert_tokens)
 
 
-def _run_from(item: Any, index: int) -> RunSpec:
-    where = f"runs[{index}]"
-    data = _check_keys(where, item, RUN_KEYS)
-    if "name" not in data:
-        raise ValueError(f"check {where}: every run needs a `name`")
+def _build(where: str, make: Callable[[], T]) -> T:
+    """Run a dataclass constructor; its ValueError gets the key path in front."""
+    try:
+        return make()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _run_from(entry, where: str) -> RunSpec:
+    data = entry.model_dump(exclude_unset=True)
     if data.get("policy") is not None:  # validated now; a YAML list of rules becomes its compact form
         from quantmoe.alloc.presets import format_policy, parse_policy
 
-        rules = parse_policy(data["policy"] if isinstance(data["policy"], list) else str(data["policy"]))
-        if isinstance(data["policy"], list):
-            data["policy"] = format_policy(rules)
+        policy = data["policy"]
+        rules = _build(f"{where}.policy", lambda: parse_policy(policy))
+        data["policy"] = format_policy(rules) if isinstance(policy, list) else policy
+    if data.get("plan") is not None and not Path(data["plan"]).is_file():
+        raise ValueError(f"{where}.plan: plan file {data['plan']} not found (paths are relative to the current folder)")
     if data.get("solver") is not None:
-        data["solver"] = _build(SolverSettings, f"{where}.solver", data["solver"])
+        solver = data["solver"]
+        data["solver"] = _build(f"{where}.solver", lambda: SolverSettings(**solver))
     if data.get("models") is not None:
-        models = data["models"]
-        data["models"] = (str(models),) if isinstance(models, str) else tuple(str(m) for m in models)
-    return RunSpec(**{**data, "name": str(data["name"])})
+        data["models"] = tuple(data["models"])
+    return _build(where, lambda: RunSpec(**data))
 
 
 def sweep_from_dict(data: Any, source: str = "the sweep") -> SweepConfig:
-    data = _check_keys(source, data, SWEEP_KEYS)
-    for key in ("models", "runs"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"check {source}: `{key}` must be a list")
-    models = tuple(_build(ModelSpec, f"models[{i}]", m if isinstance(m, Mapping) else {"name": str(m)})
-                   for i, m in enumerate(data["models"]))
-    runs = tuple(_run_from(r, i) for i, r in enumerate(data["runs"]))
-    ev = _check_keys("eval", data.get("eval"), [f.name for f in fields(EvalSettings)])
-    if "perplexity" in ev:
-        ev["perplexity"] = _build(PerplexitySettings, "eval.perplexity", ev["perplexity"])
+    """Validate a loaded sweep document (types and ranges, then the cross-field rules) into a SweepConfig."""
+    from quantmoe.bench.sweep_schema import parse_sweep_file
+
+    doc = parse_sweep_file(data, source)
+    given = doc.model_dump(exclude_unset=True)  # unset keys take the dataclasses' defaults
+
+    def section(key: str, cls: type[T]) -> T:
+        values = given.get(key, {})
+        return _build(f"{source}: {key}", lambda: cls(**values))
+
+    ev = dict(given.get("eval", {}))
+    ev["perplexity"] = _build(f"{source}: eval.perplexity",
+                              lambda: PerplexitySettings(**ev.get("perplexity", {})))
     if "tasks" in ev:
-        ev["tasks"] = tuple(ev["tasks"] or ())
+        ev["tasks"] = tuple(ev["tasks"])
     kwargs: dict[str, Any] = dict(
-        name=str(data.get("name", Path(source).stem)), models=models, runs=runs,
-        calibration=_build(CalibrationConfig, "calibration", data.get("calibration")),
-        quantizer=_build(QuantizerSettings, "quantizer", data.get("quantizer")),
-        eval=EvalSettings(**ev),
-        statistics=_build(StatisticsSettings, "statistics", data.get("statistics")))
-    if "seeds" in data:
-        seeds = data["seeds"]
-        if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-            raise ValueError("check `seeds`: a list of integers, e.g. [0, 1, 2]")
-        kwargs["seeds"] = tuple(seeds)
-    for key in ("store", "device", "save_checkpoints"):
-        if key in data:
-            kwargs[key] = data[key]
-    return SweepConfig(**kwargs)
+        name=doc.name if doc.name is not None else Path(source).stem,
+        models=tuple(_build(f"{source}: models[{i}]", lambda m=m: ModelSpec(**m))
+                     for i, m in enumerate(given["models"])),
+        runs=tuple(_run_from(r, f"{source}: runs[{i}]") for i, r in enumerate(doc.runs)),
+        calibration=section("calibration", CalibrationConfig), quantizer=section("quantizer", QuantizerSettings),
+        eval=_build(f"{source}: eval", lambda: EvalSettings(**ev)),
+        statistics=section("statistics", StatisticsSettings))
+    if "seeds" in given:
+        kwargs["seeds"] = tuple(given["seeds"])
+    kwargs.update({k: given[k] for k in ("store", "device", "save_checkpoints") if k in given})
+    return _build(source, lambda: SweepConfig(**kwargs))
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep file {path} not found")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path, "sweep file")
     return sweep_from_dict(data, str(path))

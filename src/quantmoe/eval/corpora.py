@@ -19,13 +19,13 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from quantmoe.eval.hfcache import ensure_datasets_cache
+from quantmoe.suggest import did_you_mean
 from quantmoe.zoo.embedded import TEXT_SPLITS, split_path
 
 
@@ -73,8 +73,8 @@ def dataset_text(corpus: HubCorpus) -> str:
 
 
 def _unknown(source: str) -> ValueError:
-    close = difflib.get_close_matches(source, corpus_names(), n=2)
-    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    hint = did_you_mean(source, corpus_names(), n=2)
+    hint = f"{hint} " if hint else ""
     return ValueError(f"unknown text {source!r}: {hint}give one of {', '.join(corpus_names())} "
                       "or the path of a .txt file")
 
@@ -95,7 +95,11 @@ def load_text(source: str) -> str:
         raise _unknown(source)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such text file")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {err.start}): convert it, e.g. "
+                         f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`") from None
 
 
 def load_tokens(source: str, tokenizer) -> np.ndarray:
@@ -108,6 +112,8 @@ def load_tokens(source: str, tokenizer) -> np.ndarray:
     from quantmoe.zoo.train import tokenize_text
 
     text = load_text(source)
+    if not text.strip():
+        raise ValueError(f"the text {source!r} is empty (or only whitespace): give a text with content")
     if source in HUB_CORPORA:
         return np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32)
     return tokenize_text(tokenizer, text)

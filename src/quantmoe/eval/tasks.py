@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import math
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmoe.eval.hfcache import ensure_datasets_cache
+from quantmoe.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ def resolve_tasks(names: Sequence[str], manager) -> list[str]:
     for name in names:
         entry = manager.task_index.get(name)
         if entry is None:
-            close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see `lm-eval ls tasks`"
+            hint = did_you_mean(name, manager.all_tasks) or "see `lm-eval ls tasks`"
             raise ValueError(f"unknown task {name!r}: {hint} (local suite: {', '.join(LOCAL_TASKS)})")
         members = sorted(entry.tags) if name in manager.all_tags else [name]
         out.extend(m for m in members if m not in out)

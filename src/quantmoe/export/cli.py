@@ -29,7 +29,7 @@ def export_checkpoint(ckpt: Path, out: Path, target: str | None = None, max_shar
     qcfg = read_quantization_config(ckpt)
     specs = {name: QuantSpec(**s) for name, s in qcfg["modules"].items()}
     model = load(ckpt, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code, config=model.config)
     report = json.loads((ckpt / REPORT_NAME).read_text()) if (ckpt / REPORT_NAME).exists() else None
     meta = {k: qcfg[k] for k in ("source_model", "source_sha256", "plan", "calibration", "gptq", "average_bits",
                                  "effective_bits") if k in qcfg}
@@ -53,7 +53,8 @@ def add_target_arg(p: argparse.ArgumentParser) -> None:
     from quantmoe.export.engines import ENGINES
 
     p.add_argument("--target", choices=ENGINES, default=None,
-                   help="check that this engine can load the export, else stop naming the modules and the fix")
+                   help="check that this engine can load the export, else stop naming the modules and the fix "
+                        "(default: any engine whose rules the plan meets; gptqmodel also writes GPTQModel's names)")
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,11 +63,11 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                                    "(quantization_config with a per-module `dynamic` map) that GPTQModel, vLLM, "
                                    "SGLang and transformers load. See docs/serving.md.")
     p.add_argument("checkpoint", help="folder written by `quantmoe quantize`")
-    p.add_argument("--format", choices=FORMATS, default="gptq")
+    p.add_argument("--format", choices=FORMATS, default="gptq", help="checkpoint format (default: gptq, v1 zero points)")
     p.add_argument("--out", required=True, help="output folder (written atomically; an existing folder is replaced "
                                                 "only if it is an earlier export)")
     add_target_arg(p)
     p.add_argument("--max-shard-mb", type=float, default=None, help="split the weights into shards of this size "
                                                                      "(default 5120)")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from the hub")
     p.set_defaults(func=_cmd_export)

@@ -164,14 +164,23 @@ def _config_json(model: nn.Module, qconfig: Mapping[str, Any], dtype: torch.dtyp
     return cfg
 
 
+def check_export_output(out_dir: Path) -> Path:
+    """``out_dir`` resolved, if an export may be written there: a new path, an empty folder, or an
+    earlier export (replaced as a whole); anything else is never overwritten."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file: give a folder for the export")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / EXPORT_META).exists():
+        raise ValueError(f"{out_dir} exists and is not a quantmoe export: choose another --out (it is never "
+                         "overwritten)")
+    return out_dir
+
+
 def write_export(model: nn.Module, specs: Mapping[str, QuantSpec], out_dir: Path, *, tokenizer=None,
                  metadata: Mapping[str, Any] | None = None, report: Mapping[str, Any] | None = None,
                  target: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write ``model`` (per-expert view, ``QuantLinear`` modules) as a GPTQ-format folder."""
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not (out_dir / EXPORT_META).exists():
-        raise ValueError(f"{out_dir} exists and is not a quantmoe export: choose another --out (it is never "
-                         "overwritten)")
+    out_dir = check_export_output(out_dir)
     tensors, qconfig = export_tensors(model, specs, target)
     dtype = qconfig.pop("_dtype")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -55,8 +55,12 @@ def quantize(model: nn.Module, tokenizer, plan: Plan, calib: CalibrationConfig =
     bits = bit_stats(specs, anatomy.units)
     log.info("plan: %.3f average bits (%.3f effective) over %s quantizable parameters",
              bits.average_bits, bits.effective_bits, f"{bits.params:,}")
-    windows = calibration_windows(calibration_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len,
-                                  calib.seed)
+    try:
+        windows = calibration_windows(calibration_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len,
+                                      calib.seed)
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if calib.split in message else f"{calib.split}: {message}") from None
     torch.manual_seed(calib.seed)
     report = quantize_model(model, specs, windows, calib, gptq, device=device, progress=progress)
     log.info("quantized %d linears in %.1f s (%d fallbacks)", len(report.units), report.seconds,
@@ -74,11 +78,16 @@ def report_dict(result: QuantizeResult) -> dict[str, Any]:
 
 
 def save(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: CalibrationConfig, gptq: GPTQConfig,
-         source: str, source_fingerprint: str | None = None) -> Path:
+         source: str, source_fingerprint: str | None = None, overwrite: bool = False) -> Path:
+    """Save a checkpoint to ``out_dir``: never over the source model or a folder quantmoe did not write."""
+    from quantmoe.zoo.embedded import local_model_folder
+
+    source_path = local_model_folder(source)
     metadata = {"source_model": source, "source_sha256": source_fingerprint, "plan": plan.to_dict(),
                 "calibration": asdict(calib), "gptq": asdict(gptq),
                 "average_bits": result.bits.average_bits, "effective_bits": result.bits.effective_bits}
-    return save_quantized(result.model, out_dir, result.specs, metadata, report_dict(result), tokenizer)
+    return save_quantized(result.model, out_dir, result.specs, metadata, report_dict(result), tokenizer,
+                          overwrite=overwrite, protect=(source_path,) if source_path is not None else ())
 
 
 def save_gptq(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: CalibrationConfig,

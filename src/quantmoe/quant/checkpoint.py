@@ -11,9 +11,16 @@ own is kept as ``quantmoe_model_type``), so transformers, vLLM and other readers
 instead of building the model with random weights, and ``quantization_config`` names
 ``quantmoe.load`` and ``quantmoe export`` (the GPTQ format that engines read).
 
-Atomicity: everything is written to a temporary sibling folder, fsynced, and renamed into
-place in one step. A save interrupted at any point leaves either the previous checkpoint
-or a temporary folder that ``load`` refuses (no ``quantization_config.json`` at the path).
+Atomicity: everything is written to a temporary sibling folder ``.OUT.PID-XXXX.partial``,
+fsynced, and moved into place with two renames (an earlier checkpoint at OUT first goes
+aside to ``.OUT.old-PID``, then the new folder takes its name, then the old one is removed).
+A save killed at any point leaves at OUT nothing, the previous checkpoint or the complete new
+one. The next save to OUT recovers what a killed save left: it puts a stranded previous
+checkpoint back when OUT is absent, and removes leftover ``.partial`` and ``.old-PID`` folders
+of saves that are no longer running, logging each step.
+
+Safety: ``save_quantized`` writes only where ``quantmoe.safeout`` allows: a new path, an empty
+folder, or (with ``overwrite=True``) an earlier quantmoe checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -37,6 +45,12 @@ from quantmoe.anatomy import describe, unfuse_experts
 from quantmoe.atomic import current_umask
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
+from quantmoe.safeout import (
+    check_folder_output,
+    is_our_folder,
+    pause_for_test,
+    process_alive,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +134,66 @@ def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def recover_interrupted_save(out_dir: Path) -> None:
+    """Undo what a killed save to ``out_dir`` left behind (see the module docstring); log each step."""
+    out_dir = Path(out_dir)
+    parent, name = out_dir.parent, out_dir.name
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:old-(\d+)|(?:(\d+)-)?[a-z0-9_]{{8}}\.partial)")
+    leftovers = sorted(p for p in parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir())
+    for path in leftovers:  # the order does not matter: each kind is handled on its own
+        match = pattern.fullmatch(path.name)
+        pid = match.group(1) or match.group(2)
+        if pid is not None and process_alive(int(pid)):
+            log.warning("%s belongs to a save that is still running (process %s): left alone", path, pid)
+            continue
+        if match.group(1) is not None:  # a previous checkpoint moved aside
+            if not out_dir.exists() and is_our_folder(path):
+                os.replace(path, out_dir)
+                _fsync_dir(parent)
+                log.warning("an interrupted save had moved the previous checkpoint aside: restored %s from %s",
+                            out_dir, path.name)
+            elif is_our_folder(path):
+                shutil.rmtree(path)
+                log.warning("removed %s, the previous checkpoint left by an interrupted save (%s is complete)",
+                            path, out_dir)
+            else:
+                log.warning("%s was left by an interrupted save but is not a quantmoe checkpoint: left alone, "
+                            "check it and remove it yourself", path)
+        else:
+            shutil.rmtree(path)
+            log.warning("removed %s, the unfinished folder of an interrupted save", path)
+
+
+def check_checkpoint_output(out_dir: Path, overwrite: bool = False, protect: tuple[Path | str, ...] = ()) -> Path:
+    """Recover what a killed save to ``out_dir`` left, then check that a save may write there (call it
+    before hours of work: ``save_quantized`` checks again)."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    recover_interrupted_save(out_dir)
+    return check_folder_output(out_dir, overwrite=overwrite, protect=protect)
+
+
 def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpec], metadata: Mapping[str, Any],
-                   report: Mapping[str, Any] | None = None, tokenizer=None) -> Path:
-    """Write a quantized (per-expert view, QuantLinear) model to ``out_dir`` atomically."""
-    out_dir = Path(out_dir).resolve()
+                   report: Mapping[str, Any] | None = None, tokenizer=None, overwrite: bool = False,
+                   protect: tuple[Path | str, ...] = ()) -> Path:
+    """Write a quantized (per-expert view, QuantLinear) model to ``out_dir`` atomically.
+
+    ``out_dir`` must be new, an empty folder, or (with ``overwrite``) an earlier quantmoe
+    checkpoint; ``protect``: folders that must survive (the source model).
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    check_checkpoint_output(out_dir, overwrite=overwrite, protect=protect)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}-", suffix=".partial", dir=out_dir.parent))
+    old = None
     try:
         model.config.save_pretrained(tmp)
         _mark_config(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(_state_dict_for_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        pause_for_test("save-after-weights")
         qconfig = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "modules": {name: {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
@@ -153,15 +215,20 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
         os.chmod(tmp, 0o777 & ~umask)
         _fsync_dir(tmp)
         old = None
-        if out_dir.exists():
+        if out_dir.exists():  # an earlier checkpoint (check_folder_output allowed it) or an empty folder
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
+            _fsync_dir(out_dir.parent)
+            pause_for_test("save-between-renames")
         os.replace(tmp, out_dir)
         _fsync_dir(out_dir.parent)
         if old is not None:
+            pause_for_test("save-before-cleanup")
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)  # the new one never arrived: the previous checkpoint goes back
         raise
     return out_dir
 
@@ -169,10 +236,21 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
 def read_quantization_config(path: Path) -> dict[str, Any]:
     path = Path(path)
     cfg_path = path / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder; give the --out folder of `quantmoe quantize`")
+    if not path.is_dir():
+        raise CorruptCheckpointError(f"{path} is a file, not a checkpoint folder; give the --out folder of "
+                                     "`quantmoe quantize`")
     if not cfg_path.exists():
         raise CorruptCheckpointError(f"{path} is not a quantmoe checkpoint (no {CONFIG_NAME}); an interrupted "
                                      "save leaves no loadable folder: quantize again")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{cfg_path} is not valid JSON ({err}): the file is truncated or damaged; "
+                                     "quantize again or copy the checkpoint again") from None
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpointError(f"{cfg_path} is not a quantmoe quantization config (not a JSON object)")
     if cfg.get("format") != FORMAT or cfg.get("format_version") != FORMAT_VERSION:
         raise CorruptCheckpointError(f"{cfg_path}: unsupported format {cfg.get('format')!r} "
                                      f"v{cfg.get('format_version')}; this quantmoe reads {FORMAT} v{FORMAT_VERSION}")

@@ -184,8 +184,12 @@ def _hinv(H: torch.Tensor, damp: float, names: Sequence[str],
             break
         Hd = H[idx] + (frac * mean_diag[idx])[:, None, None] * eye  # (k, in, in)
         L, info = torch.linalg.cholesky_ex(Hd)
-        U, info_u = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        ok = (info == 0) & (info_u == 0) & _finite(U)
+        ok = info == 0  # (k,) only factorized H are inverted: a failed L may hold zeros on its diagonal
+        U = torch.zeros_like(Hd)
+        if ok.any():
+            U_ok, info_u = torch.linalg.cholesky_ex(torch.cholesky_inverse(L[ok]), upper=True)
+            U[ok] = U_ok
+            ok[ok.clone()] = (info_u == 0) & _finite(U_ok)
         Hinv[idx[ok]] = U[ok]
         pending[idx[ok]] = False
         for e in idx.tolist():

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,11 @@ class QuantSpec:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
+        for key, value in (("bits", self.bits), ("group_size", self.group_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"check `{key}`: expected an integer, got {value!r} ({type(value).__name__})")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"check `symmetric`: expected true or false, got {self.symmetric!r}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"check `bits`: {self.bits} is not one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size is not None and (self.group_size < 1 or self.group_size & (self.group_size - 1)):

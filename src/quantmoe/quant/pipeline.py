@@ -61,8 +61,9 @@ STAGES: tuple[Stage, ...] = (
 class GPTQConfig:
     method: str = "gptq"
     damp: float = 0.01
-    block_size: int = 128
+    block_size: int = 128  # columns per lazy-update block (see gptq.py)
     act_order: bool = False
+    static_groups: bool = False  # group scale/zero from the unquantized W (forced by act_order with groups)
     batch_experts: bool = True  # one batched GPTQ over a block's experts of equal shape and settings
     # device memory a block may use to keep its routed experts' down inputs from the down stage's
     # pass for its final pass (which then skips their gate/up); 0 turns it off
@@ -73,6 +74,8 @@ class GPTQConfig:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"check `damp`: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"check `block_size`: {self.block_size!r} is not a positive number of columns")
         if self.expert_cache_mb < 0:
             raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
 
@@ -214,11 +217,11 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     anatomy: ModelAnatomy = describe(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    for unit in anatomy.units:
-        w = model.get_submodule(unit.name).weight
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{unit.name} has NaN/Inf weights: the checkpoint is corrupt or was saved "
-                             "after a diverged training run")
+    for name, t in model.state_dict().items():  # every tensor (routers, norms, embeddings), not only linears
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"the model's tensor {name} has {int((~torch.isfinite(t)).sum()):,} NaN/Inf values: "
+                             "the checkpoint is corrupt or was saved after a diverged training run; quantization "
+                             "needs finite weights")
     blocks = model.get_submodule(family.layers)
     model.get_submodule(family.embedding).to(device)
     rotary = getattr(model.get_submodule(family.layers.rsplit(".", 1)[0]), "rotary_emb", None)
@@ -271,8 +274,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     if rotary is not None:
         rotary.to(home)
     if fallbacks:
-        log.warning("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian); "
-                    "see the report", len(fallbacks))
+        log.info("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian): "
+                 "%s", len(fallbacks), ", ".join(fallbacks[:3]) + (", ..." if len(fallbacks) > 3 else ""))
     return QuantReport(units=reports, expert_tokens=expert_tokens, fallbacks=tuple(fallbacks),
                        seconds=time.perf_counter() - t_start, block_seconds=tuple(block_seconds))
 
@@ -314,10 +317,12 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
         if is_expert and len(items) > 1 and gptq.batch_experts:
             results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
                                             damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
+                                            static_groups=gptq.static_groups,
                                             names=[u.name for u, _, _ in items])
         else:
             results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
-                                     act_order=gptq.act_order, name=u.name) for w, (u, H, _) in zip(weights, items)]
+                                     act_order=gptq.act_order, static_groups=gptq.static_groups, name=u.name)
+                       for w, (u, H, _) in zip(weights, items)]
         qlinears = QuantLinear.from_results(linears, results)
         for (unit, _, tokens), result, qlinear in zip(items, results, qlinears):
             _stage(model, unit.name, qlinear, staged, weight=result.Q)

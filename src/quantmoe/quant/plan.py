@@ -24,6 +24,7 @@ Example plan.yaml::
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -33,21 +34,60 @@ from typing import Any
 import yaml
 
 from quantmoe.anatomy import QUANTIZABLE_ROLES, LinearUnit, ModelAnatomy
-from quantmoe.quant.grid import QuantSpec
+from quantmoe.quant.grid import SUPPORTED_BITS, QuantSpec
+from quantmoe.suggest import did_you_mean
+from quantmoe.yamlfile import read_yaml
 
 SETTING_KEYS = ("bits", "group_size", "symmetric")
 PLAN_KEYS = ("default", "roles", "kinds", "patterns", "modules")
 SCALE_BITS = 16  # one float16 scale per group and row
+PLAN_HEADER = "# quantmoe"  # first line of every plan file quantmoe writes (so --out can tell ours)
 
 
-def _check_settings(where: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+def _kind_of(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", str: "a string", float: "a number with a fraction", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_settings(where: str, settings: Any) -> dict[str, Any]:
+    """Settings of one plan level, type-checked: ``bits`` an integer, ``group_size`` an integer or null,
+    ``symmetric`` true or false (YAML's unquoted booleans; ``"false"`` in quotes is a string)."""
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"check {where}: expected a mapping of settings like {{bits: 4}}, got {settings!r} "
+                         f"({_kind_of(settings)})")
     unknown = set(settings) - set(SETTING_KEYS)
     if unknown:
-        raise ValueError(f"check {where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                         f"allowed: {', '.join(SETTING_KEYS)}")
-    out = dict(settings)
-    QuantSpec(**{**{"bits": 16}, **out})  # validates bits / group_size now, naming the setting
+        hint = did_you_mean(sorted(map(str, unknown))[0], SETTING_KEYS)
+        raise ValueError(f"check {where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                         f"{hint + ' ' if hint else ''}allowed: {', '.join(SETTING_KEYS)}")
+    allowed = ", ".join(map(str, SUPPORTED_BITS))
+    if "bits" in settings and not _is_int(settings["bits"]):
+        raise ValueError(f"check `bits` in {where}: expected an integer (one of {allowed}), got "
+                         f"{settings['bits']!r} ({_kind_of(settings['bits'])})")
+    if "group_size" in settings and settings["group_size"] is not None and not _is_int(settings["group_size"]):
+        raise ValueError(f"check `group_size` in {where}: expected an integer power of two or null (per-channel), "
+                         f"got {settings['group_size']!r} ({_kind_of(settings['group_size'])})")
+    if "symmetric" in settings and not isinstance(settings["symmetric"], bool):
+        raise ValueError(f"check `symmetric` in {where}: expected true or false (unquoted), got "
+                         f"{settings['symmetric']!r} ({_kind_of(settings['symmetric'])})")
+    out = {k: int(v) if _is_int(v) else v for k, v in settings.items()}
+    try:
+        QuantSpec(**{**{"bits": 16}, **out})  # validates the values of bits / group_size now
+    except ValueError as err:
+        raise ValueError(f"{err} (in {where})") from None
     return out
+
+
+def _mapping(d: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = d.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"check `{key}`: expected a mapping (name: {{bits: ...}}), got {value!r} "
+                         f"({_kind_of(value)})")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -121,26 +161,40 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "the plan") -> Plan:
+        """A plan from loaded YAML; every value is type-checked and errors name ``source`` and the key."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"check {source}: a plan is a mapping with keys {', '.join(PLAN_KEYS)}")
         unknown = set(d) - set(PLAN_KEYS)
         if unknown:
-            raise ValueError(f"check {source}: unknown key(s) {', '.join(sorted(unknown))}; "
-                             f"allowed: {', '.join(PLAN_KEYS)}")
-        default = _check_settings("`default`", d.get("default") or {})
-        patterns = []
-        for item in d.get("patterns") or []:
-            if not isinstance(item, Mapping) or "pattern" not in item:
-                raise ValueError(f"check `patterns` in {source}: each item needs a `pattern` key")
-            rest = {k: v for k, v in item.items() if k != "pattern"}
-            patterns.append((str(item["pattern"]), rest))
-        return cls(default=QuantSpec(**{"bits": 4, **default}), roles=dict(d.get("roles") or {}),
-                   kinds=dict(d.get("kinds") or {}), patterns=tuple(patterns), modules=dict(d.get("modules") or {}))
+            hint = did_you_mean(sorted(map(str, unknown))[0], PLAN_KEYS)
+            raise ValueError(f"check {source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                             f"{hint + ' ' if hint else ''}allowed: {', '.join(PLAN_KEYS)}")
+        prefix = "" if source == "the plan" else f"{source}: "
+        try:
+            default = _check_settings("`default`", d.get("default") or {})
+            levels = {key: _mapping(d, key, source) for key in ("roles", "kinds", "modules")}
+            raw_patterns = d.get("patterns") or []
+            if not isinstance(raw_patterns, list):
+                raise ValueError(f"check `patterns`: expected a list of {{pattern: REGEX, bits: ...}}, "
+                                 f"got {raw_patterns!r}")
+            patterns = []
+            for item in raw_patterns:
+                if not isinstance(item, Mapping) or "pattern" not in item:
+                    raise ValueError("check `patterns`: each item needs a `pattern` key")
+                if not isinstance(item["pattern"], str):
+                    raise ValueError(f"check `patterns`: pattern {item['pattern']!r} is not a string")
+                rest = {k: v for k, v in item.items() if k != "pattern"}
+                patterns.append((item["pattern"], _check_settings(f"pattern {item['pattern']!r}", rest)))
+            for key, level in levels.items():
+                levels[key] = {name: _check_settings(f"`{key}.{name}`", s) for name, s in level.items()}
+            return cls(default=QuantSpec(**{"bits": 4, **default}), patterns=tuple(patterns), **levels)
+        except ValueError as err:
+            raise ValueError(f"{prefix}{err}") from None
 
     @classmethod
     def from_yaml(cls, path: Path) -> Plan:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"check {path}: a plan is a mapping with keys {', '.join(PLAN_KEYS)}")
-        return cls.from_dict(data, source=str(path))
+        data = read_yaml(path, "plan file")
+        return cls.from_dict({} if data is None else data, source=str(path))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

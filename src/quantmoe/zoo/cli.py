@@ -116,13 +116,13 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
                         description="Write the JSONL of the local lm-eval tasks (qmoe_ending, qmoe_cloze) "
                                     "into embedded/tasks/ from the held-out test split; seeded and deterministic.")
     p.add_argument("--items", type=int, default=300, help="items per task")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated task items")
     p.set_defaults(func=_cmd_tasks)
     for step, func, text in (("train", _cmd_train, "train an embedded model (resumes if interrupted)"),
                              ("realism", _cmd_realism, "measure how an embedded model reacts to RTN"),
                              ("card", _cmd_card, "write an embedded model's card")):
         p = zsub.add_parser(step, help=text, description=text[0].upper() + text[1:] + ".")
-        p.add_argument("name", choices=sorted(RECIPES))
+        p.add_argument("name", choices=sorted(RECIPES), help="embedded model recipe")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         if step == "train":
             p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")

@@ -31,8 +31,71 @@ def embedded_root() -> Path:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "tiktoken.model", "vocab.txt")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _is_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+
+
+def local_model_folder(name_or_path: str) -> Path | None:
+    """The folder of an embedded name or a local path; None for a hub id. Never touches the network."""
+    if name_or_path in EMBEDDED_MODELS:
+        return embedded_root() / name_or_path
+    if _is_local(name_or_path):
+        return Path(name_or_path).expanduser()
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub ($HF_ENDPOINT): no retries, no waiting on a dead network."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or
+                                       (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except (ImportError, ValueError):  # ValueError: not a valid repo id
+        return False
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail at once, in one line, for a hub id that cannot be fetched: a misspelled embedded name
+    ("did you mean"), or the hub offline ($HF_HUB_OFFLINE) or unreachable with no cached copy."""
+    import difflib
+
+    normalized = name.lower().replace("_", "-").replace(" ", "-")
+    close = difflib.get_close_matches(normalized, EMBEDDED_MODELS, n=1, cutoff=0.75)
+    choices = (f"give an embedded model ({', '.join(EMBEDDED_MODELS)}), a local model folder or a hub id "
+               "(organization/name)")
+    if close and "/" not in name:
+        raise ValueError(f"unknown model {name!r}: did you mean {close[0]}? ({choices})")
+    if _hub_cached(name):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        raise ValueError(f"model {name!r} is not an embedded model or a local folder, and the hub is off "
+                         f"(HF_HUB_OFFLINE is set) with no cached copy: {choices}, or unset HF_HUB_OFFLINE")
+    if not _hub_reachable():
+        raise ValueError(f"model {name!r} is not an embedded model or a local folder, and the hub "
+                         f"({os.environ.get('HF_ENDPOINT') or 'huggingface.co'}) cannot be reached: {choices}")
+
+
 def resolve_model(name_or_path: str) -> str:
-    """An embedded model name becomes its folder; anything else is returned as given."""
+    """An embedded model name becomes its folder; a local path is checked; a hub id is returned as given
+    once it can be fetched (see ``_check_hub_id``)."""
     if name_or_path in EMBEDDED_MODELS:
         path = embedded_root() / name_or_path
         if not (path / "config.json").exists():
@@ -41,13 +104,35 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"{name_or_path}: no such folder. Give an embedded model "
                                 f"({', '.join(EMBEDDED_MODELS)}), a local model folder or a hub id")
-    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
+    if _is_local(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"{name_or_path} is a file: give a model folder (with config.json)")
+        return str(path)
+    _check_hub_id(name_or_path)
+    return name_or_path
+
+
+def _check_tokenizer_files(path: str, tokenizer: str | None) -> None:
+    folder = Path(tokenizer or path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer files in {folder} (none of {', '.join(TOKENIZER_FILES[:3])}, ...): "
+                         "pass --tokenizer FOLDER_OR_HUB_ID, or copy the model's tokenizer files into the folder")
+
+
+def _check_vocab(model, tokenizer, where: str) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer of {where} has {len(tokenizer):,} tokens but the model's embedding has "
+                         f"{rows:,} rows: ids past {rows - 1} would crash the forward; use the model's own "
+                         "tokenizer (--tokenizer)")
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               trust_remote_code: bool = False, quantized_ok: bool = False):
+               trust_remote_code: bool = False, tokenizer: str | None = None, quantized_ok: bool = False):
     """Model (eval mode) and tokenizer of an embedded name, a local folder or a hub id.
 
+    ``tokenizer``: another folder or hub id to take the tokenizer from (default: the model's).
     A quantized folder (a quantmoe checkpoint or a GPTQ-format folder) is loaded with
     ``quantmoe.load`` when ``quantized_ok`` (evaluation); otherwise it is an error that names
     the full-precision model to give instead.
@@ -55,6 +140,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
+    tok_path = resolve_model(tokenizer) if tokenizer else path
+    _check_tokenizer_files(path, tok_path if tokenizer else None)
     from quantmoe.quant.api import load, quantized_format
 
     kind = quantized_format(path)
@@ -62,12 +149,16 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         if not quantized_ok:
             raise ValueError(f"{name_or_path} is a quantized model ({kind} format); this command needs the "
                              "full-precision model: give the model it was quantized from")
-        model = load(path, device=device, trust_remote_code=trust_remote_code)
-        return model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = load(path, device=device, trust_remote_code=trust_remote_code).eval()
+        tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code,
+                                            config=model.config if tok_path == path else None)
+        _check_vocab(model, tok, tok_path)
+        return model, tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  experts_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
+    _check_vocab(model, tok, tok_path)
+    return model.to(device).eval(), tok
 
 
 def split_path(split: str) -> Path:
