@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# GPTQModel 7.7 in its own venv (its metadata pins torch>=2.14.1), built once: the real client
+# that loads quantmoe's GPTQ exports in the tests (tests/export/test_gptqmodel_client.py)
+GPTQMODEL_STAMP := .cache/bench/gptqmodel-venv/.bench-stamp
 
 export HF_DATASETS_CACHE := $(CURDIR)/.cache/hf_datasets
 export HF_HOME := $(CURDIR)/.cache/hf_home
@@ -26,6 +29,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/quantmoe demo
 
+$(GPTQMODEL_STAMP): benches/gptqmodel_env.py $(STAMP)
+	$(PY) benches/gptqmodel_env.py
+	touch $@
+
+
 # the HTML report's browser test needs chromium: installed here when apt-get and root allow, else skipped
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
@@ -34,9 +42,9 @@ browser:
 	    apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null || echo "chromium install failed: its test will be skipped"; \
 	  else echo "no chromium and no root apt-get: the HTML report's browser test will be skipped"; fi; }
 
-test: $(STAMP) browser
+test: $(STAMP) $(GPTQMODEL_STAMP) browser
 	$(VENV)/bin/ruff check src tests benches
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 QUANTMOE_REQUIRE_GPTQMODEL=1 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) .cache/hf_datasets .pytest_cache

@@ -5,7 +5,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "quantmoe"
 CLI_MODULES = {"quantmoe.cli", "quantmoe.alloc.cli", "quantmoe.alloc.solve_cli", "quantmoe.bench.cli",
-               "quantmoe.quant.cli", "quantmoe.zoo.cli"}
+               "quantmoe.quant.cli", "quantmoe.zoo.cli", "quantmoe.export.cli"}
 
 
 def _module(path: Path) -> str:

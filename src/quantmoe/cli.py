@@ -42,7 +42,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and not tasks:
         raise ValueError("`--limit` applies to `--tasks`: add --tasks, or use --max-windows for perplexity")
     model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
-                                  tokenizer=args.tokenizer)
+                                  tokenizer=args.tokenizer, quantized_ok=True)
     if args.split is not None or not tasks:
         from quantmoe.eval.corpora import load_tokens
         from quantmoe.eval.metrics import evaluate, make_windows
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quantmoe.alloc.cli import add_plan_parser
     from quantmoe.alloc.solve_cli import add_solve_parser
     from quantmoe.bench.cli import add_bench_parsers
+    from quantmoe.export.cli import add_export_parser
     from quantmoe.quant.cli import add_quantize_parser
     from quantmoe.zoo.cli import add_zoo_parser
 
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_quantize_parser(sub)
+    add_export_parser(sub)
     add_plan_parser(sub)
     add_solve_parser(sub)
     add_bench_parsers(sub)

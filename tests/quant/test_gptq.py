@@ -28,7 +28,8 @@ def dequant_from_codes(res) -> torch.Tensor:
 def _ref_grid(cols: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of each row of ``cols`` (out, k), written here from the GPTQ reference
     (AutoGPTQ's Quantizer.find_params): the range [min(w, 0), max(w, 0)], symmetric around 0
-    with the zero point in the middle, a flat row given the range [-1, 1]."""
+    with the zero point in the middle, a flat row given the range [-1, 1]; plus the storage
+    constraints of the GPTQ format below."""
     maxq = 2**bits - 1
     lo = torch.minimum(cols.min(dim=1, keepdim=True).values, torch.tensor(0.0))  # (out, 1)
     hi = torch.maximum(cols.max(dim=1, keepdim=True).values, torch.tensor(0.0))
@@ -37,9 +38,16 @@ def _ref_grid(cols: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
         lo = -hi
     flat = hi == lo
     lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
-    scale = (hi - lo) / maxq
-    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-lo / scale)
-    return scale, zero
+    # the GPTQ checkpoint format's two constraints (docs/quantization.md): scales are float16
+    # values (never below its smallest subnormal), and an asymmetric zero point is never 0 (v1
+    # stores zero - 1): such a row gets zero 1 and the grid [-scale, (maxq - 1) * scale] up to hi
+    scale = ((hi - lo) / maxq).half().float().clamp_min(2.0**-24)
+    if symmetric:
+        return scale, torch.full_like(scale, (maxq + 1) / 2)
+    zero = torch.round(-lo / scale)
+    low = zero == 0
+    scale = torch.where(low, (hi / (maxq - 1)).half().float().clamp_min(2.0**-24), scale)
+    return scale, torch.where(low, 1.0, zero)
 
 
 def _ref_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

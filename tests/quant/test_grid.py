@@ -7,20 +7,47 @@ from quantmoe.quant.grid import QuantSpec, compute_qparams, dequantize, expand_g
 def test_symmetric_grid_known_answer():
     w = torch.tensor([[-2.0, -1.0, 0.5, 1.5]])
     qp = compute_qparams(w, QuantSpec(bits=2, group_size=None, symmetric=True))
-    # maxq 3: scale = 2 * max|w| / 3, zero in the middle
-    assert qp.scale.item() == pytest.approx(4.0 / 3.0)
+    # maxq 3: scale = 2 * max|w| / 3 (as a float16 value), zero in the middle
+    assert qp.scale.item() == torch.tensor(4.0 / 3.0).half().item()
     assert qp.zero.item() == 2.0
     q = quantize(w, qp.scale, qp.zero, 3)
     assert q.tolist() == [[0.0, 1.0, 2.0, 3.0]]
 
 
 def test_asymmetric_grid_known_answer():
-    w = torch.tensor([[1.0, 1.9, 3.0, 4.0]])  # the range is widened to include 0
+    w = torch.tensor([[-1.0, 0.0, 0.6, 2.0]])  # range 3, 2 bits: scale 1, zero 1
     qp = compute_qparams(w, QuantSpec(bits=2, group_size=None, symmetric=False))
-    assert qp.scale.item() == pytest.approx(4.0 / 3.0)
-    assert qp.zero.item() == 0.0
+    assert (qp.scale.item(), qp.zero.item()) == (1.0, 1.0)
     out = rtn(w, QuantSpec(bits=2, group_size=None, symmetric=False))
-    assert torch.allclose(out, torch.tensor([[4 / 3, 4 / 3, 8 / 3, 4.0]]))
+    assert out.tolist() == [[-1.0, 0.0, 1.0, 2.0]]
+
+
+def test_asymmetric_zero_is_never_zero_and_the_grid_still_covers_the_group():
+    # all weights >= 0: zero would round to 0, which GPTQ v1 (stored zero - 1) cannot hold
+    w = torch.tensor([[1.0, 1.9, 3.0, 4.0], [-0.01, 0.5, 1.0, 3.0]])
+    for bits in (2, 3, 4, 8):
+        spec = QuantSpec(bits=bits, group_size=None, symmetric=False)
+        qp = compute_qparams(w, spec)
+        assert (qp.zero >= 1).all()
+        top = qp.scale * (spec.maxq - qp.zero)  # (out, 1) the largest grid value
+        assert (top >= w.amax(dim=1, keepdim=True) - qp.scale / 2).all()  # the max rounds to the top code
+        assert (qp.scale * -qp.zero <= w.amin(dim=1, keepdim=True).clamp(max=0)).all()
+    rand = torch.randn(64, 128)
+    for bits in (2, 3, 4, 8):
+        qp = compute_qparams(rand.abs(), QuantSpec(bits=bits, group_size=32, symmetric=False))
+        assert (qp.zero >= 1).all() and (qp.zero <= 2**bits - 1).all()
+
+
+def test_scales_are_float16_values():
+    w = torch.randn(32, 96) * 1e-3
+    for bits in (2, 3, 4, 8):
+        for sym in (True, False):
+            qp = compute_qparams(w, QuantSpec(bits=bits, group_size=32, symmetric=sym))
+            assert qp.scale.dtype == torch.float32
+            assert torch.equal(qp.scale.half().float(), qp.scale)
+            assert (qp.scale > 0).all()
+    tiny = compute_qparams(torch.full((1, 4), 1e-12), QuantSpec(bits=8, group_size=None))
+    assert tiny.scale.item() == 2.0**-24  # never rounds to zero
 
 
 def test_groups_are_independent_and_padding_does_not_widen_range():
@@ -29,7 +56,7 @@ def test_groups_are_independent_and_padding_does_not_widen_range():
     qp = compute_qparams(w, spec)
     assert qp.scale.shape == (2, 2)
     out = rtn(w, spec)
-    assert torch.allclose(out, w, rtol=1e-5)  # each group's constant value sits on its own grid
+    assert torch.allclose(out, w, rtol=1e-3)  # each group's constant value sits on its own grid (float16 scale)
 
 
 def test_codes_in_range_and_dequantize_roundtrip():

@@ -122,6 +122,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     title = (f"{args.model}: {anatomy.family}, {anatomy.num_blocks} blocks ({len(moe)} MoE, "
              f"{moe[0].num_experts if moe else 0} routed experts each)\npolicy: {format_policy(rules)}")
     print(format_plan(anatomy, specs, title))
+    from quantmoe.export.engines import format_servable
+
+    print(format_servable(anatomy.units, specs))
     if evidence.importance is not None:
         print(format_importance(evidence.importance))
     if args.out:

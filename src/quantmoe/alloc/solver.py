@@ -9,7 +9,9 @@ Problem (a multiple-choice knapsack, solved exactly as a mixed-integer program w
 where P is the number of quantizable parameters (the paper's average bits). A group is a
 single linear, one expert (its gate/up/down move together) or all routed experts of a
 block ("serving-compatible": serving engines want one format for all the experts of a
-layer). Widths can be restricted per role (e.g. attention at least 4 bits).
+layer; with it, the linears engines fuse, q/k/v and a shared expert's gate/up, also share a
+width, so the plan passes `quantmoe export --target vllm`'s layout checks). Widths can be
+restricted per role (e.g. attention at least 4 bits).
 
 The one-width-per-group constraints are a sparse (groups x groups*widths) matrix with one
 block of ones per row, so a DeepSeek-V3-shaped problem (about 45,000 linears) builds in
@@ -93,12 +95,17 @@ class Solution:
 
 
 def _groups(anatomy: ModelAnatomy, granularity: str) -> list[list[str]]:
+    from quantmoe.export.engines import FUSED_KINDS
+
     groups: dict[tuple, list[str]] = {}
     for u in anatomy.units:
+        fused = next((k for k in FUSED_KINDS if u.kind in k), None) if granularity == "block" else None
         if u.role == "routed_expert" and granularity == "expert":
             key = ("expert", u.block, u.expert)
         elif u.role == "routed_expert" and granularity == "block":
             key = ("block", u.block)
+        elif fused is not None:  # with block granularity, linears engines fuse (q/k/v, gate/up) share a width
+            key = ("fused", u.name.rsplit(".", 1)[0], fused)
         else:
             key = ("linear", u.name)
         groups.setdefault(key, []).append(u.name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -291,7 +292,14 @@ def inspect_model(model_id_or_path: str, trust_remote_code: bool = False) -> Mod
 
     Works offline for a local directory; a hub id needs the hub (or its cache).
     """
-    from transformers import AutoConfig
+    from quantmoe.quant.checkpoint import read_model_config
 
-    config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    if Path(model_id_or_path, "config.json").is_file():  # a local folder, a quantized one included
+        config = read_model_config(Path(model_id_or_path), trust_remote_code=trust_remote_code)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):  # a GPTQ folder: its structure is the model's
+        del config.quantization_config
     return describe_config(config, trust_remote_code=trust_remote_code)

@@ -24,9 +24,15 @@ log = logging.getLogger(__name__)
 
 def model_anatomy(name: str, trust_remote_code: bool = False) -> ModelAnatomy:
     """The anatomy of an embedded name, local folder or hub id, from its config (meta device)."""
+    from quantmoe.quant.api import quantized_format
     from quantmoe.zoo.embedded import resolve_model
 
-    return inspect_model(resolve_model(name), trust_remote_code=trust_remote_code)
+    source = resolve_model(name)
+    kind = quantized_format(source)
+    if kind is not None:
+        raise ValueError(f"{name} is a quantized model ({kind} format); this command needs the "
+                         "full-precision model: give the model it was quantized from")
+    return inspect_model(source, trust_remote_code=trust_remote_code)
 
 
 def check_plan(plan: Plan, anatomy: ModelAnatomy, where: str) -> None:

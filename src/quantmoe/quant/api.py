@@ -90,9 +90,22 @@ def save(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: Ca
                           overwrite=overwrite, protect=(source_path,) if source_path is not None else ())
 
 
+def save_gptq(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: CalibrationConfig,
+              gptq: GPTQConfig, source: str, source_fingerprint: str | None = None, target: str | None = None) -> Path:
+    """Write the quantized model directly as a GPTQ-format folder (see quantmoe.export.writer)."""
+    from quantmoe.export.writer import write_export
+
+    metadata = {"source_model": source, "source_sha256": source_fingerprint, "plan": plan.to_dict(),
+                "calibration": asdict(calib), "gptq": asdict(gptq),
+                "average_bits": result.bits.average_bits, "effective_bits": result.bits.effective_bits}
+    return write_export(result.model, result.specs, out_dir, tokenizer=tokenizer, metadata=metadata,
+                        report=report_dict(result), target=target)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,
          attn_implementation: str | None = None, dense: bool = False, cache_codes: bool = True) -> nn.Module:
-    """Load a quantized checkpoint written by ``quantmoe quantize``.
+    """Load a quantized checkpoint written by ``quantmoe quantize``, or a GPTQ-format folder
+    (``quantmoe export``, ``quantmoe quantize --format gptq``, or one GPTQModel wrote).
 
     ``dense=False`` (default): the weights stay packed; with ``cache_codes`` each linear unpacks
     its codes once, on first use (1 byte per weight, 2 at 8 bits), else on every call (least
@@ -100,8 +113,26 @@ def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code
     plain transformers model as large and as fast as the full-precision one in the compute
     dtype. See ``quantmoe.quant.dense`` for what each gives bit for bit.
     """
+    from quantmoe.export.reader import gptq_config, load_gptq
     from quantmoe.quant.dense import dequantize_model, set_code_cache
 
-    model = load_quantized(Path(path), device=device, trust_remote_code=trust_remote_code,
-                           attn_implementation=attn_implementation)
+    if gptq_config(Path(path)) is not None:
+        model = load_gptq(path, device=device, trust_remote_code=trust_remote_code,
+                          attn_implementation=attn_implementation)
+    else:
+        model = load_quantized(Path(path), device=device, trust_remote_code=trust_remote_code,
+                               attn_implementation=attn_implementation)
     return dequantize_model(model) if dense else set_code_cache(model, cache_codes)
+
+
+def quantized_format(path: str | Path) -> str | None:
+    """``quantmoe`` or ``gptq`` if ``path`` is a quantized model folder, else None."""
+    from quantmoe.export.reader import gptq_config
+    from quantmoe.quant.checkpoint import CONFIG_NAME
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / CONFIG_NAME).exists():
+        return "quantmoe"
+    return "gptq" if gptq_config(path) is not None else None

@@ -7,6 +7,11 @@ per-expert layout; unquantized tensors in the source checkpoint's dtype, see
 and GPTQ settings, library versions, and the SHA-256 of ``model.safetensors``) and
 ``quant_report.json``.
 
+``config.json`` says the folder is quantmoe's: its ``model_type`` is ``quantmoe`` (the model's
+own is kept as ``quantmoe_model_type``), so transformers, vLLM and other readers refuse it
+instead of building the model with random weights, and ``quantization_config`` names
+``quantmoe.load`` and ``quantmoe export`` (the GPTQ format that engines read).
+
 Atomicity: everything is written to a temporary sibling folder ``.OUT.PID-XXXX.partial``,
 fsynced, and moved into place with two renames (an earlier checkpoint at OUT first goes
 aside to ``.OUT.old-PID``, then the new folder takes its name, then the old one is removed).
@@ -57,8 +62,38 @@ WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "quant_report.json"
 
 
+MARKED_MODEL_TYPE = "quantmoe"
+MODEL_TYPE_KEY = "quantmoe_model_type"
+
+
 class CorruptCheckpointError(ValueError):
     pass
+
+
+def mark_config(path: Path) -> None:
+    """Make ``config.json`` refuse loaders other than quantmoe (see the module docstring)."""
+    cfg = json.loads(path.read_text())
+    cfg[MODEL_TYPE_KEY] = cfg["model_type"]
+    cfg["model_type"] = MARKED_MODEL_TYPE
+    cfg["quantization_config"] = {
+        "quant_method": MARKED_MODEL_TYPE, "format": FORMAT, "format_version": FORMAT_VERSION,
+        "load_with": "quantmoe.load(PATH)",
+        "serve": "quantmoe export PATH --format gptq --out DIR (a GPTQ folder that vLLM, SGLang, GPTQModel and "
+                 "transformers load)"}
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def read_model_config(path: Path, trust_remote_code: bool = False):
+    """The model's config of a quantmoe checkpoint folder (marked or not)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if cfg.get("model_type") != MARKED_MODEL_TYPE:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cfg["model_type"] = cfg.pop(MODEL_TYPE_KEY)
+    cfg.pop("quantization_config", None)
+    return CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
 
 
 def library_versions() -> dict[str, str]:
@@ -212,6 +247,7 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
     old = None
     try:
         model.config.save_pretrained(tmp)
+        mark_config(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(_state_dict_for_save(model, storage), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -318,12 +354,12 @@ def _read_weights(path: Path, qcfg: Mapping[str, Any], verify: bool) -> tuple[di
 def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool = True,
                    trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
     """Rebuild a quantized model saved by ``save_quantized``: same logits as when it was saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     qcfg = read_quantization_config(path)
     state, weights = _read_weights(path, qcfg, verify)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = read_model_config(path, trust_remote_code=trust_remote_code)
     dtype = getattr(torch, qcfg["dtype"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,

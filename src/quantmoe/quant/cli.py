@@ -121,12 +121,27 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stream or args.resume:
+        if args.format == "gptq":
+            raise ValueError("--format gptq writes from memory: quantize with --stream, then "
+                             "`quantmoe export OUT --format gptq --out DIR`")
         return _cmd_stream(args, plan, calib, gptq)
     if args.max_memory:
         raise ValueError("--max-memory guards streamed runs: add --stream")
-    out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite, protect=_source_folders(args.model))
+    if args.format == "gptq":  # the export's own rule: new, empty, or an earlier export (checked again at write)
+        from quantmoe.export.writer import check_export_output
+
+        out_dir = check_export_output(Path(args.out))
+    else:
+        out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite,
+                                          protect=_source_folders(args.model))
     model, tokenizer = load_model(args.model, dtype=source_dtype(args), trust_remote_code=args.trust_remote_code,
                                   tokenizer=args.tokenizer)
+    if args.target:  # before the long part: a plan the engine cannot load stops here
+        from quantmoe.anatomy import describe
+        from quantmoe.export.engines import check
+
+        anatomy = describe(model)
+        check(anatomy.units, plan.resolve(anatomy), args.target)
     fingerprint = api.model_fingerprint(model)
     windows = ref = None
     if args.eval:
@@ -136,7 +151,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         ref = reference_logprobs(model, windows, progress=True)
         base = evaluate(model, windows, ref, progress=True, desc="full precision eval")
     result = api.quantize(model, tokenizer, plan, calib, gptq, device=args.device)
-    out = api.save(result, out_dir, tokenizer, plan, calib, gptq, args.model, fingerprint, overwrite=args.overwrite)
+    if args.format == "gptq":
+        out = api.save_gptq(result, out_dir, tokenizer, plan, calib, gptq, args.model, fingerprint,
+                            target=args.target)
+    else:
+        out = api.save(result, out_dir, tokenizer, plan, calib, gptq, args.model, fingerprint,
+                       overwrite=args.overwrite)
     if result.report.fallbacks:
         log.warning("%d linears fell back to RTN (too few calibration tokens or no positive-definite Hessian): "
                     "see `fallbacks` in %s", len(result.report.fallbacks), out / REPORT_NAME)
@@ -163,6 +183,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder (written atomically; must be new, empty, or an "
                                                 "earlier quantmoe checkpoint with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quantmoe checkpoint at --out")
+    p.add_argument("--format", choices=("quantmoe", "gptq"), default="quantmoe",
+                   help="(default: quantmoe) quantmoe: a checkpoint for quantmoe.load; gptq: a GPTQ-format folder that serving engines "
+                        "(and quantmoe.load) read, as `quantmoe export` writes (an earlier export at --out is "
+                        "replaced)")
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"), help="GPTQ, or round-to-nearest")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal "
                                                             "(raised on failure, then RTN)")
@@ -204,4 +228,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                         "e.g. 24GB")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code from the hub")
+    from quantmoe.export.cli import add_target_arg
+
+    add_target_arg(p)
     p.set_defaults(func=_cmd_quantize)

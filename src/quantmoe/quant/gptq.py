@@ -22,8 +22,9 @@ scale/zero come from the un-permuted W, and each column uses its original group'
 `gptq_quantize_batched` every expert has its own permutation (gather). Per-channel
 (`group_size=None`) parameters are always computed up front.
 
-Scales are rounded to W's dtype before use, so `Q` is exactly what a `QuantLinear` storing
-scales in that dtype computes.
+Scales are float16 values (grid.round_scale), also rounded to W's dtype when it is narrower
+(bfloat16), before use, so `Q` is exactly what a `QuantLinear` storing scales in that dtype,
+or a GPTQ-format export storing them in float16, computes.
 
 Robustness. Dead inputs (H[i,i] == 0) get H[i,i] = 1 and W[:, i] = 0, as the reference.
 An all-zero H (no calibration token) does not zero the weight: it falls back to RTN. When
@@ -56,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantmoe.quant.grid import QuantSpec, compute_qparams, dequantize, quantize
+from quantmoe.quant.grid import QuantSpec, compute_qparams, dequantize, quantize, round_scale
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,11 @@ class GPTQResult:
 
 
 def scale_in_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 scales rounded to the storage dtype (never to zero), back in float32."""
-    tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
-    return scale.to(dtype).float().clamp_min(tiny)
+    """float32 scales (already float16 values, grid.round_scale) rounded to a narrower storage
+    dtype (bfloat16) too, never to zero, back in float32; unchanged for float16/float32."""
+    if dtype in (torch.float16, torch.float32, torch.float64) or not dtype.is_floating_point:
+        return scale
+    return round_scale(scale.to(dtype).float())
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,

@@ -5,6 +5,13 @@ the middle (``zero = (maxq + 1) / 2``) with ``scale = 2 * max|w| / maxq``; asymm
 grids span ``[min(w, 0), max(w, 0)]``. ``group_size=None`` means one group per output
 channel (per-channel).
 
+Two choices make every grid storable exactly in the GPTQ checkpoint format (quantmoe.export):
+scales are rounded to float16 values (``SCALE_DTYPE``, the format's scale dtype) before any
+weight is quantized, so the codes, GPTQ's error feedback and an exported model all use the
+same scale; and an asymmetric grid never has zero point 0 (GPTQ v1 stores ``zero - 1``, and
+-1 does not fit): a group whose zero would round to 0 (all its weights >= -scale/2) gets
+zero 1 and ``scale = max / (maxq - 1)``, a grid that still covers the group.
+
 Example:
     >>> import torch
     >>> w = torch.tensor([[-1.0, 0.0, 0.6, 2.0]])  # range 3, 2 bits: scale 1, zero 1
@@ -21,6 +28,8 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 KEEP_BITS = 16
+SCALE_DTYPE = torch.float16  # scales are values of this dtype (the GPTQ format's)
+_SCALE_MIN = 2.0**-24  # the smallest positive float16 (subnormal): a scale never rounds to zero
 
 
 @dataclass(frozen=True)
@@ -82,12 +91,25 @@ def compute_qparams(W: torch.Tensor, spec: QuantSpec) -> QParams:
     degenerate = span == 0
     xmin = torch.where(degenerate, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / spec.maxq
+    scale = round_scale((xmax - xmin) / spec.maxq)
     if spec.symmetric:
         zero = torch.full_like(scale, (spec.maxq + 1) / 2)
     else:
         zero = torch.round(-xmin / scale)
+        low = zero == 0  # v1 cannot store zero 0: zero 1 and a grid up to max
+        if low.any():
+            scale = torch.where(low, round_scale(xmax / (spec.maxq - 1)), scale)
+            zero = torch.where(low, torch.ones_like(zero), zero)
     return QParams(scale=scale, zero=zero, group_size=size)
+
+
+def round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """float32 scales -> the nearest ``SCALE_DTYPE`` values (at least its smallest positive), in float32."""
+    rounded = scale.to(SCALE_DTYPE)
+    if torch.isinf(rounded).any():
+        raise ValueError(f"a quantization scale exceeds the float16 range ({scale.max().item():.3g}): "
+                         "the weights are too large to quantize; check the model's weights")
+    return rounded.float().clamp_min(_SCALE_MIN)
 
 
 def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:

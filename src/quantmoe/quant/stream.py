@@ -50,6 +50,7 @@ from quantmoe.quant.checkpoint import (
     REPORT_NAME,
     check_checkpoint_output,
     library_versions,
+    mark_config,
 )
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.lazy import INDEX_NAME, LazyCheckpoint
@@ -367,6 +368,7 @@ def assemble(work: Path, out: Path, n_blocks: int, config, qconfig: dict[str, An
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".partial", dir=out.parent))
     try:
         config.save_pretrained(tmp)
+        mark_config(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         weight_map: dict[str, str] = {}

@@ -129,16 +129,31 @@ def _check_vocab(model, tokenizer, where: str) -> None:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               trust_remote_code: bool = False, tokenizer: str | None = None):
+               trust_remote_code: bool = False, tokenizer: str | None = None, quantized_ok: bool = False):
     """Model (eval mode) and tokenizer of an embedded name, a local folder or a hub id.
 
     ``tokenizer``: another folder or hub id to take the tokenizer from (default: the model's).
+    A quantized folder (a quantmoe checkpoint or a GPTQ-format folder) is loaded with
+    ``quantmoe.load`` when ``quantized_ok`` (evaluation); otherwise it is an error that names
+    the full-precision model to give instead.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     tok_path = resolve_model(tokenizer) if tokenizer else path
     _check_tokenizer_files(path, tok_path if tokenizer else None)
+    from quantmoe.quant.api import load, quantized_format
+
+    kind = quantized_format(path)
+    if kind is not None:
+        if not quantized_ok:
+            raise ValueError(f"{name_or_path} is a quantized model ({kind} format); this command needs the "
+                             "full-precision model: give the model it was quantized from")
+        model = load(path, device=device, trust_remote_code=trust_remote_code).eval()
+        tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code,
+                                            config=model.config if tok_path == path else None)
+        _check_vocab(model, tok, tok_path)
+        return model, tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  experts_implementation="eager")
     tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
