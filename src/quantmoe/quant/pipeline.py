@@ -31,6 +31,7 @@ from quantmoe.anatomy import BlockAnatomy, LinearUnit, ModelAnatomy, describe, f
 from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
+from quantmoe.hooks import removed_after
 from quantmoe.quant.gptq import gptq_quantize, gptq_quantize_batched
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
@@ -131,15 +132,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
         captured.append((args, kwargs))
         raise _Captured
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with removed_after() as handles:
+        handles.append(first_block.register_forward_pre_hook(hook, with_kwargs=True))
         for i in range(0, len(windows), batch_size):
             try:
                 model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
             except _Captured:
                 pass
-    finally:
-        handle.remove()
     return captured
 
 
