@@ -19,9 +19,9 @@ import torch
 
 import quantmoe.quant.pipeline as pipeline
 from quantmoe.calib.data import CalibrationConfig
+from quantmoe.models import load_model
 from quantmoe.quant import api
 from quantmoe.quant.plan import Plan
-from quantmoe.zoo.embedded import load_model
 
 
 def _timed(totals: dict[str, float], label, fn):

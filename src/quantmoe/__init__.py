@@ -1,6 +1,6 @@
 """quantmoe: structure-aware mixed-precision post-training quantization for MoE models."""
 
-__version__ = "0.1.0"
+from quantmoe.version import __version__  # noqa: F401
 
 
 def load(path, device="cpu", trust_remote_code=False, attn_implementation=None):

@@ -9,7 +9,7 @@ def test_eval_runs_lm_eval_tasks(capsys):
 
 
 def test_eval_perplexity_on_a_text_file(tmp_path, capsys):
-    from quantmoe.zoo.embedded import split_path
+    from quantmoe.data import split_path
 
     path = tmp_path / "few.txt"
     path.write_text(split_path("test").read_text(encoding="utf-8")[:6000], encoding="utf-8")

@@ -64,7 +64,7 @@ def library_versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    from quantmoe import __version__
+    from quantmoe.version import __version__
 
     return {"quantmoe": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}

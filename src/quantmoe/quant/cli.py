@@ -32,7 +32,7 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def _source_folders(model: str) -> tuple[Path, ...]:
-    from quantmoe.zoo.embedded import local_model_folder
+    from quantmoe.models import local_model_folder
 
     path = local_model_folder(model)
     return (path,) if path is not None else ()
@@ -40,10 +40,11 @@ def _source_folders(model: str) -> tuple[Path, ...]:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantmoe.calib.data import CalibrationConfig
+    from quantmoe.data import calibration_tokens
     from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
+    from quantmoe.models import load_model, model_fingerprint
     from quantmoe.quant import api
     from quantmoe.quant.pipeline import GPTQConfig
-    from quantmoe.zoo.embedded import load_model
 
     plan = plan_from_args(args)
     out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite, protect=_source_folders(args.model))
@@ -54,10 +55,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
-    fingerprint = api.model_fingerprint(model)
+    fingerprint = model_fingerprint(model)
     windows = ref = None
     if args.eval:
-        windows = make_windows(api.calibration_tokens(args.eval, tokenizer), args.calib_len)
+        windows = make_windows(calibration_tokens(args.eval, tokenizer), args.calib_len)
         ref = reference_logprobs(model, windows)
         base = evaluate(model, windows, ref)
     result = api.quantize(model, tokenizer, plan, calib, gptq, device=args.device)

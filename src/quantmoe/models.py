@@ -1,0 +1,156 @@
+"""Model and tokenizer resolution and loading: embedded names, local folders, hub ids."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ENV = "QUANTMOE_EMBEDDED"
+EMBEDDED_MODELS = ("mixtral-s", "deepseek-s")
+DEFAULT_MODEL = "mixtral-s"
+
+
+def embedded_root() -> Path:
+    """The ``embedded/`` folder: $QUANTMOE_EMBEDDED, else the one beside the source tree."""
+    env = os.environ.get(EMBEDDED_ENV)
+    if env:
+        return Path(env)
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "embedded"
+        if (candidate / "tokenizer").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"embedded models not found: run from a clone of the repository or set {EMBEDDED_ENV}"
+    )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "tiktoken.model", "vocab.txt")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _is_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+
+
+def local_model_folder(name_or_path: str) -> Path | None:
+    """The folder of an embedded name or a local path; None for a hub id. Never touches the network."""
+    if name_or_path in EMBEDDED_MODELS:
+        return embedded_root() / name_or_path
+    if _is_local(name_or_path):
+        return Path(name_or_path).expanduser()
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub ($HF_ENDPOINT): no retries, no waiting on a dead network."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or
+                                       (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except (ImportError, ValueError):  # ValueError: not a valid repo id
+        return False
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail at once, in one line, for a hub id that cannot be fetched: a misspelled embedded name
+    ("did you mean"), or the hub offline ($HF_HUB_OFFLINE) or unreachable with no cached copy."""
+    import difflib
+
+    normalized = name.lower().replace("_", "-").replace(" ", "-")
+    close = difflib.get_close_matches(normalized, EMBEDDED_MODELS, n=1, cutoff=0.75)
+    choices = (f"give an embedded model ({', '.join(EMBEDDED_MODELS)}), a local model folder or a hub id "
+               "(organization/name)")
+    if close and "/" not in name:
+        raise ValueError(f"unknown model {name!r}: did you mean {close[0]}? ({choices})")
+    if _hub_cached(name):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        raise ValueError(f"model {name!r} is not an embedded model or a local folder, and the hub is off "
+                         f"(HF_HUB_OFFLINE is set) with no cached copy: {choices}, or unset HF_HUB_OFFLINE")
+    if not _hub_reachable():
+        raise ValueError(f"model {name!r} is not an embedded model or a local folder, and the hub "
+                         f"({os.environ.get('HF_ENDPOINT') or 'huggingface.co'}) cannot be reached: {choices}")
+
+
+def resolve_model(name_or_path: str) -> str:
+    """An embedded model name becomes its folder; a local path is checked; a hub id is returned as given
+    once it can be fetched (see ``_check_hub_id``)."""
+    if name_or_path in EMBEDDED_MODELS:
+        path = embedded_root() / name_or_path
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no model: rebuild it with `quantmoe zoo train {name_or_path}`")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"{name_or_path}: no such folder. Give an embedded model "
+                                f"({', '.join(EMBEDDED_MODELS)}), a local model folder or a hub id")
+    if _is_local(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"{name_or_path} is a file: give a model folder (with config.json)")
+        return str(path)
+    _check_hub_id(name_or_path)
+    return name_or_path
+
+
+def _check_tokenizer_files(path: str, tokenizer: str | None) -> None:
+    folder = Path(tokenizer or path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer files in {folder} (none of {', '.join(TOKENIZER_FILES[:3])}, ...): "
+                         "pass --tokenizer FOLDER_OR_HUB_ID, or copy the model's tokenizer files into the folder")
+
+
+def _check_vocab(model, tokenizer, where: str) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer of {where} has {len(tokenizer):,} tokens but the model's embedding has "
+                         f"{rows:,} rows: ids past {rows - 1} would crash the forward; use the model's own "
+                         "tokenizer (--tokenizer)")
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               trust_remote_code: bool = False, tokenizer: str | None = None):
+    """Model (eval mode) and tokenizer of an embedded name, a local folder or a hub id.
+
+    ``tokenizer``: another folder or hub id to take the tokenizer from (default: the model's).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tok_path = resolve_model(tokenizer) if tokenizer else path
+    _check_tokenizer_files(path, tok_path if tokenizer else None)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 experts_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
+    _check_vocab(model, tok, tok_path)
+    return model.to(device).eval(), tok
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the model's tensors (names, shapes, bytes): which weights were quantized."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
