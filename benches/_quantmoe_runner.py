@@ -43,13 +43,14 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from safetensors.torch import save_file
 
+    from quantmoe import api
     from quantmoe.anatomy import describe
     from quantmoe.calib.data import CalibrationConfig, calibration_windows
-    from quantmoe.quant import api
+    from quantmoe.data import split_tokens
+    from quantmoe.models import load_model
     from quantmoe.quant.pipeline import GPTQConfig
     from quantmoe.quant.plan import Plan
     from quantmoe.quant.qlinear import QuantLinear
-    from quantmoe.zoo.embedded import load_model, split_tokens
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

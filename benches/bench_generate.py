@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 import quantmoe
+from quantmoe import api
 from quantmoe.calib.data import CalibrationConfig
-from quantmoe.quant import api
+from quantmoe.models import load_model
 from quantmoe.quant.dense import code_cache_bytes
 from quantmoe.quant.pipeline import GPTQConfig
 from quantmoe.quant.plan import Plan
-from quantmoe.zoo.embedded import load_model
 
 PROMPT = "ROMEO: What light through yonder window breaks? It is the east, and"
 

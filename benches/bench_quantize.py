@@ -17,12 +17,13 @@ import time
 
 import torch
 
+from quantmoe import api
 from quantmoe.calib.data import CalibrationConfig
+from quantmoe.data import split_tokens
 from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
-from quantmoe.quant import api
+from quantmoe.models import load_model
 from quantmoe.quant.pipeline import GPTQConfig
 from quantmoe.quant.plan import Plan
-from quantmoe.zoo.embedded import load_model, split_tokens
 
 
 def peak_rss_mb() -> float:

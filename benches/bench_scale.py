@@ -158,7 +158,7 @@ def main() -> None:
          "--threads", str(args.threads), "--expert-chunk", str(args.expert_chunk)], env)
     report = json.loads((out / "quant_report.json").read_text())
     out_size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    load_code = ("import sys, torch; from quantmoe.zoo.embedded import load_model; "
+    load_code = ("import sys, torch; from quantmoe.models import load_model; "
                  "load_model(sys.argv[1], dtype=torch.float32)")
     load_s, load_rss, _ = run([py, "-c", load_code, str(model_dir)], env)
     rows = [("baseline (imports only)", base_s, base_rss), ("stream quantize", stream_s, stream_rss),

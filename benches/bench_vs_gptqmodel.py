@@ -174,8 +174,9 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from quantmoe.calib.data import calibration_windows
+    from quantmoe.data import split_tokens
     from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
-    from quantmoe.zoo.embedded import load_model, resolve_model, split_tokens
+    from quantmoe.models import load_model, resolve_model
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(tools) - {"quantmoe", "gptqmodel"}

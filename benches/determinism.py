@@ -19,11 +19,11 @@ import json
 
 import torch
 
+from quantmoe import api
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
-from quantmoe.quant import api
+from quantmoe.models import load_model
 from quantmoe.quant.plan import Plan
-from quantmoe.zoo.embedded import load_model
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ import time
 import torch
 
 import quantmoe.quant.pipeline as pipeline
+from quantmoe import api
 from quantmoe.calib.data import CalibrationConfig
-from quantmoe.quant import api
+from quantmoe.models import load_model
 from quantmoe.quant.plan import Plan
-from quantmoe.zoo.embedded import load_model
 
 
 def _timed(totals: dict[str, float], label, fn):

@@ -45,7 +45,7 @@ def main() -> int:
     from vllm import LLM, SamplingParams
 
     import quantmoe
-    from quantmoe.eval.corpora import load_tokens
+    from quantmoe.data.corpora import load_tokens
     from quantmoe.eval.metrics import make_windows
 
     t0 = time.perf_counter()

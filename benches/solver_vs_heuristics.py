@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from quantmoe import api
 from quantmoe.alloc.damage import measure_damage
 from quantmoe.alloc.evidence import StatisticsConfig, gather_evidence
 from quantmoe.alloc.policies import build_plan, policy_needs
@@ -29,11 +30,11 @@ from quantmoe.anatomy import describe
 from quantmoe.atomic import atomic_write_text
 from quantmoe.bench.runner import dequantize_in_place
 from quantmoe.calib.data import CalibrationConfig, calibration_windows
+from quantmoe.data import calibration_tokens, split_tokens
 from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
-from quantmoe.quant import api
+from quantmoe.models import load_model
 from quantmoe.quant.pipeline import GPTQConfig
 from quantmoe.quant.plan import Plan, bit_stats
-from quantmoe.zoo.embedded import load_model, split_tokens
 
 HIGH = 4
 
@@ -84,7 +85,7 @@ def main() -> None:
     evidence = gather_evidence(needs, fp, tok, anatomy, StatisticsConfig(), model_name=args.model,
                                cache_dir=Path(".cache/quantmoe").resolve())
     damage = measure_damage(copy.deepcopy(fp), anatomy, calibration_windows(
-        api.calibration_tokens("calibration", tok), args.damage_windows, 256, 0), (2, 3, 4))
+        calibration_tokens("calibration", tok), args.damage_windows, 256, 0), (2, 3, 4))
 
     def run(plan: Plan) -> tuple[float, float, float]:
         model = copy.deepcopy(fp)

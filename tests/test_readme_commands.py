@@ -3,7 +3,8 @@
 Each file's ```bash blocks run top to bottom in an empty folder of their own (with the
 clone's `sweeps/`, `embedded/` and `docs/` beside them, as on a fresh clone), so a command
 that needs a file must come after the command that writes it. Lines marked `# needs the
-hub`, `# needs a GPU` or `# rebuilds the zoo` are skipped (no network, no GPU here), and so are `make demo` (the
+hub`, `# needs a GPU`, `# rebuilds the zoo` or `# run by hand` (pip, the mutation check) are skipped (no network,
+no GPU here), and so are `make demo` (the
 11-minute job) and `make test` (this suite); every
 other line must be a `quantmoe` command and must succeed. Commands run in this process
 (`quantmoe.cli.main` with the line's own arguments) to save the start-up time of each one.
@@ -21,7 +22,9 @@ from quantmoe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SKIP = {"needs the hub": "no hub here", "needs a GPU": "no GPU here", "rebuilds the zoo": "rebuilds the embedded models"}
+SKIP = {"needs the hub": "no hub here", "needs a GPU": "no GPU here", "rebuilds the zoo": "rebuilds the embedded models",
+        "run by hand": "a setup or development step, not a quantmoe command",
+        "needs a Ray cluster": "no Ray cluster here"}
 PROGRAMS = (".venv/bin/quantmoe", "quantmoe")
 
 

@@ -12,7 +12,7 @@ log = logging.getLogger("quantmoe")
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from quantmoe.anatomy import format_anatomy
     from quantmoe.anatomy.describe import inspect_model
-    from quantmoe.zoo.embedded import resolve_model
+    from quantmoe.models import resolve_model
 
     print(format_anatomy(inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)))
     return 0
@@ -34,17 +34,17 @@ def _cmd_families(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from quantmoe.zoo.embedded import load_model
+    from quantmoe.api import load_model_or_quantized
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.tasks is not None and not tasks:
         raise ValueError("check `--tasks`: give lm-eval task names separated by commas")
     if args.limit is not None and not tasks:
         raise ValueError("`--limit` applies to `--tasks`: add --tasks, or use --max-windows for perplexity")
-    model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
-                                  tokenizer=args.tokenizer, quantized_ok=True)
+    model, tokenizer = load_model_or_quantized(args.model, device=args.device,
+                                               trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     if args.split is not None or not tasks:
-        from quantmoe.eval.corpora import load_tokens
+        from quantmoe.data.corpora import load_tokens
         from quantmoe.eval.metrics import evaluate, make_windows
 
         split = args.split or "test"
@@ -99,12 +99,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quantmoe import __version__
     from quantmoe.alloc.cli import add_plan_parser
     from quantmoe.alloc.solve_cli import add_solve_parser
     from quantmoe.bench.cli import add_bench_parsers
     from quantmoe.export.cli import add_export_parser
     from quantmoe.quant.cli import add_quantize_parser
+    from quantmoe.version import __version__
     from quantmoe.zoo.cli import add_zoo_parser
 
     parser = argparse.ArgumentParser(prog="quantmoe", description=(

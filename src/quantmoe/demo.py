@@ -16,7 +16,7 @@ import torch
 
 from quantmoe.anatomy import format_anatomy
 from quantmoe.anatomy.describe import inspect_model
-from quantmoe.zoo.embedded import embedded_root, resolve_model
+from quantmoe.models import embedded_root, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def tiny():
     from transformers import AutoTokenizer
 
     from quantmoe.anatomy import describe, tiny_model
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     torch.manual_seed(0)
     model = tiny_model("mixtral", vocab_size=8192)

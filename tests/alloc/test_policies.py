@@ -207,7 +207,7 @@ def test_plan_command_computes_routing_once_and_reuses_it(tmp_path, capsys, capl
     from transformers import AutoTokenizer
 
     from quantmoe.anatomy import tiny_model
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     folder = tmp_path / "tiny"
     tiny_model("mixtral", vocab_size=8192).save_pretrained(folder)

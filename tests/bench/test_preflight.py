@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-import quantmoe.zoo.embedded as embedded
+import quantmoe.models as embedded
 from quantmoe.bench.runner import run_sweep
 from quantmoe.bench.sweep import sweep_from_dict
 from quantmoe.cli import main

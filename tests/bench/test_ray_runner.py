@@ -43,7 +43,7 @@ def tiny_deepseek_dir(tmp_path_factory) -> Path:
     import shutil
 
     from quantmoe.anatomy import tiny_model
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     folder = tmp_path_factory.mktemp("tiny-deepseek")
     tiny_model("deepseek_v3", vocab_size=8192, max_position_embeddings=256).save_pretrained(folder)

@@ -156,7 +156,7 @@ def test_report_is_deterministic_and_needs_only_the_store(built, tmp_path, monke
 
     for name in ("torch", "transformers", "safetensors"):  # any new import of these fails
         monkeypatch.setitem(sys.modules, name, None)
-    for module, loader in (("quantmoe.zoo.embedded", "load_model"), ("quantmoe.bench.shared", "_load")):
+    for module, loader in (("quantmoe.models", "load_model"), ("quantmoe.bench.shared", "_load")):
         if module in sys.modules:  # already imported by other tests
             monkeypatch.setattr(sys.modules[module], loader, no_models)
     store_path, first = built

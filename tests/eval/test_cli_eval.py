@@ -14,7 +14,7 @@ def test_eval_runs_lm_eval_tasks(capsys):
 
 
 def test_eval_perplexity_on_a_text_file(tmp_path, capsys):
-    from quantmoe.zoo.embedded import split_path
+    from quantmoe.data import split_path
 
     path = tmp_path / "few.txt"
     path.write_text(split_path("test").read_text(encoding="utf-8")[:6000], encoding="utf-8")
@@ -25,8 +25,8 @@ def test_eval_perplexity_on_a_text_file(tmp_path, capsys):
     # the printed value is the model's perplexity on the first 4 windows of 64 tokens of the file
     import torch
 
-    from quantmoe.eval.corpora import load_tokens
-    from quantmoe.zoo.embedded import load_model
+    from quantmoe.data.corpora import load_tokens
+    from quantmoe.models import load_model
 
     model, tokenizer = load_model("mixtral-s")
     ids = torch.as_tensor(load_tokens(str(path), tokenizer)[:4 * 64], dtype=torch.long).reshape(4, 64)

@@ -1,16 +1,15 @@
 import numpy as np
 import pytest
 
-from quantmoe.eval import corpora
-from quantmoe.eval.corpora import HUB_CORPORA, HubCorpus, dataset_text, load_text, load_tokens
-from quantmoe.zoo.embedded import split_path
+from quantmoe.data import corpora, split_path
+from quantmoe.data.corpora import HUB_CORPORA, HubCorpus, dataset_text, load_text, load_tokens
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     return AutoTokenizer.from_pretrained(embedded_root() / "tokenizer")
 
@@ -59,8 +58,8 @@ def test_hub_path_runs_on_local_text(tmp_path, monkeypatch, tokenizer):
 def test_datasets_cache_defaults_to_the_work_tree(monkeypatch):
     import datasets.config
 
-    from quantmoe.eval.hfcache import ensure_datasets_cache
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.data.hfcache import ensure_datasets_cache
+    from quantmoe.models import embedded_root
 
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", datasets.config.HF_DATASETS_CACHE)

@@ -13,7 +13,7 @@ from quantmoe.eval.tasks import (
     run_tasks,
     task_manager,
 )
-from quantmoe.zoo.embedded import load_model
+from quantmoe.models import load_model
 
 LIMIT = 30
 

@@ -6,14 +6,14 @@ import re
 import pytest
 import torch
 
+from quantmoe import api
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.cli import main
-from quantmoe.eval.corpora import load_tokens
+from quantmoe.data.corpora import load_tokens
 from quantmoe.eval.metrics import evaluate, make_windows
-from quantmoe.quant import api
+from quantmoe.models import load_model
 from quantmoe.quant.pipeline import GPTQConfig
 from quantmoe.quant.plan import Plan
-from quantmoe.zoo.embedded import load_model
 
 MIXED_EXPERTS = {"default": {"bits": 4, "group_size": 32},
                  "modules": {"model.layers.1.mlp.experts.2.down_proj": {"bits": 8}}}
@@ -78,7 +78,7 @@ def test_quantize_format_gptq_writes_the_export_directly(tiny_model_dir, tmp_pat
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["bits"], qc["group_size"], qc["dynamic"]) == (4, 16, {})
     assert (out / "quant_report.json").exists() and (out / "tokenizer.json").exists()
-    model, _ = load_model(str(out), quantized_ok=True)
+    model, _ = api.load_model_or_quantized(str(out))
     assert sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear") > 0
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

@@ -166,7 +166,7 @@ def test_solver_block_granularity_plans_pass_the_vllm_check():
 
 
 def test_exported_bytes_are_within_3_percent_of_theory(tmp_path):
-    from quantmoe.zoo.embedded import load_model
+    from quantmoe.models import load_model
 
     model, _ = load_model("mixtral-s")
     plan = Plan.from_dict({"default": {"bits": 2, "group_size": 128}, "roles": {"attention": {"bits": 4}},

@@ -30,14 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import quantmoe
+from quantmoe import api
 from quantmoe.anatomy import describe
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.export.cli import export_checkpoint
-from quantmoe.quant import api
+from quantmoe.models import load_model
 from quantmoe.quant.pipeline import GPTQConfig
 from quantmoe.quant.plan import Plan
 from quantmoe.quant.qlinear import QuantLinear
-from quantmoe.zoo.embedded import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_PYTHON = ROOT / ".cache" / "bench" / "gptqmodel-venv" / "bin" / "python"

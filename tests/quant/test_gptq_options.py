@@ -99,8 +99,9 @@ def test_pipeline_passes_block_size_and_static_groups_to_gptq():
 
 
 def test_quantize_command_sets_both(monkeypatch):
+    from quantmoe import api
     from quantmoe.cli import build_parser
-    from quantmoe.quant import api, cli
+    from quantmoe.quant import cli
 
     seen = {}
 

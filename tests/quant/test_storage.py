@@ -9,13 +9,13 @@ import torch
 from safetensors import safe_open
 
 import quantmoe
+from quantmoe import api
 from quantmoe.anatomy import describe, tiny_model
 from quantmoe.calib.data import CalibrationConfig
-from quantmoe.quant import api
+from quantmoe.models import embedded_root, load_model
 from quantmoe.quant.checkpoint import save_quantized, source_dtype
 from quantmoe.quant.pipeline import GPTQConfig, quantize_model
 from quantmoe.quant.plan import Plan
-from quantmoe.zoo.embedded import embedded_root, load_model
 
 PLAN = Plan.from_dict({
     "default": {"bits": 4, "group_size": 16},

@@ -167,7 +167,7 @@ def test_resume_refuses_another_run_and_a_leftover_work_folder_needs_resume(tmp_
 
 
 def test_kill_9_after_block_1_of_3_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     src = _source(tmp_path, "qwen3_moe", vocab_size=8192)  # 3 blocks
     tok = embedded_root() / "tokenizer"

@@ -1,5 +1,5 @@
+from quantmoe.data import split_path
 from quantmoe.zoo.corpus import DOC_SEPARATOR, SPLITS, Document, _chunks
-from quantmoe.zoo.embedded import split_path
 
 
 def test_split_assignment_is_stable_and_mostly_train():

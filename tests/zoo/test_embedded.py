@@ -8,8 +8,9 @@ import torch
 
 from quantmoe.anatomy import describe
 from quantmoe.calib.routing import collect_routing
+from quantmoe.data import split_tokens
 from quantmoe.eval.metrics import evaluate, make_windows
-from quantmoe.zoo.embedded import EMBEDDED_MODELS, embedded_root, load_model, split_tokens
+from quantmoe.models import EMBEDDED_MODELS, embedded_root, load_model
 
 MAX_FILE_BYTES = 25 * 1024 * 1024
 

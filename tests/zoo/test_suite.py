@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from quantmoe.zoo.embedded import embedded_root, split_path
+from quantmoe.data import split_path
+from quantmoe.models import embedded_root
 from quantmoe.zoo.suite import (
     SUITE_TASKS,
     build_suite,

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 import quantmoe.zoo.train as train_mod
-from quantmoe.zoo.embedded import embedded_root, split_path
+from quantmoe.data import split_path
+from quantmoe.models import embedded_root
 from quantmoe.zoo.recipes import RECIPES
 
 TINY = replace(RECIPES["mixtral-s"], name="tiny", steps=4, eval_every=2, batch_size=2, seq_len=32,

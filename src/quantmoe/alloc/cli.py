@@ -84,7 +84,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from quantmoe.alloc.policies import build_plan, policy_needs
     from quantmoe.anatomy import describe, describe_config, inspect_model
     from quantmoe.atomic import atomic_write_text
-    from quantmoe.zoo.embedded import load_model, resolve_model
+    from quantmoe.models import load_model, resolve_model
 
     if args.out:
         check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")

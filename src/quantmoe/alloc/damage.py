@@ -192,7 +192,8 @@ def load_or_measure_damage(model: nn.Module, tokenizer, anatomy: ModelAnatomy, w
     """
     from quantmoe.cache import array_sha256, content_key
     from quantmoe.calib.data import calibration_windows
-    from quantmoe.quant.api import calibration_tokens, model_fingerprint
+    from quantmoe.data import calibration_tokens
+    from quantmoe.models import model_fingerprint
 
     windows = calibration_windows(calibration_tokens(config.split, tokenizer), config.windows, config.seq_len,
                                   config.seed)

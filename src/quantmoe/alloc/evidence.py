@@ -70,7 +70,8 @@ def gather_evidence(needs: Sequence[str], model, tokenizer, anatomy, config: Sta
     from quantmoe.alloc import predictor, scorers
     from quantmoe.calib.data import calibration_windows
     from quantmoe.calib.routing import RoutingStats, collect_routing
-    from quantmoe.quant.api import calibration_tokens, model_fingerprint
+    from quantmoe.data import calibration_tokens
+    from quantmoe.models import model_fingerprint
 
     found: dict[str, Any] = {} if routing is None else {"routing": routing}
     todo = [n for n in needs if n not in found]

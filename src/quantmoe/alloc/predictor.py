@@ -36,6 +36,7 @@ from torch import nn
 from quantmoe.anatomy import ModelAnatomy
 from quantmoe.atomic import atomic_write_text
 from quantmoe.calib.data import run_windows
+from quantmoe.hooks import removed_after
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +141,11 @@ def block_similarity(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Ten
             cos[index].append(nn.functional.cosine_similarity(x, y, dim=-1).cpu())
         return hook
 
-    handles = []
-    try:
+    with removed_after() as handles:
         for b in blocks:
             handles.append(model.get_submodule(b.module_name).register_forward_hook(hook_for(b.index),
                                                                                    with_kwargs=True))
         run_windows(model, windows, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
     return {b: (torch.cat(xs[b]), torch.cat(cos[b])) for b in xs}
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from quantmoe.anatomy import BlockAnatomy, ModelAnatomy, per_expert_view
 from quantmoe.atomic import atomic_write_text
 from quantmoe.calib.data import run_windows
+from quantmoe.hooks import removed_after
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +158,11 @@ def wanda_expert_scores(model: nn.Module, anatomy: ModelAnatomy, windows: torch.
             sq[name] += (x * x).sum(dim=0).cpu()
         return hook
 
-    handles = []
     with per_expert_view(model):
-        try:
+        with removed_after() as handles:
             for u in units:
                 handles.append(model.get_submodule(u.name).register_forward_pre_hook(hook_for(u.name)))
             run_windows(model, windows, batch_size)
-        finally:
-            for h in handles:
-                h.remove()
         scores = {b.index: np.array([sum(wanda_score(model.get_submodule(n).weight, sq[n].sqrt()) for n in names)
                                      for names in b.experts]) for b in anatomy.blocks if b.is_moe}
     return ExpertScores("wanda", scores, {"tokens": int(windows.numel())})
@@ -200,16 +197,12 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
             counts[b.index] += np.bincount(top_i[masks[b.index]].reshape(-1).numpy(), minlength=b.num_experts)
         return hook
 
-    handles = []
-    try:
+    with removed_after() as handles:
         for b in blocks:
             handles.append(model.get_submodule(b.module_name).register_forward_pre_hook(block_hook(b.index),
                                                                                        with_kwargs=True))
             handles.append(model.get_submodule(b.router).register_forward_hook(router_hook(b)))
         run_windows(model, windows, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
     if stats["massive_tokens"] == 0:
         log.warning("no token reached |h| >= %g (largest |h| was %.1f): massive-activation scores are all zero",
                     threshold, stats["max_abs"])

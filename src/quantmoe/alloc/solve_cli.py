@@ -46,8 +46,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from quantmoe.anatomy import describe
     from quantmoe.atomic import atomic_write_text
     from quantmoe.bench.preflight import check_solver, model_anatomy
+    from quantmoe.models import load_model
     from quantmoe.quant.plan import bit_stats
-    from quantmoe.zoo.embedded import load_model
 
     if args.out:
         check_file_output(Path(args.out), overwrite=args.overwrite, ours=starts_with(PLAN_HEADER), what="plan")

@@ -292,7 +292,7 @@ def inspect_model(model_id_or_path: str, trust_remote_code: bool = False) -> Mod
 
     Works offline for a local directory; a hub id needs the hub (or its cache).
     """
-    from quantmoe.quant.checkpoint import read_model_config
+    from quantmoe.models import read_model_config
 
     if Path(model_id_or_path, "config.json").is_file():  # a local folder, a quantized one included
         config = read_model_config(Path(model_id_or_path), trust_remote_code=trust_remote_code)

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 def model_anatomy(name: str, trust_remote_code: bool = False) -> ModelAnatomy:
     """The anatomy of an embedded name, local folder or hub id, from its config (meta device)."""
-    from quantmoe.quant.api import quantized_format
-    from quantmoe.zoo.embedded import resolve_model
+    from quantmoe.api import quantized_format
+    from quantmoe.models import resolve_model
 
     source = resolve_model(name)
     kind = quantized_format(source)

@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from quantmoe.bench.memory import PeakMemory
 from quantmoe.bench.shared import ModelContext, bitmap, run_key
 from quantmoe.bench.store import ResultsStore, RunRecord
 from quantmoe.bench.sweep import RunSpec, SweepConfig
+from quantmoe.memory import PeakMemory
 from quantmoe.progress import quiet_library_bars, quiet_loggers, redirect_logging, sweep_bar
 from quantmoe.quant.plan import Plan
 
 log = logging.getLogger(__name__)
 
 # per-run INFO chatter (plan bits, quantize summary, lm-eval task list): the run's one line says it
-RUN_CHATTER = ("quantmoe.quant.api", "quantmoe.eval.tasks", "quantmoe.alloc.solver", "quantmoe.alloc.solve_cli")
+RUN_CHATTER = ("quantmoe.api", "quantmoe.eval.tasks", "quantmoe.alloc.solver", "quantmoe.alloc.solve_cli")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _evaluate(model: torch.nn.Module, ctx: ModelContext) -> dict[str, Any]:
 
 def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: Path, label: str) -> int:
     """Save the quantized model (atomically) and measure it; kept only when the sweep asks to."""
-    from quantmoe.quant import api
+    from quantmoe import api
     from quantmoe.safeout import check_folder_output, remove_stale_temporaries
 
     remove_stale_temporaries(store_dir, ".checkpoint-")  # what killed runs left
@@ -127,7 +127,7 @@ def one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_d
             plan: Plan | None = None) -> tuple[RunRecord, float]:
     """Quantize (unless full precision) and evaluate one run: its record and its evaluation time in
     seconds; ``plan``: the run's plan when already built."""
-    from quantmoe.quant import api
+    from quantmoe import api
     from quantmoe.quant.checkpoint import library_versions
     from quantmoe.quant.plan import bit_stats
 

@@ -51,7 +51,7 @@ class ModelContext:
 
     @classmethod
     def load(cls, spec: ModelSpec, sweep: SweepConfig, cache_dir: Path) -> ModelContext:
-        from quantmoe.quant.api import model_fingerprint
+        from quantmoe.models import model_fingerprint
 
         model, tokenizer = _load(spec)
         sha = model_fingerprint(model)
@@ -72,8 +72,8 @@ class ModelContext:
     @property
     def windows(self) -> torch.Tensor:
         if self._windows is None:
+            from quantmoe.data import calibration_tokens
             from quantmoe.eval.metrics import make_windows
-            from quantmoe.quant.api import calibration_tokens
 
             ppl = self.sweep.eval.perplexity
             self._windows = make_windows(calibration_tokens(ppl.split, self.tokenizer), ppl.seq_len, ppl.max_windows)
@@ -181,7 +181,7 @@ class ModelContext:
 
 
 def _load(spec: ModelSpec):
-    from quantmoe.zoo.embedded import load_model
+    from quantmoe.models import load_model
 
     if spec.dtype not in DTYPES:
         raise ValueError(f"check `dtype` of model {spec.name}: {spec.dtype!r} is not one of {', '.join(DTYPES)}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from quantmoe.anatomy import LinearUnit
 from quantmoe.anatomy.expert_view import EXPERT_HIDDEN_KIND, EXPERT_INPUT_KINDS
+from quantmoe.hooks import removed_after
 
 log = logging.getLogger(__name__)
 
@@ -170,31 +171,30 @@ class HessianCollector:
     def attached(self, experts_module_of: dict[str, str | None]) -> Iterator[HessianCollector]:
         """Hooks live exactly as long as the ``with`` block."""
         try:
-            owners: dict[str, LinearUnit] = {}
-            for u in self.units:
-                owners.setdefault(self.key_of[u.name], u)
-            targets = {t.module_name for t in self._experts}
-            inputs: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
-            hiddens: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
-            for key, owner in owners.items():
-                experts_module = experts_module_of.get(owner.name)
-                if experts_module in targets and owner.kind in EXPERT_INPUT_KINDS:
-                    inputs[experts_module].setdefault(owner.expert, []).append(key)
-                    continue
-                if experts_module in targets and owner.kind == EXPERT_HIDDEN_KIND:
-                    hiddens[experts_module].setdefault(owner.expert, []).append(key)
-                linear = self.model.get_submodule(owner.name)
-                self._handles.append(linear.register_forward_pre_hook(self._owner_hook(key, experts_module, owner)))
-            for t in self._experts:
-                mod = self.model.get_submodule(t.module_name)
-                pre = self._experts_pre_hook(t, inputs[t.module_name], hiddens[t.module_name])
-                routed = [k for keys in hiddens[t.module_name].values() for k in keys]
-                self._handles.append(mod.register_forward_pre_hook(pre))
-                self._handles.append(mod.register_forward_hook(self._experts_post_hook(t, routed)))
-            yield self
+            with removed_after() as self._handles:
+                owners: dict[str, LinearUnit] = {}
+                for u in self.units:
+                    owners.setdefault(self.key_of[u.name], u)
+                targets = {t.module_name for t in self._experts}
+                inputs: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
+                hiddens: dict[str, dict[int, list[str]]] = {name: {} for name in targets}
+                for key, owner in owners.items():
+                    experts_module = experts_module_of.get(owner.name)
+                    if experts_module in targets and owner.kind in EXPERT_INPUT_KINDS:
+                        inputs[experts_module].setdefault(owner.expert, []).append(key)
+                        continue
+                    if experts_module in targets and owner.kind == EXPERT_HIDDEN_KIND:
+                        hiddens[experts_module].setdefault(owner.expert, []).append(key)
+                    linear = self.model.get_submodule(owner.name)
+                    self._handles.append(linear.register_forward_pre_hook(self._owner_hook(key, experts_module, owner)))
+                for t in self._experts:
+                    mod = self.model.get_submodule(t.module_name)
+                    pre = self._experts_pre_hook(t, inputs[t.module_name], hiddens[t.module_name])
+                    routed = [k for keys in hiddens[t.module_name].values() for k in keys]
+                    self._handles.append(mod.register_forward_pre_hook(pre))
+                    self._handles.append(mod.register_forward_hook(self._experts_post_hook(t, routed)))
+                yield self
         finally:
-            for h in self._handles:
-                h.remove()
             self._handles.clear()
             self._suspended.clear()
             self._expert_weights.clear()

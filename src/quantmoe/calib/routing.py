@@ -12,6 +12,7 @@ import torch
 from quantmoe.anatomy import ModelAnatomy
 from quantmoe.atomic import atomic_write_text
 from quantmoe.calib.data import run_windows
+from quantmoe.hooks import removed_after
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,10 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
             weights[block].index_add_(0, top_i, top_w)
         return hook
 
-    handles = [model.get_submodule(b.router).register_forward_hook(hook_for(b.index, b.num_experts))
-               for b in blocks]
-    try:
+    with removed_after() as handles:
+        handles.extend(model.get_submodule(b.router).register_forward_hook(hook_for(b.index, b.num_experts))
+                       for b in blocks)
         run_windows(model, windows, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
     return RoutingStats(tokens=int(windows.numel()), top_k={b.index: b.top_k for b in blocks},
                         counts={b: c.numpy() for b, c in counts.items()},
                         weight_sums={b: w.numpy() for b, w in weights.items()})

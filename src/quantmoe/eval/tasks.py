@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantmoe.eval.hfcache import ensure_datasets_cache
+from quantmoe.data.hfcache import ensure_datasets_cache
 from quantmoe.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class TaskResults:
 
 def local_tasks_dir() -> Path:
     """``embedded/tasks``: the YAML and JSONL of the local suite."""
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     return embedded_root() / "tasks"
 

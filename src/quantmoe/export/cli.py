@@ -17,8 +17,9 @@ def export_checkpoint(ckpt: Path, out: Path, target: str | None = None, max_shar
     """Export a checkpoint written by ``quantmoe quantize`` to ``out`` (GPTQ format)."""
     from transformers import AutoTokenizer
 
+    from quantmoe.api import load
     from quantmoe.export.writer import MAX_SHARD_BYTES, write_export
-    from quantmoe.quant.api import load, quantized_format
+    from quantmoe.models import quantized_format
     from quantmoe.quant.checkpoint import REPORT_NAME, read_quantization_config
     from quantmoe.quant.grid import QuantSpec
 

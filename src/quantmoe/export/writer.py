@@ -53,7 +53,7 @@ PER_EXPERT_NAMES = ("gptqmodel",)
 
 
 def quantization_config(base: GPTQFormat, dynamic: Mapping[str, Any]) -> dict[str, Any]:
-    from quantmoe import __version__
+    from quantmoe.version import __version__
 
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": base.bits, "group_size": base.group_size,
             "sym": base.sym, "desc_act": False, "static_groups": False, "lm_head": False, "true_sequential": True,

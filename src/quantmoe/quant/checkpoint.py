@@ -44,6 +44,7 @@ from torch import nn
 
 from quantmoe.anatomy import describe, unfuse_experts
 from quantmoe.atomic import current_umask
+from quantmoe.models import MARKED_MODEL_TYPE, MODEL_TYPE_KEY, read_model_config  # noqa: F401
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
 from quantmoe.safeout import (
@@ -60,10 +61,6 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "quantization_config.json"
 WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "quant_report.json"
-
-
-MARKED_MODEL_TYPE = "quantmoe"
-MODEL_TYPE_KEY = "quantmoe_model_type"
 
 
 class CorruptCheckpointError(ValueError):
@@ -83,26 +80,13 @@ def mark_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def read_model_config(path: Path, trust_remote_code: bool = False):
-    """The model's config of a quantmoe checkpoint folder (marked or not)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if cfg.get("model_type") != MARKED_MODEL_TYPE:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cfg["model_type"] = cfg.pop(MODEL_TYPE_KEY)
-    cfg.pop("quantization_config", None)
-    return CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
-
-
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import safetensors
     import transformers
 
-    from quantmoe import __version__
+    from quantmoe.version import __version__
 
     try:
         lm_eval = version("lm_eval")

@@ -33,7 +33,7 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def _source_folders(model: str) -> tuple[Path, ...]:
-    from quantmoe.zoo.embedded import local_model_folder
+    from quantmoe.models import local_model_folder
 
     path = local_model_folder(model)
     return (path,) if path is not None else ()
@@ -44,7 +44,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def model_folder(name_or_path: str) -> Path:
     """A local folder with config.json: an embedded model, a path, or a hub id's snapshot."""
-    from quantmoe.zoo.embedded import resolve_model
+    from quantmoe.models import resolve_model
 
     path = Path(resolve_model(name_or_path))
     if path.is_dir():
@@ -68,8 +68,8 @@ def source_dtype(args: argparse.Namespace) -> torch.dtype:
 def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
     from transformers import AutoTokenizer
 
+    from quantmoe import api
     from quantmoe.calib.data import calibration_windows
-    from quantmoe.quant import api
     from quantmoe.quant.lazy import checkpoint_files
     from quantmoe.quant.plan import bit_stats
     from quantmoe.quant.stream import anatomy_of, parse_size, quantize_stream
@@ -103,12 +103,13 @@ def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from quantmoe import api
     from quantmoe.bench.preflight import check_plan, model_anatomy
     from quantmoe.calib.data import CalibrationConfig
+    from quantmoe.data import calibration_tokens
     from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
-    from quantmoe.quant import api
+    from quantmoe.models import load_model, model_fingerprint
     from quantmoe.quant.pipeline import GPTQConfig
-    from quantmoe.zoo.embedded import load_model
 
     plan = plan_from_args(args)
     # the plan against the model's config (meta device): a wrong module name fails before any weights load
@@ -142,10 +143,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
         anatomy = describe(model)
         check(anatomy.units, plan.resolve(anatomy), args.target)
-    fingerprint = api.model_fingerprint(model)
+    fingerprint = model_fingerprint(model)
     windows = ref = None
     if args.eval:
-        windows = make_windows(api.calibration_tokens(args.eval, tokenizer), args.calib_len, args.eval_windows)
+        windows = make_windows(calibration_tokens(args.eval, tokenizer), args.calib_len, args.eval_windows)
         log.info("full precision on %d %s windows of %d tokens: reference log-probs, then perplexity",
                  len(windows), args.eval, args.calib_len)
         ref = reference_logprobs(model, windows, progress=True)

@@ -31,6 +31,7 @@ from quantmoe.anatomy import BlockAnatomy, LinearUnit, ModelAnatomy, describe, f
 from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
+from quantmoe.hooks import removed_after
 from quantmoe.quant.gptq import gptq_quantize, gptq_quantize_batched
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
@@ -186,15 +187,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
         captured.append((args, kwargs))
         raise _Captured
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with removed_after() as handles:
+        handles.append(first_block.register_forward_pre_hook(hook, with_kwargs=True))
         for i in range(0, len(windows), batch_size):
             try:
                 model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
             except _Captured:
                 pass
-    finally:
-        handle.remove()
     return captured
 
 
@@ -209,6 +208,10 @@ def capture_layer_inputs(model: nn.Module, blocks: Sequence[nn.Module], windows:
     passes the hidden states through, and the last one stops the pass. Blocks after the first
     get ``None`` for their hidden states: the driver puts in the outputs of the quantized
     block before.
+
+    A model whose decoder loop unpacks more than the hidden states from each block (GLM-5's
+    sparse-attention indexer hands its top-k indices on) cannot be walked with recorders: every
+    block then gets block 0's keyword inputs.
     """
     captured: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
 
@@ -228,9 +231,16 @@ def capture_layer_inputs(model: nn.Module, blocks: Sequence[nn.Module], windows:
                 model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
             except _Captured:
                 pass
+    except (ValueError, TypeError) as err:  # the loop unpacks more than hidden states from each block
+        log.info("%s: its blocks return more than their hidden states (%s): every block is calibrated with "
+                 "block 0's keyword inputs", type(model).__name__, err)
+        captured = []
     finally:
         for block in blocks:
             del block.forward
+    if not captured:
+        first = capture_block_inputs(model, blocks[0], windows, batch_size, device)
+        return [first] + [[((None,) + args[1:], kwargs) for args, kwargs in first] for _ in blocks[1:]]
     if any(len(c) != len(captured[0]) for c in captured):
         raise RuntimeError(f"{type(model).__name__} did not call each of its {len(blocks)} blocks once per batch: "
                            "its decoder loop is not the plain one quantmoe expects (see docs/adding-a-family.md)")

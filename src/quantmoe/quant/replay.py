@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantmoe.hooks import removed_after
+
 log = logging.getLogger(__name__)
 
 
@@ -71,11 +73,9 @@ class FrozenOutputs:
             yield self
             return
         keep = lambda _module, args: self.tail_inputs.__setitem__(self.batch, args[0])  # noqa: E731
-        handle = self.module.get_submodule(self.tail).register_forward_pre_hook(keep, prepend=True)
-        try:
+        with removed_after() as handles:
+            handles.append(self.module.get_submodule(self.tail).register_forward_pre_hook(keep, prepend=True))
             yield self
-        finally:
-            handle.remove()
 
     @contextmanager
     def active(self, on: bool = True) -> Iterator[FrozenOutputs]:

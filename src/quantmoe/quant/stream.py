@@ -41,8 +41,8 @@ from torch import nn
 
 from quantmoe.anatomy import ModelAnatomy, describe, family_of
 from quantmoe.atomic import atomic_write, atomic_write_text
-from quantmoe.bench.memory import PeakMemory
 from quantmoe.calib.data import CalibrationConfig
+from quantmoe.memory import PeakMemory
 from quantmoe.quant.checkpoint import (
     CONFIG_NAME,
     FORMAT,

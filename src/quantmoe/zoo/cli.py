@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def _paths() -> dict[str, Path]:
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     root = embedded_root()
     cache = root.parent / ".cache" / "zoo"
@@ -66,7 +66,8 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_realism(args: argparse.Namespace) -> int:
-    from quantmoe.zoo.embedded import load_model, split_tokens
+    from quantmoe.data import split_tokens
+    from quantmoe.models import load_model
     from quantmoe.zoo.realism import run_realism
 
     if args.threads:
@@ -79,9 +80,10 @@ def _cmd_realism(args: argparse.Namespace) -> int:
 def _cmd_card(args: argparse.Namespace) -> int:
     from quantmoe.anatomy import describe, format_anatomy
     from quantmoe.calib.routing import collect_routing
+    from quantmoe.data import split_tokens
     from quantmoe.eval.metrics import evaluate, make_windows
+    from quantmoe.models import load_model
     from quantmoe.zoo.card import write_card
-    from quantmoe.zoo.embedded import load_model, split_tokens
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmoe.atomic import atomic_write_text
+from quantmoe.data import DOC_SEPARATOR
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,6 @@ def build_documents(sources: dict[str, Path]) -> list[Document]:
     return docs
 
 
-DOC_SEPARATOR = "\n\n\n"
 
 
 def build_corpus(download_dir: Path, data_dir: Path, train_path: Path) -> dict[str, dict[str, int]]:

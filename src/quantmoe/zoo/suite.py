@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmoe.atomic import atomic_write_text
-from quantmoe.zoo.corpus import DOC_SEPARATOR
+from quantmoe.data import DOC_SEPARATOR
 
 SUITE_TASKS = ("qmoe_ending", "qmoe_cloze")
 N_CHOICES = 4

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quantmoe.atomic import atomic_write, atomic_write_text
-from quantmoe.zoo.corpus import DOC_SEPARATOR
+from quantmoe.data import tokenize_text
 from quantmoe.zoo.recipes import EOS_TOKEN, VOCAB_SIZE, Recipe
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,6 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def tokenize_text(tokenizer, text: str) -> np.ndarray:
-    """Token ids of a split file; documents are joined by the end-of-text token."""
-    docs = [d for d in text.split(DOC_SEPARATOR) if d.strip()]
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    for enc in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(eos)
-    return np.asarray(ids, dtype=np.int32)
 
 
 def build_model(recipe: Recipe):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from quantmoe.eval.hfcache import ensure_datasets_cache
+from quantmoe.data import TEXT_SPLITS, split_path, tokenize_text
+from quantmoe.data.hfcache import ensure_datasets_cache
 from quantmoe.suggest import did_you_mean
-from quantmoe.zoo.embedded import TEXT_SPLITS, split_path
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,6 @@ def load_tokens(source: str, tokenizer) -> np.ndarray:
     joined with end-of-text, as the embedded models were trained; a hub corpus is one
     text, tokenized as a whole (the GPTQ convention), without special tokens.
     """
-    from quantmoe.zoo.train import tokenize_text
-
     text = load_text(source)
     if not text.strip():
         raise ValueError(f"the text {source!r} is empty (or only whitespace): give a text with content")

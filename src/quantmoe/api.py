@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from quantmoe.anatomy import describe
 from quantmoe.calib.data import CalibrationConfig, calibration_windows
+from quantmoe.data import calibration_tokens
+from quantmoe.models import (
+    model_fingerprint,  # noqa: F401  (compatibility name: moved to quantmoe.models)
+    quantized_format,
+)
 from quantmoe.quant.checkpoint import load_quantized, save_quantized
 from quantmoe.quant.pipeline import GPTQConfig, QuantReport, quantize_model
 from quantmoe.quant.plan import BitStats, Plan, bit_stats
@@ -27,23 +30,6 @@ class QuantizeResult:
     report: QuantReport
     bits: BitStats
     specs: dict
-
-
-def calibration_tokens(source: str, tokenizer) -> np.ndarray:
-    """Token ids of an embedded split, a hub corpus (wikitext2, c4) or a local UTF-8 text file."""
-    from quantmoe.eval.corpora import load_tokens
-
-    return load_tokens(source, tokenizer)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the model's tensors (names, shapes, bytes): which weights were quantized."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def quantize(model: nn.Module, tokenizer, plan: Plan, calib: CalibrationConfig = CalibrationConfig(),
@@ -80,7 +66,7 @@ def report_dict(result: QuantizeResult) -> dict[str, Any]:
 def save(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: CalibrationConfig, gptq: GPTQConfig,
          source: str, source_fingerprint: str | None = None, overwrite: bool = False) -> Path:
     """Save a checkpoint to ``out_dir``: never over the source model or a folder quantmoe did not write."""
-    from quantmoe.zoo.embedded import local_model_folder
+    from quantmoe.models import local_model_folder
 
     source_path = local_model_folder(source)
     metadata = {"source_model": source, "source_sha256": source_fingerprint, "plan": plan.to_dict(),
@@ -125,14 +111,21 @@ def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code
     return dequantize_model(model) if dense else set_code_cache(model, cache_codes)
 
 
-def quantized_format(path: str | Path) -> str | None:
-    """``quantmoe`` or ``gptq`` if ``path`` is a quantized model folder, else None."""
-    from quantmoe.export.reader import gptq_config
-    from quantmoe.quant.checkpoint import CONFIG_NAME
+def load_model_or_quantized(name_or_path: str, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                            tokenizer: str | None = None):
+    """Model (eval mode) and tokenizer of a full-precision model (``quantmoe.models.load_model``) or of a
+    quantized folder (a quantmoe checkpoint or a GPTQ-format folder, through ``load``): what evaluation takes."""
+    from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if (path / CONFIG_NAME).exists():
-        return "quantmoe"
-    return "gptq" if gptq_config(path) is not None else None
+    from quantmoe.models import _check_tokenizer_files, _check_vocab, load_model, resolve_model
+
+    path = resolve_model(name_or_path)
+    if quantized_format(path) is None:
+        return load_model(name_or_path, device=device, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    tok_path = resolve_model(tokenizer) if tokenizer else path
+    _check_tokenizer_files(path, tok_path if tokenizer else None)
+    model = load(path, device=device, trust_remote_code=trust_remote_code).eval()
+    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code,
+                                        config=model.config if tok_path == path else None)
+    _check_vocab(model, tok, tok_path)
+    return model, tok

@@ -21,7 +21,7 @@ def ensure_datasets_cache() -> Path | None:
     """
     if os.environ.get(ENV):
         return Path(os.environ[ENV])
-    from quantmoe.zoo.embedded import embedded_root
+    from quantmoe.models import embedded_root
 
     try:
         path = embedded_root().parent / ".cache" / "hf_datasets"

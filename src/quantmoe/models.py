@@ -1,20 +1,21 @@
-"""The embedded models and text splits that ship with the repository."""
+"""Model and tokenizer resolution and loading: embedded names, local folders, hub ids."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_ENV = "QUANTMOE_EMBEDDED"
 EMBEDDED_MODELS = ("mixtral-s", "deepseek-s")
 DEFAULT_MODEL = "mixtral-s"
-TEXT_SPLITS = ("calibration", "validation", "test")
 
 
 def embedded_root() -> Path:
@@ -128,32 +129,57 @@ def _check_vocab(model, tokenizer, where: str) -> None:
                          "tokenizer (--tokenizer)")
 
 
+MARKED_MODEL_TYPE = "quantmoe"
+MODEL_TYPE_KEY = "quantmoe_model_type"
+
+
+def read_model_config(path: Path, trust_remote_code: bool = False):
+    """The model's config of a quantmoe checkpoint folder (marked or not)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if cfg.get("model_type") != MARKED_MODEL_TYPE:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cfg["model_type"] = cfg.pop(MODEL_TYPE_KEY)
+    cfg.pop("quantization_config", None)
+    return CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+
+
+QUANTMOE_CONFIG_NAME = "quantization_config.json"  # beside config.json in a quantmoe checkpoint
+
+
+def quantized_format(path: str | Path) -> str | None:
+    """``quantmoe`` or ``gptq`` if ``path`` is a quantized model folder, else None (files only:
+    a quantmoe checkpoint's ``quantization_config.json``, or ``config.json`` whose
+    ``quantization_config`` has ``quant_method: gptq``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / QUANTMOE_CONFIG_NAME).exists():
+        return "quantmoe"
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "gptq" if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq" else None
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               trust_remote_code: bool = False, tokenizer: str | None = None, quantized_ok: bool = False):
+               trust_remote_code: bool = False, tokenizer: str | None = None):
     """Model (eval mode) and tokenizer of an embedded name, a local folder or a hub id.
 
     ``tokenizer``: another folder or hub id to take the tokenizer from (default: the model's).
-    A quantized folder (a quantmoe checkpoint or a GPTQ-format folder) is loaded with
-    ``quantmoe.load`` when ``quantized_ok`` (evaluation); otherwise it is an error that names
-    the full-precision model to give instead.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     tok_path = resolve_model(tokenizer) if tokenizer else path
     _check_tokenizer_files(path, tok_path if tokenizer else None)
-    from quantmoe.quant.api import load, quantized_format
-
     kind = quantized_format(path)
     if kind is not None:
-        if not quantized_ok:
-            raise ValueError(f"{name_or_path} is a quantized model ({kind} format); this command needs the "
-                             "full-precision model: give the model it was quantized from")
-        model = load(path, device=device, trust_remote_code=trust_remote_code).eval()
-        tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code,
-                                            config=model.config if tok_path == path else None)
-        _check_vocab(model, tok, tok_path)
-        return model, tok
+        raise ValueError(f"{name_or_path} is a quantized model ({kind} format); this command needs the "
+                         "full-precision model: give the model it was quantized from")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  experts_implementation="eager")
     tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
@@ -161,14 +187,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     return model.to(device).eval(), tok
 
 
-def split_path(split: str) -> Path:
-    if split not in TEXT_SPLITS:
-        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(TEXT_SPLITS)}")
-    return embedded_root() / "data" / f"{split}.txt"
-
-
-def split_tokens(split: str, tokenizer) -> np.ndarray:
-    """Token ids of an embedded text split (documents joined by end-of-text)."""
-    from quantmoe.zoo.train import tokenize_text
-
-    return tokenize_text(tokenizer, split_path(split).read_text(encoding="utf-8"))
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the model's tensors (names, shapes, bytes): which weights were quantized."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
