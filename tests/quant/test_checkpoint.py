@@ -78,7 +78,7 @@ def test_interrupted_save_leaves_nothing_loadable(tmp_path, monkeypatch):
     def crash(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_sha256", crash)  # after the weights are written, before the config
+    monkeypatch.setattr(ckpt, "file_sha256", crash)  # after the weights are written, before the config
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, tmp_path / "q", specs, {})
     assert not (tmp_path / "q").exists()

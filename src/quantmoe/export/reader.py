@@ -69,7 +69,7 @@ def load_gptq(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantmoe.quant.checkpoint import _materialize_meta_buffers
+    from quantmoe.quant.checkpoint import assign_state
 
     path = Path(path)
     qc = gptq_config(path)
@@ -124,15 +124,6 @@ def load_gptq(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         view = inverse.get(key) or (f"{inverse[module]}.{leaf}" if module in inverse else key)
         state[view] = t.to(dtype) if t.is_floating_point() else t
     present = {k for k, t in model.state_dict().items() if not t.is_meta}  # the QuantLinears, split fused experts
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if k not in present]
-    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit a {config.model_type} model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    if tied:
-        model.tie_weights()
-    _materialize_meta_buffers(model, config)
+    assign_state(model, state, config, f"{path} does not fit a {config.model_type} model", present)
     log.info("loaded %d GPTQ linears from %s", len(replaced), path)
     return model.to(device).eval()

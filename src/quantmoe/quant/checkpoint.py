@@ -34,7 +34,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ def library_versions() -> dict[str, str]:
             "machine": platform.machine()}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -243,7 +243,7 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "storage_dtype": None if storage is None else str(storage).removeprefix("torch."),
             "versions": library_versions(),
-            "weights_sha256": _sha256(tmp / WEIGHTS_NAME),
+            "weights_sha256": file_sha256(tmp / WEIGHTS_NAME),
             **metadata,
         }
         if report is not None:
@@ -328,7 +328,7 @@ def _read_weights(path: Path, qcfg: Mapping[str, Any], verify: bool) -> tuple[di
         weights = path / name
         if not weights.exists():
             raise CorruptCheckpointError(f"{weights} is missing: the checkpoint is incomplete; quantize again")
-        if verify and _sha256(weights) != hashes[name]:
+        if verify and file_sha256(weights) != hashes[name]:
             raise CorruptCheckpointError(f"{weights} does not match its recorded SHA-256: the file is corrupt; "
                                          "copy it again or quantize again")
         state.update(load_file(str(weights)))
@@ -363,13 +363,20 @@ def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool 
     expected = {k: t.dtype for k, t in model.state_dict().items()}
     state = {k: t.to(expected[k]) if k in expected and t.is_floating_point() else t  # stored narrower: cast back
              for k, t in state.items()}
+    assign_state(model, state, config, f"{weights} does not fit the model")
+    return model.to(device).eval()
+
+
+def assign_state(model: nn.Module, state: Mapping[str, torch.Tensor], config, misfit: str,
+                 present: Collection[str] = ()) -> None:
+    """Put ``state`` into the meta-device ``model`` (by assignment), re-tie a tied LM head and rebuild
+    the non-saved buffers. A key the model lacks, or one of its tensors ``state`` does not give (but
+    those in ``present``, already in place), is a CorruptCheckpointError that starts with ``misfit``."""
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied and k not in present]
     if missing or unexpected:
-        raise CorruptCheckpointError(f"{weights} does not fit the model: missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]}")
+        raise CorruptCheckpointError(f"{misfit}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if tied:
         model.tie_weights()
     _materialize_meta_buffers(model, config)
-    return model.to(device).eval()

@@ -49,6 +49,7 @@ from quantmoe.quant.checkpoint import (
     FORMAT_VERSION,
     REPORT_NAME,
     check_checkpoint_output,
+    file_sha256,
     library_versions,
     mark_config,
 )
@@ -74,14 +75,6 @@ def work_folder(out: Path) -> Path:
 
 def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     atomic_write(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata={"format": "pt", **(metadata or {})}))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _state(module: nn.Module, prefix: str, skip: str | None = None) -> dict[str, torch.Tensor]:
@@ -385,7 +378,7 @@ def assemble(work: Path, out: Path, n_blocks: int, config, qconfig: dict[str, An
                     sl = fh.get_slice(key)
                     total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
                     weight_map[key] = name
-            hashes[name] = _sha256(tmp / name)
+            hashes[name] = file_sha256(tmp / name)
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=1))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
