@@ -129,12 +129,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "save-in-place",
         "a checkpoint save is atomic (here: written straight into the path, no temporary folder, no rename)",
         (Patch("quant/checkpoint.py",
-               "    tmp = Path(tempfile.mkdtemp(prefix=f\".{out_dir.name}.{os.getpid()}-\", suffix=\".partial\", "
+               "    tmp = Path(tempfile.mkdtemp(prefix=f\".{out_dir.name}.{owner_tag()}-\", suffix=\".partial\", "
                "dir=out_dir.parent))\n",
                "    tmp = out_dir\n    tmp.mkdir(exist_ok=True)\n"),
          Patch("quant/checkpoint.py",
                "        if out_dir.exists():  # an earlier checkpoint (check_folder_output allowed it) or an empty folder\n"
-               "            old = out_dir.with_name(f\".{out_dir.name}.old-{os.getpid()}\")\n"
+               "            old = out_dir.with_name(f\".{out_dir.name}.old-{owner_tag()}\")\n"
                "            os.replace(out_dir, old)\n"
                "            _fsync_dir(out_dir.parent)\n"
                "            pause_for_test(\"save-between-renames\")\n"

@@ -84,3 +84,24 @@ def test_temporaries_of_dead_processes_are_removed(tmp_path):
         (p / "model").mkdir(parents=True)
     remove_stale_temporaries(tmp_path, ".checkpoint-")
     assert not dead.exists() and alive.is_dir() and other.is_dir()
+
+
+def test_temporaries_are_judged_by_host_and_pid(tmp_path):
+    """Several hosts may share a filesystem: a pid is only checked on the host that named the folder."""
+    import os
+    import subprocess
+    import sys
+
+    from quantmoe.safeout import HOST_TAG, owner_tag, remove_stale_temporaries
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    other_host = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    dead_here = tmp_path / f".checkpoint-{proc.pid}@{HOST_TAG}-abcdefgh"
+    elsewhere = tmp_path / f".checkpoint-{proc.pid}@{other_host}-abcdefgh"  # same pid, another machine
+    mine = tmp_path / f".checkpoint-{owner_tag()}-abcdefgh"
+    for p in (dead_here, elsewhere, mine):
+        (p / "model").mkdir(parents=True)
+    remove_stale_temporaries(tmp_path, ".checkpoint-")
+    assert not dead_here.exists() and elsewhere.is_dir() and mine.is_dir()
+    assert owner_tag() == f"{os.getpid()}@{HOST_TAG}"

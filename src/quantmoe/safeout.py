@@ -142,7 +142,7 @@ def starts_with(prefix: str) -> Callable[[Path], bool]:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (then its temporary folders are not leftovers)."""
+    """Whether process ``pid`` of this host still runs (then its temporary folders are not leftovers)."""
     if pid == os.getpid():
         return True
     try:
@@ -154,17 +154,50 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+
+
+HOST_TAG = _host_tag()  # this machine, in the names of temporaries (several hosts may share a filesystem)
+OWNER_PATTERN = r"(\d+)(?:@([0-9a-f]{8}))?"  # PID or PID@HOST in a temporary's name: groups (pid, host)
+
+
+def owner_tag() -> str:
+    """``PID@HOST`` of this process, for the names of its temporary files and folders."""
+    return f"{os.getpid()}@{HOST_TAG}"
+
+
+def owner_alive(pid: str | int, host: str | None) -> bool:
+    """Whether the process that named a temporary ``PID@HOST`` may still run.
+
+    Only a process of this host can be checked: one of another host (sharing the filesystem) counts as
+    running, so its temporaries are never removed from here. Names without a host (written by earlier
+    versions) are taken to be of this host.
+    """
+    if host is not None and host != HOST_TAG:
+        return True
+    return process_alive(int(pid))
+
+
 def remove_stale_temporaries(parent: Path, prefix: str) -> None:
-    """Remove ``PREFIX{pid}-*`` folders in ``parent`` whose process no longer runs (a killed save's)."""
+    """Remove ``PREFIX{PID@HOST}-*`` folders in ``parent`` whose process (of this host) no longer runs."""
     import re
     import shutil
 
-    pattern = re.compile(rf"{re.escape(prefix)}(\d+)-[a-z0-9_]{{8}}")
+    pattern = re.compile(rf"{re.escape(prefix)}{OWNER_PATTERN}-[a-z0-9_]{{8}}")
     for path in sorted(Path(parent).glob(f"{prefix}*")):
         match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not process_alive(int(match.group(1))):
-            shutil.rmtree(path)
-            log.warning("removed %s, the temporary folder of an interrupted run", path)
+        if not match or not path.is_dir():
+            continue
+        if owner_alive(match.group(1), match.group(2)):
+            if match.group(2) not in (None, HOST_TAG):
+                log.info("%s belongs to a run on another host: left alone", path)
+            continue
+        shutil.rmtree(path)
+        log.warning("removed %s, the temporary folder of an interrupted run", path)
 
 
 def pause_for_test(point: str) -> None:

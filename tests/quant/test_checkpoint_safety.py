@@ -152,3 +152,23 @@ def test_the_up_front_check_recovers_first(tmp_path, quantized):
     with pytest.raises(OutputRefused, match="--overwrite"):
         check_checkpoint_output(tmp_path / "q")
     assert _version(tmp_path / "q") == 1
+
+
+def test_leftovers_of_another_host_are_left_alone(tmp_path, quantized, caplog):
+    """A save on another machine sharing the folder: its pid means nothing here, so nothing is touched."""
+    from quantmoe.safeout import HOST_TAG
+
+    model, specs = quantized
+    other = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    partial = tmp_path / f".q.{_dead_pid()}@{other}-abcdefgh.partial"
+    (partial / "x").mkdir(parents=True)
+    moved = tmp_path / f".q.old-{_dead_pid()}@{other}"
+    save_quantized(model, tmp_path / "prev", specs, {"version": 1})
+    os.replace(tmp_path / "prev", moved)
+    with caplog.at_level(logging.WARNING):
+        save_quantized(model, tmp_path / "q", specs, {"version": 2})
+    assert partial.is_dir() and moved.is_dir() and "another host" in caplog.text
+    dead_here = tmp_path / f".q.{_dead_pid()}@{HOST_TAG}-abcdefgh.partial"
+    dead_here.mkdir()
+    save_quantized(model, tmp_path / "q", specs, {"version": 3}, overwrite=True)
+    assert not dead_here.exists() and partial.is_dir()

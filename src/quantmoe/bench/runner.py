@@ -10,7 +10,6 @@ calibrates nothing and is run once, not once per seed.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -95,10 +94,10 @@ def _evaluate(model: torch.nn.Module, ctx: ModelContext) -> dict[str, Any]:
 def _checkpoint_bytes(result, ctx: ModelContext, plan, calib, gptq, store_dir: Path, label: str) -> int:
     """Save the quantized model (atomically) and measure it; kept only when the sweep asks to."""
     from quantmoe import api
-    from quantmoe.safeout import check_folder_output, remove_stale_temporaries
+    from quantmoe.safeout import check_folder_output, owner_tag, remove_stale_temporaries
 
     remove_stale_temporaries(store_dir, ".checkpoint-")  # what killed runs left
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{os.getpid()}-", dir=store_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{owner_tag()}-", dir=store_dir))
     try:
         path = api.save(result, tmp / "model", ctx.tokenizer, plan, calib, gptq, ctx.spec.name, ctx.sha256)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())

@@ -40,6 +40,7 @@ from quantmoe.export.gptq_format import to_gptq
 from quantmoe.export.names import checkpoint_names
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
+from quantmoe.safeout import owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def write_export(model: nn.Module, specs: Mapping[str, QuantSpec], out_dir: Path
     tensors, qconfig = export_tensors(model, specs, target)
     dtype = qconfig.pop("_dtype")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{owner_tag()}-", suffix=".partial", dir=out_dir.parent))
     try:
         _write_tensors(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(_config_json(model, qconfig, dtype), indent=2, sort_keys=True))
@@ -210,7 +211,7 @@ def write_export(model: nn.Module, specs: Mapping[str, QuantSpec], out_dir: Path
         os.chmod(tmp, 0o777 & ~umask)
         old = None
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            old = out_dir.with_name(f".{out_dir.name}.old-{owner_tag()}")
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         if old is not None:

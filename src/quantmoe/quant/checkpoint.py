@@ -12,13 +12,13 @@ own is kept as ``quantmoe_model_type``), so transformers, vLLM and other readers
 instead of building the model with random weights, and ``quantization_config`` names
 ``quantmoe.load`` and ``quantmoe export`` (the GPTQ format that engines read).
 
-Atomicity: everything is written to a temporary sibling folder ``.OUT.PID-XXXX.partial``,
+Atomicity: everything is written to a temporary sibling folder ``.OUT.PID@HOST-XXXX.partial``,
 fsynced, and moved into place with two renames (an earlier checkpoint at OUT first goes
-aside to ``.OUT.old-PID``, then the new folder takes its name, then the old one is removed).
+aside to ``.OUT.old-PID@HOST``, then the new folder takes its name, then the old one is removed).
 A save killed at any point leaves at OUT nothing, the previous checkpoint or the complete new
 one. The next save to OUT recovers what a killed save left: it puts a stranded previous
-checkpoint back when OUT is absent, and removes leftover ``.partial`` and ``.old-PID`` folders
-of saves that are no longer running, logging each step.
+checkpoint back when OUT is absent, and removes leftover ``.partial`` and ``.old-PID@HOST`` folders
+of saves that are no longer running (judged by pid only when HOST is this machine), logging each step.
 
 Safety: ``save_quantized`` writes only where ``quantmoe.safeout`` allows: a new path, an empty
 folder, or (with ``overwrite=True``) an earlier quantmoe checkpoint.
@@ -48,10 +48,13 @@ from quantmoe.models import MARKED_MODEL_TYPE, MODEL_TYPE_KEY, read_model_config
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
 from quantmoe.safeout import (
+    HOST_TAG,
+    OWNER_PATTERN,
     check_folder_output,
     is_our_folder,
+    owner_alive,
+    owner_tag,
     pause_for_test,
-    process_alive,
 )
 
 log = logging.getLogger(__name__)
@@ -177,13 +180,14 @@ def recover_interrupted_save(out_dir: Path) -> None:
     parent, name = out_dir.parent, out_dir.name
     if not parent.is_dir():
         return
-    pattern = re.compile(rf"\.{re.escape(name)}\.(?:old-(\d+)|(?:(\d+)-)?[a-z0-9_]{{8}}\.partial)")
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:old-{OWNER_PATTERN}|(?:{OWNER_PATTERN}-)?[a-z0-9_]{{8}}\.partial)")
     leftovers = sorted(p for p in parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir())
     for path in leftovers:  # the order does not matter: each kind is handled on its own
         match = pattern.fullmatch(path.name)
-        pid = match.group(1) or match.group(2)
-        if pid is not None and process_alive(int(pid)):
-            log.warning("%s belongs to a save that is still running (process %s): left alone", path, pid)
+        pid, host = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        if pid is not None and owner_alive(pid, host):
+            log.warning("%s belongs to a save that may still run (process %s%s): left alone", path, pid,
+                        "" if host in (None, HOST_TAG) else " on another host")
             continue
         if match.group(1) is not None:  # a previous checkpoint moved aside
             if not out_dir.exists() and is_our_folder(path):
@@ -227,7 +231,7 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     check_checkpoint_output(out_dir, overwrite=overwrite, protect=protect)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}-", suffix=".partial", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{owner_tag()}-", suffix=".partial", dir=out_dir.parent))
     old = None
     try:
         model.config.save_pretrained(tmp)
@@ -259,7 +263,7 @@ def save_quantized(model: nn.Module, out_dir: Path, specs: Mapping[str, QuantSpe
         _fsync_dir(tmp)
         old = None
         if out_dir.exists():  # an earlier checkpoint (check_folder_output allowed it) or an empty folder
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            old = out_dir.with_name(f".{out_dir.name}.old-{owner_tag()}")
             os.replace(out_dir, old)
             _fsync_dir(out_dir.parent)
             pause_for_test("save-between-renames")

@@ -56,6 +56,7 @@ from quantmoe.quant.checkpoint import (
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.lazy import INDEX_NAME, LazyCheckpoint
 from quantmoe.quant.pipeline import BlockIO, BlockReport, GPTQConfig, check_finite, quantize_model
+from quantmoe.safeout import owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def assemble(work: Path, out: Path, n_blocks: int, config, qconfig: dict[str, An
     """Move the work folder's shards into a verified sharded checkpoint at ``out``, atomically."""
     parts = [work / OUTSIDE_NAME] + [work / f"block-{i:05d}.safetensors" for i in range(n_blocks)]
     n = len(parts)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".partial", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{owner_tag()}-", suffix=".partial", dir=out.parent))
     try:
         config.save_pretrained(tmp)
         mark_config(tmp / "config.json")
@@ -421,7 +422,7 @@ def _publish(tmp: Path, out: Path) -> None:
         os.close(fd)
     old = None
     if out.exists():  # an empty folder or an earlier checkpoint that check_checkpoint_output allowed
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{owner_tag()}")
         os.replace(out, old)
     try:
         os.replace(tmp, out)
