@@ -7,14 +7,14 @@ from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
 
 
-def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bias=False, seed=0):
+def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bias=False, seed=0, clip="none"):
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = 64, 128
     X = torch.randn(256, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g)
     linear = torch.nn.Linear(in_f, out_f, bias=bias).to(dtype)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.02)
-    res = gptq_quantize(linear.weight.detach(), 2 / 256 * X.T @ X, QuantSpec(bits, group_size, symmetric),
+    res = gptq_quantize(linear.weight.detach(), 2 / 256 * X.T @ X, QuantSpec(bits, group_size, symmetric, clip),
                         act_order=act_order)
     return QuantLinear.from_result(linear, res), res
 
@@ -23,8 +23,8 @@ def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bi
 @pytest.mark.parametrize("group_size", [None, 32, 128, 256])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_export_dequantizes_to_our_weight_bit_for_bit(bits, group_size, symmetric):
-    for act_order in (False, True):
-        q, res = _gptq_linear(bits, group_size, symmetric, act_order)
+    for act_order, clip in ((False, "none"), (True, "none"), (False, "mse"), (True, "hmse")):
+        q, res = _gptq_linear(bits, group_size, symmetric, act_order, clip=clip)
         t = to_gptq(q)
         assert t["qweight"].dtype == t["qzeros"].dtype == t["g_idx"].dtype == torch.int32
         assert t["scales"].dtype == torch.float16
@@ -33,7 +33,7 @@ def test_export_dequantizes_to_our_weight_bit_for_bit(bits, group_size, symmetri
         assert tuple(t["qzeros"].shape) == (groups, 64 * bits // 32)
         assert tuple(t["scales"].shape) == (groups, 64) and tuple(t["g_idx"].shape) == (128,)
         W = dequantize(t, 128)
-        assert torch.equal(W, res.Q.float()), (bits, group_size, symmetric, act_order)
+        assert torch.equal(W, res.Q.float()), (bits, group_size, symmetric, act_order, clip)
         assert torch.equal(W, q.dequantize_weight().float())
 
 

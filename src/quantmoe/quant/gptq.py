@@ -151,10 +151,13 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t.flatten(1).abs().amax(dim=1))
 
 
-def _qparams(W: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, zero) of W (E, out, cols), each (E, out, groups)."""
+def _qparams(W: torch.Tensor, spec: QuantSpec, dtype: torch.dtype,
+             importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) of W (E, out, cols), each (E, out, groups); ``importance`` (E, cols)
+    weighs the columns of a clipping search (``clip="hmse"``)."""
     E, out, cols = W.shape
-    qp = compute_qparams(W.reshape(E * out, cols), spec)
+    weight = importance[:, None, :].expand(E, out, cols).reshape(E * out, cols) if spec.clip == "hmse" else None
+    qp = compute_qparams(W.reshape(E * out, cols), spec, col_weight=weight)
     return scale_in_dtype(qp.scale, dtype).reshape(E, out, -1), qp.zero.reshape(E, out, -1)
 
 
@@ -226,7 +229,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
         logger.debug("GPTQ %s: act_order keeps groups contiguous: using static groups", names[0])
     if static:  # every group from the un-permuted W, expanded to its columns
         col_group = torch.arange(n, device=W.device) // gs  # (in,) original group of each column
-        scale, zero = _qparams(W, spec, dtype)  # (E, out, groups)
+        scale, zero = _qparams(W, spec, dtype, diag)  # (E, out, groups)
         S, Z = scale[..., col_group], zero[..., col_group]  # (E, out, in) scale/zero of each column
     else:  # filled group by group in the loop
         S, Z = torch.empty_like(W), torch.empty_like(W)  # (E, out, in)
@@ -249,7 +252,8 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
         spans = [(0, i2 - i1)] if static else [(a, min(a + gs, i2 - i1)) for a in range(0, i2 - i1, gs)]
         for a, b in spans:
             if not static:  # the group starting at column i1 + a, as updated by the earlier blocks
-                S1[..., a:b], Z1[..., a:b] = _qparams(W[..., i1 + a:i1 + b], spec, dtype)  # (E, out, 1)
+                S1[..., a:b], Z1[..., a:b] = _qparams(W[..., i1 + a:i1 + b], spec, dtype,
+                                                       diag[:, i1 + a:i1 + b])  # (E, out, 1)
             for i in range(a, b):
                 w, s, z = W1[..., i], S1[..., i], Z1[..., i]  # (E, out)
                 q = quantize(w, s, z, maxq)  # (E, out)

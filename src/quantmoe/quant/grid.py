@@ -12,6 +12,14 @@ same scale; and an asymmetric grid never has zero point 0 (GPTQ v1 stores ``zero
 -1 does not fit): a group whose zero would round to 0 (all its weights >= -scale/2) gets
 zero 1 and ``scale = max / (maxq - 1)``, a grid that still covers the group.
 
+Clipping (``clip``): ``"none"`` spans each group's full range (the GPTQ grid); ``"mse"`` shrinks
+the range of every (row, group) by the factor in ``CLIP_SHRINKS`` (1.0 down to 0.2 in steps of
+0.01) that minimizes the squared rounding error of the group; ``"hmse"`` weights that error by
+a per-column importance (GPTQ passes diag(H), the calibration inputs' second moment; without
+it, ``"hmse"`` is ``"mse"``). Shrink 1.0 is always a candidate, so the chosen grid's error is
+never above the full-range grid's; weights outside a shrunk range clip to its end codes. The
+float16 and zero >= 1 rules hold for every candidate, so a clipped grid exports exactly too.
+
 Example:
     >>> import torch
     >>> w = torch.tensor([[-1.0, 0.0, 0.6, 2.0]])  # range 3, 2 bits: scale 1, zero 1
@@ -26,10 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
+from quantmoe.suggest import did_you_mean
+
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 KEEP_BITS = 16
 SCALE_DTYPE = torch.float16  # scales are values of this dtype (the GPTQ format's)
 _SCALE_MIN = 2.0**-24  # the smallest positive float16 (subnormal): a scale never rounds to zero
+CLIP_MODES = ("none", "mse", "hmse")
+CLIP_SHRINKS = tuple(round(1.0 - 0.01 * i, 2) for i in range(81))  # candidate range factors, 1.0 first
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class QuantSpec:
     bits: int
     group_size: int | None = 128
     symmetric: bool = True
+    clip: str = "none"  # "none" (full range), "mse" or "hmse" (range shrink searched per group)
 
     def __post_init__(self) -> None:
         for key, value in (("bits", self.bits), ("group_size", self.group_size)):
@@ -46,6 +59,10 @@ class QuantSpec:
                 raise ValueError(f"check `{key}`: expected an integer, got {value!r} ({type(value).__name__})")
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"check `symmetric`: expected true or false, got {self.symmetric!r}")
+        if self.clip not in CLIP_MODES:
+            hint = did_you_mean(str(self.clip), CLIP_MODES)
+            raise ValueError(f"check `clip`: {self.clip!r} is not one of {', '.join(CLIP_MODES)}"
+                             f"{'; ' + hint if hint else ''}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"check `bits`: {self.bits} is not one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size is not None and (self.group_size < 1 or self.group_size & (self.group_size - 1)):
@@ -71,8 +88,12 @@ class QParams:
     group_size: int  # columns per group (in_features for per-channel)
 
 
-def compute_qparams(W: torch.Tensor, spec: QuantSpec) -> QParams:
-    """Scale and zero point of every (row, group) of ``W`` (out, in)."""
+def compute_qparams(W: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | None = None) -> QParams:
+    """Scale and zero point of every (row, group) of ``W`` (out, in).
+
+    ``col_weight`` (in,) or (out, in), non-negative: the importance of each column for
+    ``clip="hmse"`` (ignored otherwise).
+    """
     out_f, in_f = W.shape
     size = spec.group_size or in_f
     groups = spec.groups(in_f)
@@ -87,20 +108,56 @@ def compute_qparams(W: torch.Tensor, spec: QuantSpec) -> QParams:
     if spec.symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
-    span = xmax - xmin
-    degenerate = span == 0
+    degenerate = (xmax - xmin) == 0
     xmin = torch.where(degenerate, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    scale, zero = _grid(xmin, xmax, spec)
+    if spec.clip != "none":
+        weight = None
+        if spec.clip == "hmse" and col_weight is not None:
+            cw = col_weight.float().expand(out_f, in_f)
+            cw = torch.nn.functional.pad(cw, (0, pad)) if pad else cw
+            weight = cw.reshape(out_f, groups, size) * (~mask if pad else 1)  # padding counts for nothing
+        elif pad:
+            weight = (~mask).float().expand(out_f, groups, size)
+        scale, zero = _clip_search(Wg, xmin, xmax, scale, zero, spec, weight)
+    return QParams(scale=scale, zero=zero, group_size=size)
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of grids spanning [xmin, xmax] (xmin <= 0 <= xmax, xmax > xmin), float16 scales."""
     scale = round_scale((xmax - xmin) / spec.maxq)
     if spec.symmetric:
-        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
-    else:
-        zero = torch.round(-xmin / scale)
-        low = zero == 0  # v1 cannot store zero 0: zero 1 and a grid up to max
-        if low.any():
-            scale = torch.where(low, round_scale(xmax / (spec.maxq - 1)), scale)
-            zero = torch.where(low, torch.ones_like(zero), zero)
-    return QParams(scale=scale, zero=zero, group_size=size)
+        return scale, torch.full_like(scale, (spec.maxq + 1) / 2)
+    zero = torch.round(-xmin / scale)
+    low = zero == 0  # v1 cannot store zero 0: zero 1 and a grid up to max
+    if low.any():
+        scale = torch.where(low, round_scale(xmax / (spec.maxq - 1)), scale)
+        zero = torch.where(low, torch.ones_like(zero), zero)
+    return scale, zero
+
+
+def _clip_search(Wg: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor, spec: QuantSpec,
+                 weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, zero) among the shrunk ranges that minimizes sum(weight * (w - q)^2) per (row, group)."""
+
+    def error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (out, groups)
+        s3, z3 = s[..., None], z[..., None]
+        d = (dequantize(quantize(Wg, s3, z3, spec.maxq), s3, z3) - Wg).square_()
+        return (d if weight is None else d.mul_(weight)).sum(dim=-1)
+
+    best = error(scale, zero)  # shrink 1.0
+    for shrink in CLIP_SHRINKS[1:]:
+        lo, hi = xmin * shrink, xmax * shrink
+        ok = hi > lo
+        s, z = _grid(torch.where(ok, lo, xmin), torch.where(ok, hi, xmax), spec)
+        err = error(s, z)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ A plan is data. Each unit's settings are resolved by precedence, most specific l
 * ``modules``: exact module names.
 
 Settings are ``bits`` (2, 3, 4, 8, or 16 = keep), ``group_size`` (power of two, or null for
-per-channel) and ``symmetric``. Any level may set any subset of them.
+per-channel), ``symmetric`` and ``clip`` (``none``, ``mse`` or ``hmse``: the range search of
+``quantmoe.quant.grid``). Any level may set any subset of them.
 
 Example plan.yaml::
 
@@ -38,7 +39,7 @@ from quantmoe.quant.grid import SUPPORTED_BITS, QuantSpec
 from quantmoe.suggest import did_you_mean
 from quantmoe.yamlfile import read_yaml
 
-SETTING_KEYS = ("bits", "group_size", "symmetric")
+SETTING_KEYS = ("bits", "group_size", "symmetric", "clip")
 PLAN_KEYS = ("default", "roles", "kinds", "patterns", "modules")
 SCALE_BITS = 16  # one float16 scale per group and row
 PLAN_HEADER = "# quantmoe"  # first line of every plan file quantmoe writes (so --out can tell ours)
@@ -74,6 +75,9 @@ def _check_settings(where: str, settings: Any) -> dict[str, Any]:
     if "symmetric" in settings and not isinstance(settings["symmetric"], bool):
         raise ValueError(f"check `symmetric` in {where}: expected true or false (unquoted), got "
                          f"{settings['symmetric']!r} ({_kind_of(settings['symmetric'])})")
+    if "clip" in settings and not isinstance(settings["clip"], str):
+        raise ValueError(f"check `clip` in {where}: expected one of none, mse, hmse (a string), got "
+                         f"{settings['clip']!r} ({_kind_of(settings['clip'])})")
     out = {k: int(v) if _is_int(v) else v for k, v in settings.items()}
     try:
         QuantSpec(**{**{"bits": 16}, **out})  # validates the values of bits / group_size now
@@ -149,6 +153,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"default": {"bits": self.default.bits, "group_size": self.default.group_size,
                                          "symmetric": self.default.symmetric}}
+        if self.default.clip != "none":
+            d["default"]["clip"] = self.default.clip
         if self.roles:
             d["roles"] = {k: dict(v) for k, v in self.roles.items()}
         if self.kinds:
