@@ -51,7 +51,7 @@ def main() -> None:
     print(f"DeepSeek-V3 shapes (meta device, {t_describe:.1f} s to describe): {len(anatomy.units):,} linears, "
           f"{params / 1e9:.1f}B quantizable weights; widths {widths}, target {args.target} bits")
     for granularity in args.granularity:
-        config = SolverConfig(target_bits=args.target, widths=widths, granularity=granularity,
+        config = SolverConfig(budget="average", target_bits=args.target, widths=widths, granularity=granularity,
                               time_limit=args.time_limit)
         t0 = time.perf_counter()
         sol = solve(anatomy, table, config)

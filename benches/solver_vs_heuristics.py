@@ -108,7 +108,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     wins = total = 0
     for target in args.targets:
-        sol = solve(anatomy, damage, SolverConfig(target_bits=target))
+        sol = solve(anatomy, damage, SolverConfig(budget="average", target_bits=target))
         bits, kl, ppl = run(sol.plan)
         lines.append(f"| {target} | **solver** | {bits:.3f} | {kl:.4f} | {ppl:.2f} | | | | |")
         print(lines[-1], flush=True)
@@ -118,7 +118,7 @@ def main() -> None:
             gap, p, rules = min(scored, key=lambda t: t[0])
             plan = build_plan(rules, anatomy, evidence)
             h_bits, h_kl, h_ppl = run(plan)
-            s = solve(anatomy, damage, SolverConfig(target_bits=h_bits))
+            s = solve(anatomy, damage, SolverConfig(budget="average", target_bits=h_bits))
             s_bits, s_kl, s_ppl = run(s.plan)
             better = s_kl < h_kl
             wins += better

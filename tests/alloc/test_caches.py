@@ -149,7 +149,7 @@ def test_solve_command_puts_every_damage_setting_in_the_key(monkeypatch, tmp_pat
     class Stop(Exception):
         pass
 
-    def capture(model, tokenizer, anatomy, widths, config, cache=None, fingerprint=None):
+    def capture(model, tokenizer, anatomy, widths, config, cache=None, fingerprint=None, menu=()):
         seen.update(config=config, cache=cache, widths=widths)
         raise Stop
 

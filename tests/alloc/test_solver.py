@@ -32,7 +32,7 @@ def test_measured_damage_falls_with_width(measured):
 @pytest.mark.parametrize("granularity", ["linear", "expert", "block"])
 def test_solver_hits_the_budget(measured, target, granularity):
     anatomy, tables = measured
-    sol = solve(anatomy, tables["fisher"], SolverConfig(target_bits=target, granularity=granularity))
+    sol = solve(anatomy, tables["fisher"], SolverConfig(budget="average", target_bits=target, granularity=granularity))
     stats = bit_stats(sol.plan.resolve(anatomy), anatomy.units)
     assert target - 0.01 <= stats.average_bits <= target + 1e-9
     assert stats.average_bits == pytest.approx(sol.average_bits)
@@ -60,7 +60,7 @@ def test_solver_is_optimal_on_a_small_problem(measured):
     sub = Sub()
     sub.units = units
     target = 3.0
-    sol = solve(sub, table, SolverConfig(target_bits=target, widths=(2, 3, 4), tolerance=0.25))
+    sol = solve(sub, table, SolverConfig(budget="average", target_bits=target, widths=(2, 3, 4), tolerance=0.25))
     params = table.params
     best = min((sum(dmg[i, c[i]] for i in range(5)), c) for c in itertools.product(range(3), repeat=5)
                if target - 0.25 <= sum(params[i] * (2, 3, 4)[c[i]] for i in range(5)) / params.sum() <= target)
@@ -69,13 +69,13 @@ def test_solver_is_optimal_on_a_small_problem(measured):
 
 def test_role_limits_and_impossible_budgets(measured):
     anatomy, tables = measured
-    sol = solve(anatomy, tables["output"], SolverConfig(target_bits=2.5, role_min_bits={"attention": 4}))
+    sol = solve(anatomy, tables["output"], SolverConfig(budget="average", target_bits=2.5, role_min_bits={"attention": 4}))
     assert all(sol.bits[u.name] >= 4 for u in anatomy.units_by_role("attention"))
     with pytest.raises(ValueError, match="impossible budget"):
-        solve(anatomy, tables["output"], SolverConfig(target_bits=1.9))
+        solve(anatomy, tables["output"], SolverConfig(budget="average", target_bits=1.9))
     with pytest.raises(ValueError, match="impossible budget"):
-        solve(anatomy, tables["output"], SolverConfig(target_bits=4.5))
+        solve(anatomy, tables["output"], SolverConfig(budget="average", target_bits=4.5))
     with pytest.raises(ValueError, match="not one of 2, 3, 4, 8, 16"):
-        SolverConfig(target_bits=3.0, widths=(2, 3, 5))
+        SolverConfig(budget="average", target_bits=3.0, widths=(2, 3, 5))
     with pytest.raises(ValueError, match="no column for"):  # 16 bits was not measured
-        solve(anatomy, tables["output"], SolverConfig(target_bits=3.0, widths=(2, 3, 16)))
+        solve(anatomy, tables["output"], SolverConfig(budget="average", target_bits=3.0, widths=(2, 3, 16)))

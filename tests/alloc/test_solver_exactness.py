@@ -16,8 +16,9 @@ def _problem(n: int, seed: int, widths=(2, 3, 4)):
     """n single linears of assorted sizes and roles, with random damage falling with width."""
     rng = np.random.default_rng(seed)
     roles = ["attention", "routed_expert", "shared_expert"]
-    units = tuple(SimpleNamespace(name=f"u{i}", role=roles[i % 3], block=0, expert=None,
-                                  numel=int(rng.integers(1, 20)) * 64) for i in range(n))
+    rows = [int(rng.integers(1, 20)) for _ in range(n)]
+    units = tuple(SimpleNamespace(name=f"u{i}", role=roles[i % 3], block=0, expert=None, numel=rows[i] * 64,
+                                  in_features=64, out_features=rows[i]) for i in range(n))
     dmg = np.sort(rng.random((n, len(widths))) * 10, axis=1)[:, ::-1].copy()  # (units, widths), falling
     table = DamageTable(tuple(u.name for u in units), widths, dmg, np.array([u.numel for u in units], float), "t")
     return SimpleNamespace(units=units), table
@@ -41,7 +42,7 @@ def _brute_force(table, config) -> float:
                                                           (3.3, 0.05, {"attention": 3})])
 def test_plan_is_optimal_by_brute_force(seed, target, tolerance, min_bits):
     anatomy, table = _problem(7, seed)
-    config = SolverConfig(target_bits=target, tolerance=tolerance, role_min_bits=min_bits)
+    config = SolverConfig(budget="average", target_bits=target, tolerance=tolerance, role_min_bits=min_bits)
     best = _brute_force(table, config)
     if not np.isfinite(best):
         with pytest.raises(ValueError):
@@ -61,7 +62,7 @@ def test_greedy_bound_is_a_lower_bound_and_its_plan_fits():
         choice, bound = solver_module._greedy(c, spend, np.ones_like(c, dtype=bool), 2.7)
         assert spend[np.arange(6), choice].sum() <= 2.7 + 1e-12
         best = _brute_force(SimpleNamespace(widths=table.widths, params=table.params, damage=c),
-                            SolverConfig(target_bits=2.7, tolerance=0.69))
+                            SolverConfig(budget="average", target_bits=2.7, tolerance=0.69))
         assert bound <= best + 1e-12 <= solver_module._value(c, choice) + 1e-12
 
 
@@ -87,7 +88,7 @@ def _time_limited(monkeypatch, keep_x: bool):
 
 def test_time_limit_keeps_the_best_plan_and_reports_the_gap(monkeypatch, caplog):
     anatomy, table = _problem(7, 0)
-    config = SolverConfig(target_bits=3.0, tolerance=0.2, time_limit=5)
+    config = SolverConfig(budget="average", target_bits=3.0, tolerance=0.2, time_limit=5)
     exact = solve(anatomy, table, config)
     calls = _time_limited(monkeypatch, keep_x=True)
     sol = solve(anatomy, table, config)
@@ -101,10 +102,10 @@ def test_time_limit_keeps_the_best_plan_and_reports_the_gap(monkeypatch, caplog)
 def test_time_limit_without_any_plan_says_to_raise_it(monkeypatch):
     anatomy, table = _problem(7, 0)
     _time_limited(monkeypatch, keep_x=False)
-    config = SolverConfig(target_bits=3.0, tolerance=0.2, time_limit=5)
+    config = SolverConfig(budget="average", target_bits=3.0, tolerance=0.2, time_limit=5)
     sol = solve(anatomy, table, config)  # the greedy's plan fits this budget: kept, with its gap
     assert not sol.optimal and sol.gap is not None and sol.gap > 0
-    narrow = SolverConfig(target_bits=3.0, tolerance=0.001, time_limit=5)  # the greedy's plan misses this window
+    narrow = SolverConfig(budget="average", target_bits=3.0, tolerance=0.001, time_limit=5)  # the greedy's plan misses this window
     with pytest.raises(ValueError, match="time limit of 5 s: raise `time_limit`"):
         solve(anatomy, table, narrow)
 
@@ -119,18 +120,18 @@ def test_constraints_are_sparse(monkeypatch):
 
     monkeypatch.setattr(solver_module, "milp", spy)
     anatomy, table = _problem(7, 0)
-    solve(anatomy, table, SolverConfig(target_bits=3.0, tolerance=0.2))
+    solve(anatomy, table, SolverConfig(budget="average", target_bits=3.0, tolerance=0.2))
     assert sparse.issparse(seen["one_hot"]) and seen["one_hot"].nnz == 7 * 3
 
 
 def test_time_limit_must_be_positive():
     with pytest.raises(ValueError, match="time_limit"):
-        SolverConfig(target_bits=3.0, time_limit=0)
+        SolverConfig(budget="average", target_bits=3.0, time_limit=0)
 
 
 def test_large_problems_solved_by_the_greedy_match_the_exact_program(monkeypatch):
     anatomy, table = _problem(1000, 3)
-    config = SolverConfig(target_bits=2.6)
+    config = SolverConfig(budget="average", target_bits=2.6)
     real = solver_module.milp
     calls = []
     monkeypatch.setattr(solver_module, "milp", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -146,6 +147,6 @@ def test_large_problems_solved_by_the_greedy_match_the_exact_program(monkeypatch
 
 def test_unknown_roles_in_limits_are_errors_not_ignored():
     with pytest.raises(ValueError, match="check `role_min_bits`: unknown role 'atention'; did you mean 'attention'"):
-        SolverConfig(target_bits=3.0, role_min_bits={"atention": 4})
+        SolverConfig(budget="average", target_bits=3.0, role_min_bits={"atention": 4})
     with pytest.raises(ValueError, match="check `role_max_bits`: unknown role 'experts'"):
-        SolverConfig(target_bits=3.0, role_max_bits={"experts": 3})
+        SolverConfig(budget="average", target_bits=3.0, role_max_bits={"experts": 3})

@@ -30,10 +30,13 @@ def test_policy_list_becomes_compact_form():
     ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 2.5, "granularity": "row"}}]}, "granularity"),
     ({**BASE, "runs": [{"name": "x", "policy": "uniform=2"}, {"name": "x", "policy": "uniform=3"}]}, "unique"),
     ({**BASE, "quantizer": {"method": "awq"}}, "method"),
-    ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 1.5}}]}, "impossible budget"),
+    ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 1.5, "budget": "average"}}]}, "impossible budget"),
+    ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 3, "budget": "avg"}}]}, "budget"),
+    ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 3, "menu": ["3/g100"]}}]}, "group_size"),
     ({**BASE, "runs": [{"name": "x", "solver": {"target_bits": 2.5, "widths": [2, 5]}}]}, "bits"),
     ({**BASE, "quantizer": {"group_size": 100}}, "group_size"),
     ({**BASE, "seeds": "0"}, "seeds"),
+    ({**BASE, "quantizer": {"clip": "mse2"}}, "clip"),
     ({"runs": BASE["runs"]}, "models"),
 ])
 def test_bad_sweeps_name_the_fix(data, message):
@@ -63,3 +66,19 @@ def test_demo_sweep_uses_the_local_task_suite():
     demo = load_sweep(Path(__file__).resolve().parents[2] / "sweeps" / "demo.yaml")
     assert demo.eval.tasks and set(demo.eval.tasks) <= set(LOCAL_TASKS)
     assert {m.name for m in demo.models} == {"mixtral-s", "deepseek-s"} and demo.seeds == (0, 1, 2)
+
+
+def test_quantizer_clip_reaches_plans_and_identity():
+    from quantmoe.alloc.policies import build_plan
+    from quantmoe.alloc.presets import parse_policy
+    from quantmoe.anatomy import describe_config
+    from quantmoe.models import read_model_config, resolve_model
+
+    plain = sweep_from_dict(BASE, "s.yaml")
+    clipped = sweep_from_dict({**BASE, "quantizer": {"clip": "hmse"}}, "s.yaml")
+    assert "clip" not in plain.quantizer.identity()  # rows stored before `clip` keep their keys
+    assert clipped.quantizer.identity()["clip"] == "hmse"
+    anatomy = describe_config(read_model_config(resolve_model("mixtral-s")))
+    q = clipped.quantizer
+    plan = build_plan(parse_policy("uniform=2"), anatomy, group_size=q.group_size, symmetric=q.symmetric, clip=q.clip)
+    assert {s.clip for s in plan.resolve(anatomy).values()} == {"hmse"}

@@ -156,11 +156,11 @@ def test_solver_block_granularity_plans_pass_the_vllm_check():
     table = DamageTable(units=names, widths=(4, 8), damage=np.sort(rng.random((len(names), 2)), axis=1)[:, ::-1].copy(),
                         params=np.array([u.numel for u in anatomy.units], dtype=float), metric="test")
     for target in (5.0, 6.0, 7.0):
-        config = SolverConfig(target_bits=target, widths=(4, 8), granularity="block", tolerance=0.9)
+        config = SolverConfig(budget="average", target_bits=target, widths=(4, 8), granularity="block", tolerance=0.9)
         sol = solve(anatomy, table, config, group_size=None)
         specs = sol.plan.resolve(anatomy)
         assert engines.problems(anatomy.units, specs, "vllm") == [], target
-        linear = solve(anatomy, table, SolverConfig(target_bits=target, widths=(4, 8), tolerance=0.9), group_size=None)
+        linear = solve(anatomy, table, SolverConfig(budget="average", target_bits=target, widths=(4, 8), tolerance=0.9), group_size=None)
         mixed = any(len({linear.bits[n] for e in b.experts for n in e}) > 1 for b in anatomy.blocks if b.experts)
         assert not mixed or engines.problems(anatomy.units, linear.plan.resolve(anatomy), "vllm")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from quantmoe.alloc.presets import MODEL_SHAPES, PRESETS, format_policy, paper_config, parse_policy
 from quantmoe.alloc.scorers import Evidence
+from quantmoe.quant.grid import CLIP_MODES
 from quantmoe.quant.plan import PLAN_HEADER
 from quantmoe.safeout import check_file_output, starts_with
 
@@ -102,7 +103,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         # the rules on the config alone first (placeholder ranking): a bad rule fails before any weights load
         meta = inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
         build_plan(rules, meta, Evidence(placeholder=True), group_size=group_size or None,
-                   symmetric=not args.asym).resolve(meta)
+                   symmetric=not args.asym, clip=args.clip).resolve(meta)
         model, tokenizer = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
                                       tokenizer=args.tokenizer)
         anatomy = describe(model)
@@ -116,7 +117,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                  seq_len=args.seq_len, seed=args.seed, massive_threshold=args.massive_threshold)
         evidence = gather_evidence(needs, model, tokenizer, anatomy, stats, model_name=args.model,
                                    cache_dir=args.cache_dir, routing=routing)
-    plan = build_plan(rules, anatomy, evidence, group_size=group_size or None, symmetric=not args.asym)
+    plan = build_plan(rules, anatomy, evidence, group_size=group_size or None, symmetric=not args.asym,
+                      clip=args.clip)
     specs = plan.resolve(anatomy)
     moe = [b for b in anatomy.blocks if b.is_moe]
     title = (f"{args.model}: {anatomy.family}, {anatomy.num_blocks} blocks ({len(moe)} MoE, "
@@ -161,6 +163,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="group size of the plan; 0 = per-channel (default: the preset's, else 128)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid")
+    p.add_argument("--clip", choices=CLIP_MODES, default="none",
+                   help="range search per group: none (full range), mse, hmse (Hessian-weighted; see docs/quantization.md)")
     p.add_argument("--bits-only", action="store_true",
                    help="no data: data-driven rules pick in index order (exact average bits, arbitrary choice)")
     p.add_argument("--routing", help="saved routing statistics (JSON) to use instead of computing them")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from quantmoe.alloc.menu import label, parse_choice
 from quantmoe.anatomy import ModelAnatomy, per_expert_view
 from quantmoe.calib.data import run_windows
 from quantmoe.calib.hessian import HessianCollector
@@ -41,18 +42,29 @@ METRICS = ("fisher", "output")
 
 @dataclass(frozen=True)
 class DamageTable:
+    """Damage per unit (rows) and choice (columns). ``widths`` are the columns' bits; ``specs``, when
+    given, their full settings (a solver menu); without it the columns are the widths at the
+    solver's base settings."""
+
     units: tuple[str, ...]
     widths: tuple[int, ...]
-    damage: np.ndarray  # (units, widths), >= 0
+    damage: np.ndarray  # (units, choices), >= 0
     params: np.ndarray  # (units,)
     metric: str
+    specs: tuple[QuantSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if self.damage.shape != (len(self.units), len(self.widths)):
             raise ValueError("damage table shape does not match units x widths")
+        if self.specs and tuple(s.bits for s in self.specs) != tuple(self.widths):
+            raise ValueError("damage table specs do not match its widths")
 
     def row(self, name: str) -> np.ndarray:
         return self.damage[self.units.index(name)]
+
+    def columns(self, base: QuantSpec) -> tuple[QuantSpec, ...]:
+        """The full settings of every column (``specs``, or the widths at ``base``'s other settings)."""
+        return self.specs or tuple(replace(base, bits=w) for w in self.widths)
 
 
 def _fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
@@ -105,16 +117,20 @@ def _hessians(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor, ba
 
 def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor, widths: Sequence[int],
                    group_size: int | None = 128, symmetric: bool = True, metric: str = "fisher",
+                   clip: str = "none",
                    quantizer: str = "gptq", damp: float = 0.01, batch_size: int = 8,
-                   moe_mode: str = "routed") -> DamageTable:
-    """Damage of every quantizable unit at every width (see the module docstring)."""
+                   moe_mode: str = "routed", menu: Sequence[QuantSpec] = ()) -> DamageTable:
+    """Damage of every quantizable unit at every width (see the module docstring), or at every
+    choice of ``menu`` (full settings per column) when given."""
     if metric not in METRICS:
         raise ValueError(f"check `metric`: {metric!r} is not one of {', '.join(METRICS)}")
     if quantizer not in ("gptq", "rtn"):
         raise ValueError(f"check `quantizer`: {quantizer!r} is not one of gptq, rtn")
-    widths = tuple(sorted(set(widths)))
+    specs = tuple(dict.fromkeys(menu)) if menu else tuple(
+        QuantSpec(bits=b, group_size=group_size, symmetric=symmetric, clip=clip) for b in sorted(set(widths)))
+    widths = tuple(s.bits for s in specs)
     names = tuple(u.name for u in anatomy.units)
-    table = np.zeros((len(names), len(widths)))
+    table = np.zeros((len(names), len(specs)))
     with per_expert_view(model):
         model.eval()
         collectors = _hessians(model, anatomy, windows, batch_size, moe_mode)
@@ -123,8 +139,7 @@ def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tenso
             collector = next(c for c in collectors if unit.name in c.key_of)
             H, tokens = collector.hessian(unit)
             W = model.get_submodule(unit.name).weight.detach().float()
-            for j, bits in enumerate(widths):
-                spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+            for j, spec in enumerate(specs):
                 if spec.keep:
                     continue
                 if quantizer == "gptq" and tokens > 0:
@@ -137,7 +152,8 @@ def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tenso
                 else:
                     table[i, j] = 0.5 * tokens * float(torch.einsum("oi,ij,oj->", D, H, D))
     params = np.array([u.numel for u in anatomy.units], dtype=np.float64)
-    return DamageTable(units=names, widths=widths, damage=np.maximum(table, 0.0), params=params, metric=metric)
+    return DamageTable(units=names, widths=widths, damage=np.maximum(table, 0.0), params=params, metric=metric,
+                       specs=specs if menu else ())
 
 
 # --- cached tables ------------------------------------------------------------------------------
@@ -153,6 +169,7 @@ class DamageConfig:
     seed: int = 0
     group_size: int | None = 128
     symmetric: bool = True
+    clip: str = "none"
     metric: str = "fisher"
     quantizer: str = "gptq"
     damp: float = 0.01
@@ -166,14 +183,16 @@ class DamageConfig:
 
     def measure_settings(self) -> dict:
         """What the table depends on besides the model and the token windows (the text's name is not)."""
-        return {k: v for k, v in asdict(self).items() if k != "split"}
+        return {k: v for k, v in asdict(self).items()
+                if k != "split" and not (k == "clip" and v == "none")}  # keys of tables measured before `clip`
 
 
 def _read_table(path: Path) -> tuple[DamageTable, str | None]:
     try:
         with np.load(path, allow_pickle=False) as d:
+            specs = tuple(parse_choice(t, QuantSpec(4)) for t in d["choices"].tolist()) if "choices" in d.files else ()
             table = DamageTable(tuple(d["units"].tolist()), tuple(int(w) for w in d["widths"]), d["damage"],
-                                d["params"], str(d["metric"]))
+                                d["params"], str(d["metric"]), specs)
             return table, str(d["key"]) if "key" in d.files else None
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{path} is not a damage table written by quantmoe ({err}); give another --damage-cache "
@@ -182,8 +201,8 @@ def _read_table(path: Path) -> tuple[DamageTable, str | None]:
 
 def load_or_measure_damage(model: nn.Module, tokenizer, anatomy: ModelAnatomy, widths: Sequence[int],
                            config: DamageConfig = DamageConfig(), cache: Path | None = None,
-                           fingerprint: str | None = None) -> DamageTable:
-    """The damage table of ``model`` at ``widths``: from ``cache`` (an npz file) when it was measured on the
+                           fingerprint: str | None = None, menu: Sequence[QuantSpec] = ()) -> DamageTable:
+    """The damage table of ``model`` at ``widths`` (or at every choice of ``menu``): from ``cache`` (an npz file) when it was measured on the
     same weights, token windows and settings and has these widths, else measured (and saved to ``cache``).
 
     The cache stores a content key (weight hash, token-window hash, every setting) and is reused only when
@@ -201,21 +220,25 @@ def load_or_measure_damage(model: nn.Module, tokenizer, anatomy: ModelAnatomy, w
                        "windows": array_sha256(windows), **config.measure_settings()})
     if cache is not None and Path(cache).exists():
         table, stored = _read_table(Path(cache))
-        if stored == key and set(widths) <= set(table.widths) and table.units == tuple(u.name for u in anatomy.units):
+        base = QuantSpec(4, config.group_size, config.symmetric, config.clip)
+        wanted = set(menu) if menu else {replace(base, bits=w) for w in widths}
+        if stored == key and wanted <= set(table.columns(base)) and table.units == tuple(u.name for u in anatomy.units):
             log.info("damage table from %s", cache)
             return table
         log.info("%s was measured %s; measuring again", cache,
                  "on other weights, text or settings" if stored != key else "for other widths or units")
     table = measure_damage(model, anatomy, windows, widths, group_size=config.group_size, symmetric=config.symmetric,
+                           clip=config.clip,
                            metric=config.metric, quantizer=config.quantizer, damp=config.damp,
-                           moe_mode=config.moe_mode)
+                           moe_mode=config.moe_mode, menu=menu)
     if cache is not None:
         from quantmoe.atomic import atomic_write
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, units=np.array(table.units), widths=np.array(table.widths), damage=table.damage,
-                         params=table.params, metric=np.array(table.metric), key=np.array(key))
+                         params=table.params, metric=np.array(table.metric), key=np.array(key),
+                         **({"choices": np.array([label(s) for s in table.specs])} if table.specs else {}))
 
         atomic_write(Path(cache), write)
     return table

@@ -33,7 +33,7 @@ def _experts_pattern(blocks: Sequence[BlockAnatomy], experts: tuple[int, ...]) -
 
 
 def plan_from_bits(anatomy: ModelAnatomy, bits: Mapping[str, int], group_size: int | None = 128,
-                   symmetric: bool = True) -> Plan:
+                   symmetric: bool = True, clip: str = "none") -> Plan:
     """The smallest readable `Plan` giving each linear exactly `bits[name]`.
 
     default = the bits of most parameters; `roles` where a role's majority differs; `kinds`
@@ -76,7 +76,7 @@ def plan_from_bits(anatomy: ModelAnatomy, bits: Mapping[str, int], group_size: i
         covered.update(n for b in blocks for e in (experts or range(b.num_experts)) for n in b.experts[e])
     modules = {u.name: {"bits": bits[u.name]} for u in units
                if u.name not in covered and implied[u.name] != bits[u.name]}
-    plan = Plan(default=QuantSpec(default, group_size, symmetric), roles=roles, kinds=kinds,
+    plan = Plan(default=QuantSpec(default, group_size, symmetric, clip), roles=roles, kinds=kinds,
                 patterns=tuple(patterns), modules=modules)
     wrong = [n for n, spec in plan.resolve(anatomy).items() if spec.bits != bits[n]]
     if wrong:

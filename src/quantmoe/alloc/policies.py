@@ -351,6 +351,6 @@ def assign_bits(rules: Sequence[Rule], anatomy: ModelAnatomy, evidence: Evidence
 
 
 def build_plan(rules: Sequence[Rule], anatomy: ModelAnatomy, evidence: Evidence = Evidence(),
-               group_size: int | None = 128, symmetric: bool = True) -> Plan:
+               group_size: int | None = 128, symmetric: bool = True, clip: str = "none") -> Plan:
     """Apply `rules` in order (later ones override) and write the result as a `Plan`."""
-    return plan_from_bits(anatomy, assign_bits(rules, anatomy, evidence), group_size, symmetric)
+    return plan_from_bits(anatomy, assign_bits(rules, anatomy, evidence), group_size, symmetric, clip)

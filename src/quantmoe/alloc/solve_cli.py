@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantmoe.quant.grid import CLIP_MODES
 from quantmoe.quant.plan import PLAN_HEADER
 from quantmoe.safeout import check_file_output, starts_with
 
@@ -30,6 +31,32 @@ def _parse_role_bits(items: list[str] | None) -> dict[str, int]:
             raise ValueError(f"check {item!r}: write ROLE=BITS, e.g. attention=4")
         out[role] = int(bits)
     return out
+
+
+def _menu(args: argparse.Namespace, widths: tuple[int, ...]):
+    """The solver's choices: --menu, else the product of --widths, --group-sizes, --grids and --clips
+    (each defaulting to the single --group-size / --asym / --clip); () = widths only."""
+    from quantmoe.alloc.menu import menu_product, parse_menu
+    from quantmoe.quant.grid import QuantSpec
+
+    base = QuantSpec(4, args.group_size or None, not args.asym, args.clip)
+    if args.menu:
+        if args.group_sizes or args.grids or args.clips:
+            raise ValueError("give either --menu or --group-sizes/--grids/--clips, not both")
+        return parse_menu(args.menu, base)
+    if not (args.group_sizes or args.grids or args.clips):
+        return ()
+    try:
+        sizes = [int(g) or None for g in args.group_sizes.split(",")] if args.group_sizes else [base.group_size]
+    except ValueError:
+        raise ValueError(f"check --group-sizes: {args.group_sizes!r} is not a comma-separated list like "
+                         f"32,64,128,0 (0 = per-channel)") from None
+    grids = args.grids.split(",") if args.grids else ["sym" if base.symmetric else "asym"]
+    bad = [g for g in grids if g not in ("sym", "asym")]
+    if bad:
+        raise ValueError(f"check --grids: {bad[0]!r} is not sym or asym")
+    clips = args.clips.split(",") if args.clips else [base.clip]
+    return menu_product(widths, sizes, [g == "sym" for g in grids], clips)
 
 
 def _is_damage_cache(path: Path) -> bool:
@@ -55,19 +82,21 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         check_file_output(Path(args.damage_cache), overwrite=True, ours=_is_damage_cache, what="damage cache",
                           option="--damage-cache")
     widths = _parse_widths(args.widths)
+    menu = _menu(args, widths)
     config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
                           role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits),
-                          time_limit=args.time_limit)
+                          time_limit=args.time_limit, budget=args.budget, menu=menu)
     # roles, widths and the budget on the config alone: a wrong --min-bits fails before weights and damage
     check_solver(config, model_anatomy(args.model, args.trust_remote_code), "check --target, --min-bits, --max-bits",
-                 group_size=args.group_size or None, symmetric=not args.asym)
+                 group_size=args.group_size or None, symmetric=not args.asym, clip=args.clip)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     anatomy = describe(model)
     damage = DamageConfig(split=args.calib, windows=args.calib_windows, seq_len=args.calib_len, seed=args.seed,
-                          group_size=args.group_size or None, symmetric=not args.asym, metric=args.metric)
+                          group_size=args.group_size or None, symmetric=not args.asym, clip=args.clip,
+                          metric=args.metric)
     table = load_or_measure_damage(model, tokenizer, anatomy, widths, damage,
-                                   Path(args.damage_cache) if args.damage_cache else None)
-    sol = solve(anatomy, table, config, group_size=args.group_size or None, symmetric=not args.asym)
+                                   Path(args.damage_cache) if args.damage_cache else None, menu=menu)
+    sol = solve(anatomy, table, config, group_size=args.group_size or None, symmetric=not args.asym, clip=args.clip)
     stats = bit_stats(sol.plan.resolve(anatomy), anatomy.units)
     print(f"{args.model}: {stats.average_bits:.4f} average bits ({stats.effective_bits:.3f} effective), "
           f"estimated {table.metric} damage {sol.damage:.4g}, {sol.groups} groups, {sol.status}")
@@ -95,7 +124,15 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
                                    "GPTQ output error) and pick widths by mixed-integer programming so that the "
                                    "average bits hit the target within the tolerance.")
     p.add_argument("model", help="embedded model name (mixtral-s, deepseek-s), local folder or hub id")
-    p.add_argument("--target", type=float, required=True, help="average bits, e.g. 2.5")
+    p.add_argument("--target", type=float, required=True, help="bits per weight, e.g. 3.0 (see --budget)")
+    p.add_argument("--budget", default="effective", choices=("effective", "average"),
+                   help="what --target counts: effective bits (codes + 16-bit scales + zero points: what the "
+                        "file stores) or average bits (codes only, the paper's)")
+    p.add_argument("--menu", help="choices per unit, e.g. 2/g64/asym/hmse,3/g128,4 (BITS[/gSIZE|/gc][/sym|/asym]"
+                                  "[/none|/mse|/hmse]; parts left out from --group-size/--asym/--clip)")
+    p.add_argument("--group-sizes", help="menu as a product: group sizes, e.g. 32,64,128,0 (0 = per-channel)")
+    p.add_argument("--grids", help="menu as a product: sym,asym")
+    p.add_argument("--clips", help="menu as a product: e.g. none,hmse")
     p.add_argument("--widths", default="2,3,4", help="allowed widths, e.g. 2,3,4,8")
     p.add_argument("--granularity", default="linear", choices=("linear", "expert", "block"),
                    help="unit of choice for routed experts; 'block' = serving-compatible")
@@ -105,6 +142,8 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS", help="e.g. routed_expert=3")
     p.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
     p.add_argument("--asym", action="store_true", help="asymmetric grid")
+    p.add_argument("--clip", choices=CLIP_MODES, default="none",
+                   help="range search per group: none (full range), mse, hmse (Hessian-weighted; see docs/quantization.md)")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows for measuring damage")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")

@@ -1,12 +1,17 @@
-"""Budget solver: the widths that minimize measured damage at a target average bit width.
+"""Budget solver: the settings that minimize measured damage at a target bit budget.
 
 Problem (a multiple-choice knapsack, solved exactly as a mixed-integer program with
-``scipy.optimize.milp``): choose one width b_g for every group g of units so that
+``scipy.optimize.milp``): choose one choice c_g for every group g of units so that
 
-    minimize   sum_g damage(g, b_g)
-    subject to (target - tolerance) * P  <=  sum_g b_g * params(g)  <=  target * P
+    minimize   sum_g damage(g, c_g)
+    subject to (target - tolerance) * P  <=  sum_g bits(g, c_g)  <=  target * P
 
-where P is the number of quantizable parameters (the paper's average bits). A group is a
+where P is the number of quantizable parameters. A choice is a width (``widths``, at the
+base group size, grid and clipping) or any full setting of a menu (``menu``: bits, group
+size, symmetric, clip; see ``quantmoe.alloc.menu``). ``budget`` says what bits count:
+``effective`` (default) counts every stored bit, the codes plus each group's 16-bit scale and
+its zero point (``quant.plan.effective_bits_of``), so a finer group size is paid for;
+``average`` counts the codes only (the paper's average bits). A group is a
 single linear, one expert (its gate/up/down move together) or all routed experts of a
 block ("serving-compatible": serving engines want one format for all the experts of a
 layer; with it, the linears engines fuse, q/k/v and a shared expert's gate/up, also share a
@@ -33,13 +38,14 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from quantmoe.alloc.damage import DamageTable
 from quantmoe.anatomy import QUANTIZABLE_ROLES, ModelAnatomy
-from quantmoe.quant.grid import SUPPORTED_BITS
-from quantmoe.quant.plan import Plan
+from quantmoe.quant.grid import SUPPORTED_BITS, QuantSpec
+from quantmoe.quant.plan import Plan, effective_bits_of
 from quantmoe.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("linear", "expert", "block")
+BUDGETS = ("effective", "average")
 MIP_REL_GAP = 1e-4  # a plan this close (relative) to the lower bound counts as optimal (HiGHS's default)
 
 
@@ -52,8 +58,16 @@ class SolverConfig:
     role_min_bits: Mapping[str, int] | None = None
     role_max_bits: Mapping[str, int] | None = None
     time_limit: float = 120.0  # seconds; then the best plan found so far, with its optimality gap
+    menu: tuple[QuantSpec, ...] = ()  # full settings per choice; empty: `widths` at the base settings
+    budget: str = "effective"  # "effective" (codes, scales and zeros) or "average" (codes: the paper's)
 
     def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            hint = did_you_mean(str(self.budget), BUDGETS)
+            raise ValueError(f"check `budget`: {self.budget!r} is not one of {', '.join(BUDGETS)}"
+                             f"{'; ' + hint if hint else ''}")
+        if self.menu:
+            object.__setattr__(self, "widths", tuple(sorted({s.bits for s in self.menu})))
         if not self.time_limit > 0:
             raise ValueError(f"check `time_limit`: {self.time_limit} must be a positive number of seconds")
         if self.granularity not in GRANULARITIES:
@@ -71,7 +85,10 @@ class SolverConfig:
         bad = [w for w in self.widths if w not in SUPPORTED_BITS]
         if bad:
             raise ValueError(f"check `widths`: {bad[0]} bits is not one of {', '.join(map(str, SUPPORTED_BITS))}")
-        if not min(self.widths) <= self.target_bits <= max(self.widths):
+        if self.budget == "effective" and self.target_bits < min(self.widths):  # scales and zeros only add bits
+            raise ValueError(f"impossible budget: check `target_bits`: {self.target_bits} effective bits is below "
+                             f"{min(self.widths)}, the narrowest allowed width (scales and zero points add to it)")
+        if self.budget == "average" and not min(self.widths) <= self.target_bits <= max(self.widths):
             raise ValueError(f"impossible budget: check `target_bits`: {self.target_bits} is outside "
                              f"[{min(self.widths)}, {max(self.widths)}], the range of the allowed widths "
                              f"{', '.join(map(str, sorted(self.widths)))}")
@@ -86,6 +103,8 @@ class Solution:
     groups: int
     optimal: bool = True  # False: stopped by the time limit, `gap` away from the proven optimum at most
     gap: float | None = None  # HiGHS's relative MIP gap of the plan (optimal: within its 1e-4 tolerance)
+    effective_bits: float = float("nan")  # codes, scales and zero points per weight
+    specs: Mapping[str, QuantSpec] | None = None  # unit -> full settings
 
     @property
     def status(self) -> str:
@@ -168,38 +187,50 @@ def _milp(c: np.ndarray, spend: np.ndarray, allowed: np.ndarray, low: float, hig
 
 
 def solve(anatomy: ModelAnatomy, table: DamageTable, config: SolverConfig, group_size: int | None = 128,
-          symmetric: bool = True) -> Solution:
-    widths = tuple(sorted(config.widths))
-    missing = [w for w in widths if w not in table.widths]
+          symmetric: bool = True, clip: str = "none") -> Solution:
+    """The plan of least estimated damage within the budget. ``group_size``/``symmetric``/``clip`` are the
+    base settings of a widths-only problem (and of the table's columns when it has no menu)."""
+    base = QuantSpec(4, group_size, symmetric, clip)
+    choices = config.menu or tuple(QuantSpec(w, group_size, symmetric, clip) for w in sorted(config.widths))
+    columns = table.columns(base)
+    missing = [s for s in choices if s not in columns]
     if missing:
-        raise ValueError(f"check `widths`: the damage table has no column for {missing} bits; measure them first")
-    col = [table.widths.index(w) for w in widths]
+        from quantmoe.alloc.menu import label
+
+        raise ValueError(f"check `widths`/`menu`: the damage table has no column for {label(missing[0])}; "
+                         "measure it first (the same menu for the damage table and the solver)")
+    col = [columns.index(s) for s in choices]
     row = {n: i for i, n in enumerate(table.units)}
     unit_of = {u.name: u for u in anatomy.units}
     groups = _groups(anatomy, config.granularity)
-    n_g, n_w = len(groups), len(widths)
+    n_g, n_w = len(groups), len(choices)
     cost = np.zeros((n_g, n_w))
+    bits_used = np.zeros((n_g, n_w))  # bits each choice stores for the group (codes, or codes + scales + zeros)
     params = np.zeros(n_g)
     allowed = np.ones((n_g, n_w), dtype=bool)
     for g, names in enumerate(groups):
         for n in names:
+            unit = unit_of[n]
             cost[g] += table.damage[row[n], col]
             params[g] += table.params[row[n]]
+            bits_used[g] += [unit.numel * (effective_bits_of(s, unit) if config.budget == "effective" else s.bits)
+                             for s in choices]
         role = unit_of[names[0]].role
         lo = (config.role_min_bits or {}).get(role, 0)
         hi = (config.role_max_bits or {}).get(role, 99)
-        allowed[g] = [lo <= w <= hi for w in widths]
+        allowed[g] = [lo <= s.bits <= hi for s in choices]
         if not allowed[g].any():
-            raise ValueError(f"check the min/max bits of role {role!r}: no width in {widths} is allowed")
+            raise ValueError(f"check the min/max bits of role {role!r}: no width in "
+                             f"{tuple(sorted({s.bits for s in choices}))} is allowed")
     total = params.sum()
-    w_arr = np.array(widths, dtype=float)
-    lowest = sum(params[g] * w_arr[allowed[g]].min() for g in range(n_g)) / total
-    highest = sum(params[g] * w_arr[allowed[g]].max() for g in range(n_g)) / total
+    spend = bits_used / total  # (groups, choices): the bits per weight each choice adds to the budget
+    lowest = sum(spend[g][allowed[g]].min() for g in range(n_g))
+    highest = sum(spend[g][allowed[g]].max() for g in range(n_g))
     if not lowest - 1e-9 <= config.target_bits <= highest + 1e-9:
-        raise ValueError(f"impossible budget: {config.target_bits} bits is outside [{lowest:.3f}, {highest:.3f}], "
-                         f"what widths {widths} with these role limits can reach")
-    c = cost / max(cost.max(), 1e-30)  # (groups, widths), scaled for numerical comfort; argmin unchanged
-    spend = params[:, None] * w_arr[None, :] / total  # (groups, widths): average bits each choice adds
+        raise ValueError(f"impossible budget: {config.target_bits} {config.budget} bits is outside "
+                         f"[{lowest:.3f}, {highest:.3f}], what these choices with these role limits can reach; "
+                         f"change --target or the widths/menu")
+    c = cost / max(cost.max(), 1e-30)  # (groups, choices), scaled for numerical comfort; argmin unchanged
     low, high = config.target_bits - config.tolerance, config.target_bits
     choice, bound = _greedy(c, spend, allowed, high)
     value = None if choice is None or spend[np.arange(n_g), choice].sum() < low else _value(c, choice)
@@ -220,13 +251,26 @@ def solve(anatomy: ModelAnatomy, table: DamageTable, config: SolverConfig, group
         dual = res.get("mip_dual_bound")
         best_bound = max(bound, dual) if dual is not None and np.isfinite(dual) else bound
         gap = max(value - best_bound, 0.0) / max(abs(value), 1e-30)
-    bits = {n: widths[choice[g]] for g, names in enumerate(groups) for n in names}
-    avg = float(sum(params[g] * widths[choice[g]] for g in range(n_g)) / total)
+    specs = {n: choices[choice[g]] for g, names in enumerate(groups) for n in names}
+    bits = {n: s.bits for n, s in specs.items()}
+    avg = float(sum(unit_of[n].numel * s.bits for n, s in specs.items()) / total)
+    eff = float(sum(unit_of[n].numel * effective_bits_of(s, unit_of[n]) for n, s in specs.items()) / total)
     damage = float(sum(cost[g, choice[g]] for g in range(n_g)))
-    plan = Plan.from_dict({"default": {"bits": widths[0], "group_size": group_size, "symmetric": symmetric},
-                           "modules": {n: {"bits": b} for n, b in bits.items()}})
-    solution = Solution(plan=plan, bits=bits, average_bits=avg, damage=damage, groups=n_g, optimal=optimal, gap=gap)
+    solution = Solution(plan=_plan_of(specs, unit_of), bits=bits, average_bits=avg, damage=damage, groups=n_g,
+                        optimal=optimal, gap=gap, effective_bits=eff, specs=specs)
     log.log(logging.INFO if optimal else logging.WARNING,
-            "solver: %.4f average bits (target %.3f), estimated damage %.4g over %d groups (%s)",
-            avg, config.target_bits, damage, n_g, solution.status)
+            "solver: %.4f average bits, %.4f effective (%s budget %.3f), estimated damage %.4g over %d groups (%s)",
+            avg, eff, config.budget, config.target_bits, damage, n_g, solution.status)
     return solution
+
+
+def _plan_of(specs: Mapping[str, QuantSpec], unit_of: Mapping) -> Plan:
+    """default = the settings of most parameters; every other unit names only the settings that differ."""
+    weight: dict[QuantSpec, int] = {}
+    for n, s in specs.items():
+        weight[s] = weight.get(s, 0) + unit_of[n].numel
+    default = max(weight, key=lambda s: (weight[s], -s.bits))
+    keys = ("bits", "group_size", "symmetric", "clip")
+    modules = {n: {k: getattr(s, k) for k in keys if getattr(s, k) != getattr(default, k)}
+               for n, s in specs.items() if s != default}
+    return Plan.from_dict({"default": {k: getattr(default, k) for k in keys}, "modules": modules})

@@ -17,9 +17,9 @@ from quantmoe.quant.plan import Plan
 def plan_of(record: RunRecord) -> Plan:
     """The plan a stored run quantized with (exactly: every module gets its stored bits)."""
     q = record.quantizer or {}
-    group_size, symmetric = q.get("group_size", 128), q.get("symmetric", True)
+    group_size, symmetric, clip = q.get("group_size", 128), q.get("symmetric", True), q.get("clip", "none")
     common = Counter(record.plan.values()).most_common(1)[0][0] if record.plan else 16
-    default = QuantSpec(bits=common, group_size=group_size, symmetric=symmetric)
+    default = QuantSpec(bits=common, group_size=group_size, symmetric=symmetric, clip=clip)
     return Plan(default=default, modules={n: {"bits": b} for n, b in sorted(record.plan.items()) if b != common})
 
 

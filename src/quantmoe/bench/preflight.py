@@ -44,7 +44,7 @@ def check_plan(plan: Plan, anatomy: ModelAnatomy, where: str) -> None:
 
 
 def check_solver(config: Any, anatomy: ModelAnatomy, where: str, group_size: int | None = 128,
-                 symmetric: bool = True) -> None:
+                 symmetric: bool = True, clip: str = "none") -> None:
     """Run the solver on an all-zero damage table: roles, widths and the budget are checked, nothing measured.
 
     ``config`` is a ``quantmoe.alloc.solver.SolverConfig``.
@@ -58,15 +58,16 @@ def check_solver(config: Any, anatomy: ModelAnatomy, where: str, group_size: int
         if unknown:
             raise ValueError(f"{where}: check solver `{key}`: {', '.join(unknown)} is not a role of this model "
                              f"(roles: {', '.join(sorted(roles))})")
-    widths = tuple(sorted(config.widths))
+    widths = tuple(s.bits for s in config.menu) or tuple(sorted(config.widths))
     table = DamageTable(units=tuple(u.name for u in anatomy.units), widths=widths,
                         damage=np.zeros((len(anatomy.units), len(widths))),
-                        params=np.array([u.numel for u in anatomy.units], dtype=float), metric="none")
+                        params=np.array([u.numel for u in anatomy.units], dtype=float), metric="none",
+                        specs=tuple(config.menu))
     solver_log = logging.getLogger("quantmoe.alloc.solver")
     level = solver_log.level
     solver_log.setLevel(logging.WARNING)  # its summary of an all-zero table means nothing
     try:
-        solve(anatomy, table, config, group_size=group_size, symmetric=symmetric)
+        solve(anatomy, table, config, group_size=group_size, symmetric=symmetric, clip=clip)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     finally:
@@ -85,12 +86,12 @@ def check_run(run: RunSpec, anatomy: ModelAnatomy, model: str, config: SweepConf
     elif run.policy is not None:
         try:
             plan = build_plan(parse_policy(run.policy), anatomy, Evidence(placeholder=True),
-                              group_size=q.group_size, symmetric=q.symmetric)
+                              group_size=q.group_size, symmetric=q.symmetric, clip=q.clip)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         check_plan(plan, anatomy, where)
     elif run.solver is not None:
-        check_solver(run.solver.config(), anatomy, where, q.group_size, q.symmetric)
+        check_solver(run.solver.config(), anatomy, where, q.group_size, q.symmetric, q.clip)
 
 
 def check_sweep(config: SweepConfig) -> dict[str, ModelAnatomy]:

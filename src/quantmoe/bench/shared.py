@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,19 +135,31 @@ class ModelContext:
 
         s, q = self.sweep.statistics, self.sweep.quantizer
         return DamageConfig(split=s.split, windows=s.damage_windows, seq_len=s.seq_len, seed=s.seed,
-                            group_size=q.group_size, symmetric=q.symmetric, metric=s.damage_metric)
+                            group_size=q.group_size, symmetric=q.symmetric, clip=q.clip,
+                            metric=s.damage_metric)
 
-    def damage(self, widths: tuple[int, ...]):
-        """The solver's measured damage table (one per model; cached as npz, keyed by content)."""
-        if self._damage is None or not set(widths) <= set(self._damage.widths):
+    def damage(self, widths: tuple[int, ...] = ()):
+        """The solver's measured damage table (one per model, with a column for every choice of every solver
+        run of the sweep; cached as npz, keyed by content)."""
+        from quantmoe.quant.grid import QuantSpec
+
+        q = self.sweep.quantizer
+        base = QuantSpec(4, q.group_size, q.symmetric, q.clip)
+        choices: dict = {}
+        for r in self.sweep.runs:
+            if r.solver:
+                choices.update(dict.fromkeys(r.solver.menu_specs() or [replace(base, bits=w) for w in r.solver.widths]))
+        choices.update(dict.fromkeys(replace(base, bits=w) for w in widths))
+        menu = tuple(sorted(choices, key=lambda s: (s.bits, s.group_size or 1 << 30, s.symmetric, s.clip)))
+        if self._damage is None or not set(menu) <= set(self._damage.columns(base)):
             from quantmoe.alloc.damage import load_or_measure_damage
             from quantmoe.cache import content_key
 
             config = self.damage_config()
-            all_widths = tuple(sorted({w for r in self.sweep.runs if r.solver for w in r.solver.widths} | set(widths)))
             path = self.cache_dir / f"damage-{content_key(asdict(config))[:16]}.npz"
             self._damage = load_or_measure_damage(copy.deepcopy(self.model), self.tokenizer, self.anatomy,
-                                                  all_widths, config, path, fingerprint=self.sha256)
+                                                  tuple(s.bits for s in menu), config, path, fingerprint=self.sha256,
+                                                  menu=menu)
         return self._damage
 
     def plan_for(self, run) -> Plan:
@@ -159,14 +171,14 @@ class ModelContext:
         if run.solver is not None:
             from quantmoe.alloc.solver import solve
 
-            return solve(self.anatomy, self.damage(run.solver.widths), run.solver.config(),
-                         group_size=q.group_size, symmetric=q.symmetric).plan
+            return solve(self.anatomy, self.damage(), run.solver.config(),
+                         group_size=q.group_size, symmetric=q.symmetric, clip=q.clip).plan
         from quantmoe.alloc.policies import build_plan, policy_needs
         from quantmoe.alloc.presets import parse_policy
 
         rules = parse_policy(run.policy)
         return build_plan(rules, self.anatomy, self.evidence(policy_needs(rules)), group_size=q.group_size,
-                          symmetric=q.symmetric)
+                          symmetric=q.symmetric, clip=q.clip)
 
     def statistics_matter(self, run) -> bool:
         """Whether the run's plan depends on the statistics settings (data-driven rules, solver)."""

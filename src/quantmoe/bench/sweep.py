@@ -53,6 +53,7 @@ class QuantizerSettings:
     method: str = "gptq"  # gptq or rtn
     group_size: int | None = 128
     symmetric: bool = True
+    clip: str = "none"  # range search of each group: none, mse or hmse (quantmoe.quant.grid)
     damp: float = 0.01
     act_order: bool = False
     moe_mode: str = "routed"
@@ -63,7 +64,7 @@ class QuantizerSettings:
     def __post_init__(self) -> None:
         from quantmoe.quant.grid import QuantSpec
 
-        QuantSpec(bits=4, group_size=self.group_size, symmetric=self.symmetric)
+        QuantSpec(bits=4, group_size=self.group_size, symmetric=self.symmetric, clip=self.clip)
         self.gptq()  # validates now
 
     def gptq(self):
@@ -76,7 +77,7 @@ class QuantizerSettings:
         """What these settings compute: settings added after the first stores count only when not at their
         default, so that rows stored before them keep their keys."""
         out = asdict(self)
-        for key, default in (("block_size", 128), ("static_groups", False)):
+        for key, default in (("block_size", 128), ("static_groups", False), ("clip", "none")):
             if out[key] == default:
                 del out[key]
         return out
@@ -126,9 +127,12 @@ class SolverSettings:
     min_bits: Mapping[str, int] | None = None
     max_bits: Mapping[str, int] | None = None
     time_limit: float = 120.0  # seconds; then the best plan found, reported with its gap
+    budget: str = "effective"  # effective bits (codes, scales, zeros) or average bits (the paper's)
+    menu: tuple[str, ...] = ()  # choices like "3/g64/asym/hmse" (quantmoe.alloc.menu); parts left out: g128/sym/none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
+        object.__setattr__(self, "menu", tuple(self.menu))
         self.config()  # validates now
 
     def config(self):
@@ -136,7 +140,13 @@ class SolverSettings:
 
         return SolverConfig(target_bits=self.target_bits, widths=self.widths, granularity=self.granularity,
                             tolerance=self.tolerance, role_min_bits=self.min_bits, role_max_bits=self.max_bits,
-                            time_limit=self.time_limit)
+                            time_limit=self.time_limit, budget=self.budget, menu=self.menu_specs())
+
+    def menu_specs(self):
+        from quantmoe.alloc.menu import parse_choice, unique
+        from quantmoe.quant.grid import QuantSpec
+
+        return unique(parse_choice(c, QuantSpec(4)) for c in self.menu)
 
 
 @dataclass(frozen=True)
@@ -192,8 +202,10 @@ class RunSpec:
     def identity(self) -> dict[str, Any]:
         """What the run computes (the name and model filter are labels and not part of it)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("name", "models") and v not in (None, False)}
-        if self.solver is not None and self.solver.time_limit == 120.0:  # added later: keep earlier rows' keys
-            del out["solver"]["time_limit"]
+        if self.solver is not None:  # settings added later count only when set: earlier rows keep their keys
+            for key, old in (("time_limit", 120.0), ("budget", "average"), ("menu", ())):
+                if getattr(self.solver, key) == old:
+                    del out["solver"][key]
         if self.plan is not None:  # a plan file counts by its content
             out["plan"] = hashlib.sha256(Path(self.plan).read_bytes()).hexdigest()
         return out

@@ -56,6 +56,7 @@ class QuantizerSection(_Section):
     method: Literal["gptq", "rtn"] = "gptq"
     group_size: int | None = Field(128, ge=1)
     symmetric: bool = True
+    clip: Literal["none", "mse", "hmse"] = "none"
     damp: float = Field(0.01, ge=0, lt=1)
     act_order: bool = False
     static_groups: bool = False
@@ -121,6 +122,8 @@ class SolverSection(_Section):
     min_bits: dict[str, int] | None = None
     max_bits: dict[str, int] | None = None
     time_limit: float = Field(120.0, gt=0)
+    budget: Literal["effective", "average"] = "effective"
+    menu: list[str] = []
 
     _roles = field_validator("min_bits", "max_bits")(_role_bits)
 

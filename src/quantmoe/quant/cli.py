@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from quantmoe.quant.checkpoint import REPORT_NAME, check_checkpoint_output
-from quantmoe.quant.grid import SUPPORTED_BITS
+from quantmoe.quant.grid import CLIP_MODES, SUPPORTED_BITS
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def plan_from_args(args: argparse.Namespace):
     if args.group_size < 0:
         raise ValueError(f"check --group-size: {args.group_size} is negative (0 = per-channel)")
     return Plan.uniform(args.bits, group_size=None if args.group_size <= 0 else args.group_size,
-                        symmetric=not args.asym)
+                        symmetric=not args.asym, clip=args.clip)
 
 
 def _source_folders(model: str) -> tuple[Path, ...]:
@@ -181,6 +181,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=int, help=f"uniform bits instead of a plan: one of {bits} (16 = keep)")
     p.add_argument("--group-size", type=int, default=128, help="with --bits: group size, 0 = per-channel")
     p.add_argument("--asym", action="store_true", help="with --bits: asymmetric grid")
+    p.add_argument("--clip", choices=CLIP_MODES, default="none",
+                   help="with --bits: range search per group: none (full range), mse, hmse (Hessian-weighted)")
     p.add_argument("--out", required=True, help="checkpoint folder (written atomically; must be new, empty, or an "
                                                 "earlier quantmoe checkpoint with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quantmoe checkpoint at --out")

@@ -119,8 +119,8 @@ class Plan:
             _check_settings(f"`modules.{name}`", s)
 
     @classmethod
-    def uniform(cls, bits: int, group_size: int | None = 128, symmetric: bool = True) -> Plan:
-        return cls(default=QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric))
+    def uniform(cls, bits: int, group_size: int | None = 128, symmetric: bool = True, clip: str = "none") -> Plan:
+        return cls(default=QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, clip=clip))
 
     def spec_for(self, unit: LinearUnit) -> QuantSpec:
         spec = self.default
