@@ -253,3 +253,18 @@ def test_the_real_command_prints_one_line_and_no_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
         lines = [line for line in proc.stderr.splitlines() if " ERROR " in line]
         assert len(lines) == 1, proc.stderr
+
+
+def test_solve_menu_and_budget_errors_come_before_any_measurement(caplog, monkeypatch):
+    import quantmoe.alloc.damage as damage_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured damage for a bad menu")
+
+    monkeypatch.setattr(damage_module, "load_or_measure_damage", never)
+    solve = ["solve", "mixtral-s", "--target", "3"]
+    _fails([*solve, "--menu", "3/g6x,4"], caplog, "3/g6x", "gSIZE")
+    _fails([*solve, "--menu", "3", "--clips", "hmse"], caplog, "--menu", "not both")
+    _fails([*solve, "--grids", "sym,skew"], caplog, "--grids", "skew")
+    _fails([*solve, "--group-sizes", "64,big"], caplog, "--group-sizes")
+    _fails(["solve", "mixtral-s", "--target", "1.9", "--widths", "2,3,4"], caplog, "impossible budget", "--target")

@@ -12,6 +12,7 @@ import quantmoe.calib.routing as routing_module
 from quantmoe.alloc.damage import DamageConfig, load_or_measure_damage
 from quantmoe.alloc.evidence import StatisticsConfig, gather_evidence
 from quantmoe.alloc.predictor import PredictorConfig
+from quantmoe.quant.grid import QuantSpec
 
 WORDS = ("the cat sat on a mat and the dog ran to the park while a bird sang over the quiet river bank near "
          "an old mill where children played games until the evening light faded behind the hills ").split()
@@ -180,3 +181,22 @@ def test_sweep_statistics_and_quantizer_reach_the_damage_and_statistics_settings
                                                symmetric=False, metric="output")
     assert ctx.statistics_config() == StatisticsConfig(split="validation", rank_split="test", windows=5, seq_len=64,
                                                        seed=4, massive_threshold=50.0)
+
+
+def test_damage_cache_keys_menus_by_choice(tiny, tmp_path, monkeypatch):
+    model, tok, anatomy = tiny
+    calls = _counting(monkeypatch, damage_module, "measure_damage")
+    config = DamageConfig(windows=2, seq_len=16, group_size=16, metric="output")
+    path = tmp_path / "damage.npz"
+    menu = (QuantSpec(2, 16), QuantSpec(3, None, clip="mse"), QuantSpec(4, 16, False))
+
+    def table(menu):
+        return load_or_measure_damage(model, tok, anatomy, (), config, path, menu=menu)
+
+    first = table(menu)
+    assert first.specs == menu and len(calls) == 1
+    assert table(menu[:2]).specs == menu and len(calls) == 1  # a subset of the measured choices: hit
+    table((QuantSpec(3, None),))  # same width, other clip: measured again
+    assert len(calls) == 2
+    table((QuantSpec(3, None, clip="mse"), QuantSpec(4, 16)))  # same width and group, other grid
+    assert len(calls) == 3

@@ -83,9 +83,13 @@ def _cmd_solve(args: argparse.Namespace) -> int:
                           option="--damage-cache")
     widths = _parse_widths(args.widths)
     menu = _menu(args, widths)
-    config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
-                          role_min_bits=_parse_role_bits(args.min_bits), role_max_bits=_parse_role_bits(args.max_bits),
-                          time_limit=args.time_limit, budget=args.budget, menu=menu)
+    try:
+        config = SolverConfig(target_bits=args.target, widths=widths, granularity=args.granularity,
+                              role_min_bits=_parse_role_bits(args.min_bits),
+                              role_max_bits=_parse_role_bits(args.max_bits),
+                              time_limit=args.time_limit, budget=args.budget, menu=menu)
+    except ValueError as err:  # the config names its fields; the user typed options
+        raise ValueError(f"{err} (options: --target, --budget, --widths/--menu, --min-bits/--max-bits)") from None
     # roles, widths and the budget on the config alone: a wrong --min-bits fails before weights and damage
     check_solver(config, model_anatomy(args.model, args.trust_remote_code), "check --target, --min-bits, --max-bits",
                  group_size=args.group_size or None, symmetric=not args.asym, clip=args.clip)
