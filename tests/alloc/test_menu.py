@@ -118,3 +118,11 @@ def test_serving_menu_plans_pass_the_vllm_check():
         specs = sol.plan.resolve(anatomy)
         assert len(set(specs.values())) > 1, target  # a mixed plan, not one setting
         assert engines.problems(anatomy.units, specs, "vllm") == [], target
+
+
+def test_default_tolerance_is_a_hundredth_of_a_bit(menu_table):
+    anatomy, table = menu_table
+    config = SolverConfig(target_bits=4.0, menu=MENU)
+    assert config.tolerance == 0.01
+    stats = bit_stats(solve(anatomy, table, config).plan.resolve(anatomy), anatomy.units)
+    assert 3.99 <= stats.effective_bits <= 4.0 + 1e-9

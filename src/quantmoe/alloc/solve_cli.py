@@ -123,10 +123,12 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
 
 def add_solve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("solve", help="best plan for a target average bits (budget solver)",
-                       description="Measure what each unit costs at each width (empirical-Fisher loss estimate or "
-                                   "GPTQ output error) and pick widths by mixed-integer programming so that the "
-                                   "average bits hit the target within the tolerance.")
+    p = sub.add_parser("solve", help="best plan for a bit budget (budget solver)",
+                       description="Measure what each unit costs at each choice (a width, or a full setting of the "
+                                   "--menu: width, group size, grid, clipping) with an empirical-Fisher loss "
+                                   "estimate or the GPTQ output error, and pick one choice per unit by mixed-integer "
+                                   "programming so that the bits (effective by default: codes, scales and zero "
+                                   "points) meet the target within the tolerance, never above it.")
     p.add_argument("model", help="embedded model name (mixtral-s, deepseek-s), local folder or hub id")
     p.add_argument("--target", type=float, required=True, help="bits per weight, e.g. 3.0 (see --budget)")
     p.add_argument("--budget", default="effective", choices=("effective", "average"),

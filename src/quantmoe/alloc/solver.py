@@ -256,7 +256,7 @@ def solve(anatomy: ModelAnatomy, table: DamageTable, config: SolverConfig, group
     avg = float(sum(unit_of[n].numel * s.bits for n, s in specs.items()) / total)
     eff = float(sum(unit_of[n].numel * effective_bits_of(s, unit_of[n]) for n, s in specs.items()) / total)
     damage = float(sum(cost[g, choice[g]] for g in range(n_g)))
-    solution = Solution(plan=_plan_of(specs, unit_of), bits=bits, average_bits=avg, damage=damage, groups=n_g,
+    solution = Solution(plan=plan_of_specs(specs, unit_of), bits=bits, average_bits=avg, damage=damage, groups=n_g,
                         optimal=optimal, gap=gap, effective_bits=eff, specs=specs)
     log.log(logging.INFO if optimal else logging.WARNING,
             "solver: %.4f average bits, %.4f effective (%s budget %.3f), estimated damage %.4g over %d groups (%s)",
@@ -264,7 +264,7 @@ def solve(anatomy: ModelAnatomy, table: DamageTable, config: SolverConfig, group
     return solution
 
 
-def _plan_of(specs: Mapping[str, QuantSpec], unit_of: Mapping) -> Plan:
+def plan_of_specs(specs: Mapping[str, QuantSpec], unit_of: Mapping) -> Plan:
     """default = the settings of most parameters; every other unit names only the settings that differ."""
     weight: dict[QuantSpec, int] = {}
     for n, s in specs.items():
