@@ -75,3 +75,7 @@ def test_the_shipped_sweeps_pass_the_check():
     root = Path(__file__).resolve().parents[2] / "sweeps"
     assert set(check_sweep(load_sweep(root / "demo.yaml"))) == {"mixtral-s", "deepseek-s"}
     assert set(check_sweep(load_sweep(root / "quick.yaml"))) == {"mixtral-s"}
+    quality = load_sweep(root / "quality.yaml")
+    assert set(check_sweep(quality)) == {"mixtral-s", "deepseek-s"}
+    menus = {r.name: r.solver.menu_specs() for r in quality.runs if r.solver and r.solver.menu}
+    assert len(menus) == 3 and all(len(m) == 19 for m in menus.values())  # the anchor is shared, not lost

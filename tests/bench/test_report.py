@@ -104,7 +104,7 @@ def test_pareto_front_known_answers():
 
 
 def _table_rows(md: str, model: str) -> dict[str, dict[str, str]]:
-    section = md.split(f"## {model}\n", 1)[1].split("\n## ", 1)[0].split("### All runs\n", 1)[1]
+    section = md.split(f"## {model}\n", 1)[1].split("\n## ", 1)[0].split("### All runs\n", 1)[1].split("\n### ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split(" | ")]
     return {cells[0]: dict(zip(head, cells)) for cells in
@@ -116,7 +116,7 @@ def test_report_files_numbers_and_pareto(built):
     out = md_path.parent
     md = md_path.read_text(encoding="utf-8")
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted(f"{kind}-{m}.png" for kind in ("quality", "bitmap", "routing")
+    assert pngs == sorted(f"{kind}-{m}.png" for kind in ("quality", "effective", "bitmap", "routing")
                           for m in ("mixtral-s", "deepseek-s"))
     for name in pngs:
         img = matplotlib.image.imread(out / name)
@@ -374,3 +374,16 @@ def test_html_report_renders_in_headless_chromium(built, tmp_path):
     assert len(check["images"]) == html.count("<img ") and all(check["images"])  # every image loads
     assert check["overflow"] == [] and check["wrapped"] == []  # no cell overflows, "57.97 ± 0.08" on one line
     assert check["headings"] == 1 + 2 + 1 and check["height"] > 1000  # title, two models, "How this was made"
+
+
+def test_effective_bits_front_is_compared_with_uniform(built):
+    md = built[1].read_text(encoding="utf-8")
+    section = _section(md, "mixtral-s").split("### Quality vs effective bits", 1)[1].split("###", 1)[0]
+    rows = {r["run"]: r for r in _md_table(section, "run")}
+    assert set(rows) == PARETO_BY_KL  # the fixture's effective bits are its average bits + 0.14
+    assert rows["solver 2.5"]["eff. bits"] == "2.640" and rows["solver 2.5"]["avg bits"] == "2.500"
+    # each against the cheapest uniform run with at least its effective bits
+    assert rows["uniform 2-bit"]["vs uniform at ≥ its eff. bits"] == "1.00× uniform 2-bit (2.14)"
+    assert rows["solver 2.5"]["vs uniform at ≥ its eff. bits"] == f"{0.15 / 0.10:.2f}× uniform 3-bit (3.14)"
+    assert rows["top-2 experts at 4"]["vs uniform at ≥ its eff. bits"] == f"{0.08 / 0.10:.2f}× uniform 3-bit (3.14)"
+    assert "](effective-mixtral-s.png)" in section

@@ -40,6 +40,7 @@ class Series:
     std: tuple[float, ...]
     frontier: tuple[int, ...]  # indices of the Pareto-optimal points, by increasing bits
     reference: float | None  # full precision (drawn as a horizontal line)
+    xlabel: str = "average bits per weight"
 
 
 def _save(fig, path: Path) -> None:
@@ -102,7 +103,7 @@ def quality_figure(model: str, series: Sequence[Series]):
         if s.log:
             ax.set_yscale("log")
         ax.margins(x=0.12, y=0.12)  # room for the labels of the outermost points
-        ax.set_xlabel("average bits per weight")
+        ax.set_xlabel(s.xlabel)
         ax.set_title(f"{s.title} ({'higher' if s.higher_is_better else 'lower'} is better)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="best")

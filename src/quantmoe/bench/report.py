@@ -33,6 +33,8 @@ MIN_SEEDS = 3  # fewer calibration seeds than this and a run's ± is flagged
 MAX_BITMAPS = 4  # bit maps per model
 BITS_TOLERANCE = 0.005  # average bits within this count as "at most" a budget (the solver's 2.5 is 2.4999...)
 # quality plots: (metric, title, log scale, higher is better)
+BITS_AXES = {"average_bits": "average bits per weight",  # the report's two x axes
+             "effective_bits": "effective bits per weight (codes + scales + zeros)"}
 QUALITY = (("kl_mean", "KL to full precision", True, False), ("ppl", "perplexity", False, False),
            ("task_mean", "task mean", False, True))
 
@@ -89,9 +91,11 @@ def _fmt(agg: Aggregate, key: str, fmt: str) -> str:
     return f"{text} ± {fmt.format(agg.std[key])}" if agg.n > 1 else text
 
 
-def _frontier(aggs: Sequence[Aggregate], metric: str, higher_is_better: bool) -> list[Aggregate]:
+def _frontier(aggs: Sequence[Aggregate], metric: str, higher_is_better: bool,
+              bits: str = "average_bits") -> list[Aggregate]:
+    """The Pareto-optimal runs over ``bits`` (``average_bits`` or ``effective_bits``), by increasing bits."""
     have = [a for a in aggs if metric in a.mean and math.isfinite(a.mean[metric])]
-    return [have[i] for i in pareto_front([(a.average_bits, a.mean[metric]) for a in have], higher_is_better)]
+    return [have[i] for i in pareto_front([(getattr(a, bits), a.mean[metric]) for a in have], higher_is_better)]
 
 
 def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Aggregate],
@@ -118,20 +122,47 @@ def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Ag
     return Table(tuple(head), tuple(rows))
 
 
-def _series(ref: Aggregate | None, quant: Sequence[Aggregate]) -> list[plots.Series]:
+def _series(ref: Aggregate | None, quant: Sequence[Aggregate], bits: str = "average_bits",
+            metrics: Sequence[str] | None = None) -> list[plots.Series]:
     out = []
     for key, title, log_scale, higher in QUALITY:
         have = [a for a in quant if key in a.mean and math.isfinite(a.mean[key])]
-        if not have:
+        if not have or (metrics is not None and key not in metrics):
             continue
-        front = _frontier(have, key, higher)
+        front = _frontier(have, key, higher, bits)
         out.append(plots.Series(
             title=title, log=log_scale, higher_is_better=higher, labels=tuple(a.run for a in have),
-            bits=tuple(a.average_bits for a in have), mean=tuple(a.mean[key] for a in have),
+            bits=tuple(getattr(a, bits) for a in have), mean=tuple(a.mean[key] for a in have),
             std=tuple(a.std[key] for a in have), frontier=tuple(next(i for i, h in enumerate(have) if h is a)
                                                                 for a in front),
-            reference=ref.mean.get(key) if ref else None))
+            reference=ref.mean.get(key) if ref else None, xlabel=BITS_AXES[bits]))
     return out
+
+
+
+def _effective_section(ref: Aggregate | None, quant: Sequence[Aggregate], metric: str, name: str, out: Path,
+                       slug: str, model: str) -> list[Block]:
+    """Quality against effective bits (what the file and the memory pay: scales and zeros counted)."""
+    front = _frontier(quant, metric, higher_is_better=False, bits="effective_bits")
+    if not front:
+        return []
+    png = f"effective-{slug}.png"
+    plots.quality_png(model, _series(ref, quant, "effective_bits", (metric,)), out / png)
+    uniform = [a for a in quant if not _is_mixed(a) and metric in a.mean]
+    rows = []
+    for a in front:
+        base = min((u for u in uniform if u.effective_bits >= a.effective_bits - BITS_TOLERANCE),
+                   key=lambda u: (u.effective_bits, u.run), default=None)
+        vs = "-" if base is None or base.mean[metric] <= 0 else \
+            f"{a.mean[metric] / base.mean[metric]:.2f}× {base.run} ({base.effective_bits:.2f})"
+        rows.append((a.run, f"{a.effective_bits:.3f}", f"{a.average_bits:.3f}", _fmt(a, metric, "{:.4f}"), vs))
+    return [Heading(3, "Quality vs effective bits"),
+            Paragraph("Effective bits count each group's 16-bit scale and zero point as well as the codes: what "
+                      f"the checkpoint and the serving memory pay. The Pareto front by {name} over effective bits, "
+                      f"each against the cheapest uniform run with at least its effective bits ({name} ratio; "
+                      "below 1.00× the mixed plan is better with fewer bits):"),
+            Table(("run", "eff. bits", "avg bits", name, "vs uniform at ≥ its eff. bits"), tuple(rows)),
+            Image(png, f"{model}: {name} vs effective bits")]
 
 
 def _pick_bitmaps(quant: Sequence[Aggregate], front: Sequence[Aggregate], metric: str,
@@ -267,6 +298,7 @@ def _model_section(model: str, aggs: Sequence[Aggregate], routing: Any, out: Pat
         blocks += [Heading(3, "Quality vs bits"), Image(name, f"{model}: quality vs average bits"),
                    Paragraph("Points: mean over seeds, bars: ± std. Step line: Pareto frontier. "
                              "Dashed: full precision (KL is 0 there, so it has no line on the log scale).")]
+    blocks += _effective_section(ref, quant, metric, metric_name, out, slug, model)
     picked, why = _pick_bitmaps(quant, front, metric, metric_name)
     blocks.append(Heading(3, "Bit maps"))
     if picked:
