@@ -47,6 +47,10 @@ def _record(model: str, run: str, seed, bits: float, kl: float, attn: int, exper
                         "task:nextsent": 0.7 - kl / 3, "task_stderr:nextsent": 0.02})
         metrics["task_mean"] = (metrics["task:cloze"] + metrics["task:nextsent"]) / 2
     quantized = seed is not None
+    # vLLM's fused MoE takes 4/8-bit experts only; "solver 2.5" seed 2 also fails GPTQModel's rule
+    moe = "" if set(experts) <= {4, 8} else "model.layers.0.mlp.experts: experts at 2 bits"
+    engines = {"vllm": moe, "sglang": moe, "gptqmodel": "x: group size" if (run, seed) == ("solver 2.5", 2) else "",
+               "transformers": "fused experts are not loaded"} if quantized else {}
     return RunRecord(
         key=f"{sweep}-{model}-{run}-{seed}", sweep=sweep, model=model, model_sha256=f"sha-{model}" + "0" * 56,
         run=run, spec={"name": run, "full_precision": True} if not quantized else {"name": run, "policy": run},
@@ -56,7 +60,8 @@ def _record(model: str, run: str, seed, bits: float, kl: float, attn: int, exper
         evaluation={"perplexity": {"split": "test", "seq_len": 128, "max_windows": 16}, "tasks": []},
         versions={"quantmoe": "0.1.0", "torch": "2.13.0"}, metrics=metrics, fallbacks=("block 0 expert 3",) * quantized,
         quant_seconds=12.5 * quantized, peak_rss_mb=900.0, peak_device_mb=None,
-        checkpoint_bytes=int(bits * 1e6) if quantized else None, created_at=f"2025-01-01T00:00:{t:02d}.000+00:00")
+        checkpoint_bytes=int(bits * 1e6) if quantized else None, created_at=f"2025-01-01T00:00:{t:02d}.000+00:00",
+        engines=engines)
 
 
 def _records(model: str, tasks: bool = False, sweep: str = "trial") -> list[RunRecord]:
@@ -145,6 +150,9 @@ def test_report_files_numbers_and_pareto(built):
         # the bit maps show the mixed-precision runs of the frontier, not the uniform one
         note = next(line for line in md.split(f"## {model}\n", 1)[1].splitlines() if line.startswith("The Pareto"))
         assert all(run in note for run in MIXED_PARETO) and "uniform" not in note
+        # serves: the engines that load the export of every seed's plan
+        assert rows["uniform 2-bit"]["serves"] == "gptqmodel" and rows["solver 2.5"]["serves"] == "none"
+        assert rows["full precision (reference)"]["serves"] == "-"
     assert "task mean" in _table_rows(md, "deepseek-s")["solver 2.5"]  # only the model with lm-eval tasks
     assert "task mean" not in _table_rows(md, "mixtral-s")["solver 2.5"]
     assert "calibration seeds: 0, 1, 2" in md and "torch=2.13.0" in md and "num_windows=8" in md

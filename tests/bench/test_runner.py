@@ -64,6 +64,9 @@ def test_sweep_rows_and_identical_rerun(tmp_path, sweep):
     u2 = [r for r in q if r.run == "uniform 2-bit"]
     assert {r.seed for r in u2} == {0, 1} and all(set(r.plan.values()) == {2} for r in u2)
     assert u2[0].metrics != u2[1].metrics  # the calibration seed matters
+    # which engines load each run's GPTQ export: 2-bit routed experts are not vLLM's fused-MoE formats
+    assert fp.engines == {} and all(r.engines["gptqmodel"] == "" for r in q)
+    assert all("experts" in r.engines["vllm"] for r in u2)
     mixed = next(r for r in q if r.run == "experts 2 / attention 4")
     blocks = mixed.bitmap["blocks"]
     assert 2 < mixed.average_bits < 4

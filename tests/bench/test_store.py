@@ -64,3 +64,19 @@ def test_a_failed_run_stays_pending_and_its_failure_goes_once_it_is_stored(tmp_p
         assert store.failures("other sweep") == []
         store.add(record("k"))
         assert store.failures() == [] and store.keys() == {"done", "k"}
+
+
+def test_a_store_from_before_the_engines_column_opens_and_reads(tmp_path):
+    import dataclasses
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with ResultsStore(path) as store:
+        store.add(dataclasses.replace(record("old"), engines={"vllm": ""}))
+    with sqlite3.connect(path) as db:  # the schema before the column existed
+        db.execute("ALTER TABLE runs DROP COLUMN engines")
+    with ResultsStore(path) as store:
+        (old,) = store.records()
+        assert old.engines == {}  # not recorded: the report shows "-"
+        assert store.add(dataclasses.replace(record("new"), engines={"vllm": "reason"}))
+        assert {r.key: r.engines for r in store.records()} == {old.key: {}, "new": {"vllm": "reason"}}

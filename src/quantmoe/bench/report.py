@@ -98,13 +98,22 @@ def _frontier(aggs: Sequence[Aggregate], metric: str, higher_is_better: bool,
     return [have[i] for i in pareto_front([(getattr(a, bits), a.mean[metric]) for a in have], higher_is_better)]
 
 
+def _serves(agg: Aggregate) -> str:
+    """The engines that load the GPTQ export of every seed's plan ("-": not recorded, e.g. full precision)."""
+    if not all(r.engines for r in agg.records):
+        return "-"
+    ok = [e for e in agg.records[0].engines if all(r.engines.get(e) == "" for r in agg.records)]
+    return ", ".join(ok) or "none"
+
+
 def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Aggregate],
            links: Mapping[str, str] | None = None) -> Table:
     rows_in = ([ref] if ref else []) + sorted(quant, key=lambda a: (-a.average_bits, a.run))
     metrics = [(k, t, f) for k, t, f, _ in METRICS if any(k in a.mean for a in rows_in)]
     tasks = sorted({k for a in rows_in for k in a.mean if k.startswith("task:")})
     head = ["run", "avg bits", "eff. bits", "seeds", *(t for _, t, _ in metrics),
-            *(t.removeprefix("task:") for t in tasks), "Pareto", "quantize s", "peak RSS MB", "size MB", "plan"]
+            *(t.removeprefix("task:") for t in tasks), "Pareto", "quantize s", "peak RSS MB", "size MB", "serves",
+            "plan"]
     if "ppl" in head:
         head.insert(head.index("ppl") + 1, "ppl vs full")
     rows = []
@@ -118,7 +127,7 @@ def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Ag
         rows.append((f"{a.run} (reference)" if a is ref else a.run, f"{a.average_bits:.3f}",
                      f"{a.effective_bits:.3f}", str(a.n), *cells,
                      *(_fmt(a, t, "{:.3f}") for t in tasks), "✓" if any(a is f for f in front) else "",
-                     f"{a.quant_seconds:.1f}", f"{a.peak_rss_mb:.0f}", size, (links or {}).get(a.run, "-")))
+                     f"{a.quant_seconds:.1f}", f"{a.peak_rss_mb:.0f}", size, _serves(a), (links or {}).get(a.run, "-")))
     return Table(tuple(head), tuple(rows))
 
 
@@ -289,7 +298,9 @@ def _model_section(model: str, aggs: Sequence[Aggregate], routing: Any, out: Pat
                   + ("full precision is the reference row (one run: it calibrates nothing). " if ref else
                      "no full-precision run is stored. ")
                   + f"Pareto (✓): no other run has at most its bits and lower {metric_name}; KL is to the "
-                  "full-precision model's next-token distribution on the same windows."),
+                  "full-precision model's next-token distribution on the same windows. Serves: the engines that "
+                  "load the run's GPTQ export (`quantmoe export --target ENGINE`; `quantmoe plan` gives the "
+                  "reasons for the others)."),
         _table(ref, quant, front, _plan_files(aggs, out, slug, store_dir))]
     series = _series(ref, quant)
     if series:

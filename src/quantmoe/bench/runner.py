@@ -158,7 +158,19 @@ def one_run(ctx: ModelContext, run: RunSpec, seed: int | None, key: str, store_d
         calibration=asdict(calib) if seed is not None else {}, evaluation=asdict(config.eval),
         versions=library_versions(), metrics=metrics, fallbacks=fallbacks, quant_seconds=seconds,
         peak_rss_mb=peak.rss_mb, peak_device_mb=peak.device_mb, checkpoint_bytes=checkpoint,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds")), eval_seconds
+        created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        engines=_engines(ctx.anatomy.units, specs) if seed is not None else {}), eval_seconds
+
+
+def _engines(units, specs) -> dict[str, str]:
+    """Per serving engine, "" when it loads the plan's GPTQ export, else the first reason it cannot."""
+    from quantmoe.export.engines import servable
+
+    out = {}
+    for engine, found in servable(units, specs).items():
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        out[engine] = f"{found[0]}{more}" if found else ""
+    return out
 
 
 def describe(record: RunRecord, total: float | None = None, eval_seconds: float | None = None) -> str:

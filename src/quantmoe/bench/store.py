@@ -24,7 +24,7 @@ import json
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from quantmoe.safeout import pause_for_test
 SCHEMA_VERSION = 1
 
 _JSON_FIELDS = ("spec", "plan", "bitmap", "quantizer", "calibration", "evaluation", "versions", "metrics",
-                "fallbacks")
+                "fallbacks", "engines")
+ADDED_COLUMNS = ("engines",)  # added to stores written before them: NULL there, read as empty
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class RunRecord:
     peak_device_mb: float | None
     checkpoint_bytes: int | None
     created_at: str
+    # serving engine -> "" when it can load the plan's GPTQ export, else the first reason (quantmoe.export.engines);
+    # empty for full precision and for rows stored before this column existed
+    engines: Mapping[str, str] = field(default_factory=dict)
 
 
 _COLUMNS = tuple(f.name for f in fields(RunRecord))
@@ -104,6 +108,10 @@ class ResultsStore:
             self._db = sqlite3.connect(self.path, timeout=30)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_schema())
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+            for column in ADDED_COLUMNS:
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self._db.commit()
             version = self._db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0]
@@ -155,7 +163,7 @@ class ResultsStore:
         for row in self._db.execute(query + " ORDER BY created_at, key", args):
             data = dict(zip(_COLUMNS, row))
             for c in _JSON_FIELDS:
-                data[c] = json.loads(data[c])
+                data[c] = json.loads(data[c]) if data[c] is not None else {}
             data["fallbacks"] = tuple(data["fallbacks"])
             data["plan"] = {k: int(v) for k, v in data["plan"].items()}
             out.append(RunRecord(**data))
