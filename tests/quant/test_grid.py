@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quantmoe.quant.grid import QuantSpec, compute_qparams, dequantize, expand_groups, quantize, rtn
+from quantmoe.quant.grid import QuantSpec, compute_qparams, dequantize, expand_groups, quantize, round_scale, rtn
 
 
 def test_symmetric_grid_known_answer():
@@ -92,3 +92,38 @@ def test_keep_is_identity():
 def test_bad_spec_names_the_setting(kwargs, setting):
     with pytest.raises(ValueError, match=f"`{setting}`"):
         QuantSpec(**kwargs)
+
+
+def _reference_symmetric(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """GPTQ's reference ``find_params``: in a group with no negative weight ``min`` stays 0."""
+    Wg = W.reshape(W.shape[0], -1, spec.group_size)
+    xmin, xmax = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    xmax = torch.maximum(xmin.abs(), xmax)
+    xmin = torch.where(xmin < 0, -xmax, xmin)
+    scale = round_scale((xmax - xmin) / spec.maxq)[..., None]
+    zero = (spec.maxq + 1) / 2
+    return ((torch.clamp(torch.round(Wg / scale) + zero, 0, spec.maxq) - zero) * scale).reshape(W.shape)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_one_signed_groups_symmetric_conventions_and_clipping(bits):
+    """docs/quantization.md: on a group with no negative weight our symmetric grid spans [-max, max]
+    (the reference halves it and clips); clip=mse searches shrink 0.5, the reference's grid, so it
+    is never worse than either convention."""
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits)).abs()
+    spec = QuantSpec(bits, 64)
+    ours, ref = rtn(W, spec), _reference_symmetric(W, spec)
+    mse = rtn(W, QuantSpec(bits, 64, clip="mse"))
+    err = {k: float((v - W).square().sum()) for k, v in (("ours", ours), ("ref", ref), ("mse", mse))}
+    # the top level of a symmetric grid is max * (maxq - 1) / maxq; the reference's is half of that
+    top = W.reshape(64, 4, 64).amax(-1)
+    assert torch.allclose(ours.reshape(64, 4, 64).amax(-1), top * (spec.maxq - 1) / spec.maxq, rtol=2e-3)
+    assert torch.allclose(ref.reshape(64, 4, 64).amax(-1), top * (spec.maxq - 1) / spec.maxq / 2, rtol=2e-3)
+    assert err["mse"] <= min(err["ours"], err["ref"]) * (1 + 1e-6)
+    # group by group too: the reference's grid is one of the candidates
+    per_group = lambda v: (v - W).square().reshape(64, 4, 64).sum(-1)  # noqa: E731
+    assert per_group(mse).le(per_group(ref) * (1 + 1e-6)).all()
+    if bits == 2:  # the finding of docs/quantization.md: at 2 bits the halved grid is the better of the two
+        assert err["ref"] < err["ours"]
+    else:
+        assert err["ours"] < err["ref"]
