@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
+from re import search as re_search
 
 import numpy as np
 import pytest
@@ -44,6 +45,15 @@ SUPPORTED = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is Non
 SHAPES_ONLY = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is not None)
 DOC = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 TOL = 1e-5
+_EXPERTS_VIEW = r"\.experts\.\d+\.(gate|up|down)_proj\.(weight|bias)$"
+# family: (the export's names for what the hub checkpoint fuses, the checkpoint's fused names)
+FUSED_IN_CHECKPOINT = {
+    "aria_text": (_EXPERTS_VIEW, r"\.mlp\.experts\.fc[12]\.weight$"),
+    "gpt_oss": (_EXPERTS_VIEW, r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$"),
+    "granitemoe": (_EXPERTS_VIEW, r"\.block_sparse_moe\.(input|output)_linear\.weight$"),
+    "lara_mini": (_EXPERTS_VIEW + r"|\.linear_attn\.in_proj_(a|b|qkv|z)\.weight$",
+                  r"\.mlp\.experts\.(gate_up_proj|down_proj)$|\.linear_attn\.in_proj\.weight$"),
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -233,3 +243,42 @@ def test_docs_families_md_is_generated():
 def test_tiny_config_for_every_family():
     for model_type in SUPPORTED:
         assert tiny_config(model_type).model_type == model_type
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_gptq_export_uses_the_checkpoint_names_of_save_pretrained(model_type, tmp_path):
+    """Every tensor of the GPTQ export is named as transformers' ``save_pretrained`` names it for
+    the family: a quantized module's ``qweight`` where the checkpoint has its ``weight``."""
+    from safetensors import safe_open
+
+    from quantmoe.export.gptq_format import storable
+    from quantmoe.export.writer import export_tensors
+    from quantmoe.quant.pipeline import GPTQConfig
+
+    _pristine(model_type).save_pretrained(tmp_path / "fp")
+    shapes: dict[str, list[int]] = {}
+    for path in (tmp_path / "fp").glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            shapes |= {k: f.get_slice(k).get_shape() for k in f.keys()}
+    saved = set(shapes)
+    model = unfuse_experts(_model(model_type))
+    units = describe(model).units
+    specs = {u.name: QuantSpec(bits=16) if storable(u.in_features, u.out_features, 4) else QuantSpec(4, 16)
+             for u in units}  # tiny shapes that 4-bit packing cannot hold stay at 16 bits
+    quantize_model(model, specs, _ids(seed=0, batch=4, length=32), CalibrationConfig(min_expert_tokens=1),
+                   GPTQConfig(method="rtn"), progress=False)
+    tensors, _ = export_tensors(model, specs)
+    gptq_leaves = (".qweight", ".qzeros", ".scales", ".g_idx")
+    quantized = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
+    assert len(quantized) == sum(not s.keep for s in specs.values()) > 0
+    exported = {k for k in tensors if not k.endswith(gptq_leaves)} | {m + ".weight" for m in quantized}
+    # where the hub checkpoint keeps tensors fused that the model holds apart (experts as 3D
+    # tensors, LARA's linear-attention in_proj), the export keeps the per-expert view's names (the
+    # names GPTQModel writes): the only differences allowed, pinned per family
+    exported_only, saved_only = exported - saved, saved - exported
+    view, fused = FUSED_IN_CHECKPOINT.get(model_type, ("$^", "$^"))
+    assert all(re_search(view, k) for k in exported_only), sorted(exported_only)[:5]
+    assert all(re_search(fused, k) for k in saved_only), sorted(saved_only)[:5]
+    assert bool(exported_only) == bool(saved_only) == (model_type in FUSED_IN_CHECKPOINT)
+    # unquantized tensors also in the checkpoint's shapes (Kimi-Linear's conv1d: split into q/k/v)
+    assert all(list(tensors[k].shape) == shapes[k] for k in exported & saved if k in tensors)

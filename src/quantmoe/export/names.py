@@ -11,8 +11,14 @@ is replaced by numbers that say which module it is, each fused experts tensor by
 (experts, 2 or 1, 1) tensor of markers, and the reverted state dict tells where each one went.
 
 A family whose checkpoint keeps its experts fused (GPT-OSS: ``mlp.experts.gate_up_proj``,
-interleaved and transposed) has no per-expert names on the hub; its quantized experts keep the
+interleaved and transposed; Aria: ``mlp.experts.fc1/fc2``; Granite-MoE:
+``block_sparse_moe.input_linear/output_linear``; LARA, whose checkpoint also fuses the
+linear-attention ``in_proj``) has no per-expert names on the hub; its quantized experts keep the
 per-expert names ``mlp.experts.<e>.gate_proj/up_proj/down_proj``, the names GPTQModel writes.
+The unquantized tensors go through the same save conversion as real tensors
+(``quantmoe.export.writer``), so one the model holds fused and the checkpoint splits
+(Kimi-Linear's q/k/v ``conv1d``) is written split. tests/anatomy/test_families.py checks every
+family's export against the names and shapes ``save_pretrained`` writes.
 
 Example:
     >>> from quantmoe.anatomy import tiny_model, unfuse_experts

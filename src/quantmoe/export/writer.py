@@ -118,15 +118,29 @@ def export_tensors(model: nn.Module, specs: Mapping[str, QuantSpec],
                 tensors[f"{key}.{leaf}"] = _stored(t, dtype)
     seen: set[tuple[int, int]] = set()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())  # as save_pretrained drops them
+    plain_tensors: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        if key.startswith(unit_prefixes) or (tied and key.endswith("lm_head.weight")):
+        if key.startswith(unit_prefixes) or (tied and key.endswith("lm_head.weight")) or key in ignored:
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset())
         if t.numel() and ident in seen:
             continue
         seen.add(ident)
-        tensors[names.get(key, key)] = _stored(t, dtype)
+        plain_tensors[key] = _stored(t, dtype)
+    tensors.update(_checkpoint_layout(model, plain_tensors, per_expert=target in PER_EXPERT_NAMES))
     return tensors, {**quantization_config(base, dynamic), "_dtype": dtype}
+
+
+def _checkpoint_layout(model: nn.Module, plain: dict[str, torch.Tensor], per_expert: bool) -> dict[str, torch.Tensor]:
+    """The unquantized tensors under the checkpoint's names *and shapes*: transformers' own save
+    conversion, run on the real tensors, so that a tensor the model holds fused and the checkpoint
+    splits (Kimi-Linear's q/k/v ``conv1d``) is split as ``save_pretrained`` splits it."""
+    if per_expert:
+        return plain
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return {k: t.contiguous() for k, t in revert_weight_conversion(model, dict(plain)).items()}
 
 
 def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
