@@ -33,7 +33,13 @@ from quantmoe.quant.checkpoint import (
     read_quantization_config,
     verify_weights,
 )
-from quantmoe.quant.lazy import OUTSIDE, LazyCheckpoint, checkpoint_files, materialize_non_persistent_buffers
+from quantmoe.quant.lazy import (
+    OUTSIDE,
+    LazyCheckpoint,
+    checkpoint_files,
+    fix_malloc_threshold,
+    materialize_non_persistent_buffers,
+)
 from quantmoe.quant.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ class LazyQuantized(LazyCheckpoint):
         self.files = checkpoint_files(self.folder)
         if verify:
             verify_weights(self.folder, qcfg)
+        fix_malloc_threshold()
         config = read_model_config(self.folder, trust_remote_code=trust_remote_code)
         self.dtype = getattr(torch, qcfg["dtype"])
         self.model = quantized_skeleton(config, qcfg, trust_remote_code, attn_implementation).eval()
