@@ -142,6 +142,30 @@ MUTATIONS: tuple[Mutation, ...] = (
                "")),
         ("tests/quant/test_checkpoint_kill.py",),
     ),
+    Mutation(
+        "stream-eval-keeps-blocks",
+        "streaming evaluation holds one block's weights at a time (here: each block stays loaded)",
+        (Patch("eval/stream.py", "        del block\n        lazy.release_block(i)\n", "        del block\n"),),
+        ("tests/eval/test_stream_eval.py::test_full_precision_stream_equals_whole_model",),
+    ),
+    Mutation(
+        "stream-eval-keeps-embedding",
+        "streaming evaluation releases the embedding before the blocks run (here: it stays loaded)",
+        (Patch("eval/stream.py",
+               "    layer_inputs = capture_layer_inputs(model, blocks, windows, batch_size, device)\n"
+               "    lazy.release_outside()\n",
+               "    layer_inputs = capture_layer_inputs(model, blocks, windows, batch_size, device)\n"),),
+        ("tests/eval/test_stream_eval.py::test_full_precision_stream_equals_whole_model",),
+    ),
+    Mutation(
+        "stream-eval-hidden-bf16",
+        "streamed perplexity and KL equal the whole model's (here: hidden states rounded to bfloat16 between "
+        "blocks)",
+        (Patch("eval/stream.py", "_run_block(block, [((h.to(device),) + args[1:], kwargs)])[0].to(host)",
+               "_run_block(block, [((h.to(device),) + args[1:], kwargs)])[0].to(host, torch.bfloat16).float()"),),
+        ("tests/eval/test_stream_eval.py::test_full_precision_stream_equals_whole_model",
+         "tests/eval/test_stream_eval.py::test_quantized_checkpoint_stream_equals_whole_model"),
+    ),
 )
 
 

@@ -33,6 +33,64 @@ def _cmd_families(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_tokenizer(name: str, tokenizer: str | None, trust_remote_code: bool):
+    """The folder of ``name`` and its tokenizer, without loading the model (``--stream``)."""
+    from transformers import AutoTokenizer
+
+    from quantmoe.models import _check_tokenizer_files, quantized_format, read_model_config, resolve_model
+    from quantmoe.quant.cli import model_folder
+
+    folder = model_folder(name)
+    tok_path = resolve_model(tokenizer) if tokenizer else str(folder)
+    _check_tokenizer_files(str(folder), tok_path if tokenizer else None)
+    config = read_model_config(folder, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code,
+                                        config=config if quantized_format(folder) and not tokenizer else None)
+    if len(tok) > config.vocab_size:
+        raise ValueError(f"the tokenizer of {tok_path} has {len(tok):,} tokens but the model's vocabulary has "
+                         f"{config.vocab_size:,}: use the model's own tokenizer (--tokenizer)")
+    return folder, tok
+
+
+def _print_eval(args: argparse.Namespace, split: str, res, windows) -> None:
+    print(f"{args.model}: {split} perplexity {res.ppl:.3f} over {res.tokens:,} predicted tokens "
+          f"({len(windows)} windows of {args.seq_len})")
+    if res.kl_mean is not None:
+        print(f"KL to {args.reference}: mean {res.kl_mean:.5f} (median {res.kl_median:.5f}, p99 {res.kl_p99:.4f}, "
+              f"max {res.kl_max:.3f}), top-1 agreement {100 * res.top1_agreement:.2f}%")
+
+
+def _cmd_eval_stream(args: argparse.Namespace, tasks: list[str]) -> int:
+    import torch
+
+    from quantmoe.data.corpora import load_tokens
+    from quantmoe.eval.metrics import make_windows
+    from quantmoe.eval.stream import evaluate_stream, open_checkpoint, reference_stream
+
+    if tasks:
+        raise ValueError("--stream evaluates perplexity (and KL with --reference) block by block; lm-eval tasks "
+                         "need the whole model: run --tasks without --stream")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    folder, tokenizer = _eval_tokenizer(args.model, args.tokenizer, args.trust_remote_code)
+    open_checkpoint(folder, dtype, args.trust_remote_code, verify=False)  # its files and the dtype, before work
+    ref_folder = None
+    if args.reference is not None:
+        from quantmoe.quant.cli import model_folder
+
+        ref_folder = model_folder(args.reference)
+        open_checkpoint(ref_folder, dtype, args.trust_remote_code, verify=False)
+    split = args.split or "test"
+    windows = make_windows(load_tokens(split, tokenizer), args.seq_len, args.max_windows)
+    reference = None
+    if ref_folder is not None:
+        reference = reference_stream(ref_folder, windows, batch_size=args.batch_size, device=args.device,
+                                     dtype=dtype, progress=True, trust_remote_code=args.trust_remote_code)
+    res = evaluate_stream(folder, windows, reference, batch_size=args.batch_size, device=args.device, dtype=dtype,
+                          progress=True, trust_remote_code=args.trust_remote_code)
+    _print_eval(args, split, res, windows)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from quantmoe.api import load_model_or_quantized
 
@@ -41,17 +99,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("check `--tasks`: give lm-eval task names separated by commas")
     if args.limit is not None and not tasks:
         raise ValueError("`--limit` applies to `--tasks`: add --tasks, or use --max-windows for perplexity")
+    if args.stream:
+        return _cmd_eval_stream(args, tasks)
+    if args.dtype:
+        raise ValueError("--dtype applies to --stream (the whole model is evaluated in float32, a quantized one in "
+                         "its own dtype): add --stream or drop --dtype")
+    if args.reference is not None and tasks and args.split is None:
+        raise ValueError("--reference gives KL on the perplexity text: add --split, or drop --reference")
     model, tokenizer = load_model_or_quantized(args.model, device=args.device,
                                                trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     if args.split is not None or not tasks:
         from quantmoe.data.corpora import load_tokens
-        from quantmoe.eval.metrics import evaluate, make_windows
+        from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
 
         split = args.split or "test"
         windows = make_windows(load_tokens(split, tokenizer), args.seq_len, args.max_windows)
-        res = evaluate(model, windows, batch_size=args.batch_size, progress=True)
-        print(f"{args.model}: {split} perplexity {res.ppl:.3f} over {res.tokens:,} predicted tokens "
-              f"({len(windows)} windows of {args.seq_len})")
+        reference = None
+        if args.reference is not None:
+            from quantmoe.models import load_model
+
+            ref_model, _ = load_model(args.reference, device=args.device, trust_remote_code=args.trust_remote_code)
+            reference = reference_logprobs(ref_model, windows, batch_size=args.batch_size, progress=True)
+            del ref_model
+        res = evaluate(model, windows, reference, batch_size=args.batch_size, progress=True)
+        _print_eval(args, split, res, windows)
     if tasks:
         from quantmoe.eval.tasks import format_results, run_tasks
 
@@ -146,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
     p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ID",
                    help="take the tokenizer from here (default: the model's own)")
+    p.add_argument("--reference", default=None, metavar="MODEL",
+                   help="full-precision model to measure KL and top-1 agreement against, on the perplexity "
+                        "windows (with --stream: computed block by block once, cached under $QUANTMOE_CACHE)")
+    p.add_argument("--stream", action="store_true",
+                   help="perplexity (and KL) block by block: one block's weights in memory at a time, read from "
+                        "the safetensors files of a full-precision folder or a quantmoe checkpoint; lm-eval "
+                        "--tasks keep the whole-model path and are refused with it")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="with --stream, a full-precision model's compute dtype (default: float32, as without "
+                        "--stream); a quantized checkpoint computes in its own")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on the embedded models",

@@ -7,6 +7,7 @@ median and high percentiles, plus top-1 agreement (argmax of both models equal).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +47,11 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _logprobs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch.to(_device_of(model))).logits[:, :-1].float()
+def batch_logprobs(model: torch.nn.Module, batch: torch.Tensor, device: torch.device | None = None,
+              **kwargs) -> torch.Tensor:
+    """Log-probabilities (float32) of the next token at every position but the last: (b, t-1, vocab)."""
+    device = device if device is not None else _device_of(model)
+    logits = model(input_ids=batch.to(device), **kwargs).logits[:, :-1].float()
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -62,11 +66,11 @@ def reference_logprobs(model: torch.nn.Module, windows: torch.Tensor, batch_size
     """
     model.eval()
     starts = range(0, len(windows), batch_size)
-    return [_logprobs(model, windows[i:i + batch_size]).to("cpu", dtype)
+    return [batch_logprobs(model, windows[i:i + batch_size]).to("cpu", dtype)
             for i in tqdm(starts, desc="reference log-probs", unit="batch", disable=not progress, leave=False)]
 
 
-Reference = torch.nn.Module | list[torch.Tensor]
+Reference = torch.nn.Module | Sequence[torch.Tensor]  # a model, or log-probs per batch
 
 
 def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -81,6 +85,45 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.T
     return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
 
 
+class Tally:
+    """Running sums of ``evaluate``, fed one batch at a time (shared with block-sequential evaluation)."""
+
+    def __init__(self) -> None:
+        self.nll_sum, self.count, self.agree = 0.0, 0, 0
+        self.kls: list[torch.Tensor] = []
+
+    def add(self, batch: torch.Tensor, lp: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+        """``batch`` (b, t) token ids, ``lp`` their log-probs (b, t-1, vocab), ``ref`` the reference's."""
+        target = batch[:, 1:].to(lp.device)
+        self.nll_sum += -lp.gather(-1, target.unsqueeze(-1)).sum().item()
+        self.count += target.numel()
+        if ref is not None:
+            ref = ref.to(lp.device, torch.float32)
+            if ref.shape != lp.shape:
+                raise ValueError(f"reference log-probs of shape {tuple(ref.shape)} for a batch of shape "
+                                 f"{tuple(lp.shape)}: compute the reference on the same windows and batch size")
+            self.kls.append(kl_divergence(ref, lp).reshape(-1).cpu())
+            self.agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
+
+    def result(self) -> EvalResult:
+        nll = self.nll_sum / self.count
+        result = dict(ppl=float(np.exp(nll)), nll=nll, tokens=self.count)
+        if self.kls:
+            kl = torch.cat(self.kls).double().clamp(min=0)
+            q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+            result.update(kl_mean=kl.mean().item(), kl_median=q[0].item(), kl_p90=q[1].item(),
+                          kl_p99=q[2].item(), kl_max=kl.max().item(), top1_agreement=self.agree / self.count)
+        return EvalResult(**result)
+
+
+def check_reference(reference: Sequence[torch.Tensor], windows: torch.Tensor, batch_size: int) -> None:
+    """Reference log-probs given per batch must be as many batches as ``windows`` makes."""
+    batches = -(-len(windows) // batch_size)
+    if len(reference) != batches:
+        raise ValueError(f"the reference has {len(reference)} batches, the {len(windows)} windows make {batches} of "
+                         f"{batch_size}: compute the reference on the same windows and batch size")
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, reference: Reference | None = None,
              batch_size: int = 8, progress: bool = False, desc: str = "eval") -> EvalResult:
@@ -90,29 +133,18 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, reference: Reference
     model.eval()
     if isinstance(reference, torch.nn.Module):
         reference.eval()
-    nll_sum, count = 0.0, 0
-    kls: list[torch.Tensor] = []
-    agree = 0
+    elif reference is not None:
+        check_reference(reference, windows, batch_size)
+    tally = Tally()
     starts = range(0, len(windows), batch_size)
     for n, i in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)):
         batch = windows[i:i + batch_size]
-        lp = _logprobs(model, batch)  # (b, t-1, vocab)
-        target = batch[:, 1:].to(lp.device)
-        nll_sum += -lp.gather(-1, target.unsqueeze(-1)).sum().item()
-        count += target.numel()
-        if reference is not None:
-            if isinstance(reference, torch.nn.Module):
-                ref = _logprobs(reference, batch).to(lp.device)
-            else:
-                ref = reference[n].to(lp.device, torch.float32)
-            kls.append(kl_divergence(ref, lp).reshape(-1).cpu())
-            agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
+        lp = batch_logprobs(model, batch)  # (b, t-1, vocab)
+        ref = None
+        if isinstance(reference, torch.nn.Module):
+            ref = batch_logprobs(reference, batch)
+        elif reference is not None:
+            ref = reference[n]
+        tally.add(batch, lp, ref)
     model.train(was_training)
-    nll = nll_sum / count
-    result = dict(ppl=float(np.exp(nll)), nll=nll, tokens=count)
-    if reference is not None:
-        kl = torch.cat(kls).double().clamp(min=0)
-        q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
-        result.update(kl_mean=kl.mean().item(), kl_median=q[0].item(), kl_p90=q[1].item(),
-                      kl_p99=q[2].item(), kl_max=kl.max().item(), top1_agreement=agree / count)
-    return EvalResult(**result)
+    return tally.result()

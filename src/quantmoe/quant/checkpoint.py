@@ -321,33 +321,45 @@ def _materialize_meta_buffers(model: nn.Module, config) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, fresh)
 
 
-def _read_weights(path: Path, qcfg: Mapping[str, Any], verify: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of ``model.safetensors`` or of the shards a streamed checkpoint's index lists
+def weight_files(qcfg: Mapping[str, Any]) -> dict[str, str]:
+    """File name -> recorded SHA-256: ``model.safetensors``, or the shards of a streamed checkpoint
     (``weights_sha256`` then maps each shard to its SHA-256)."""
     recorded = qcfg["weights_sha256"]
-    names = sorted(recorded) if isinstance(recorded, dict) else [WEIGHTS_NAME]
-    hashes = recorded if isinstance(recorded, dict) else {WEIGHTS_NAME: recorded}
+    return dict(recorded) if isinstance(recorded, dict) else {WEIGHTS_NAME: recorded}
+
+
+def verify_weights(path: Path, qcfg: Mapping[str, Any]) -> None:
+    """Every weight file present and equal to its recorded SHA-256, or a CorruptCheckpointError."""
+    for name, sha in sorted(weight_files(qcfg).items()):
+        weights = path / name
+        if not weights.exists():
+            raise CorruptCheckpointError(f"{weights} is missing: the checkpoint is incomplete; quantize again")
+        if file_sha256(weights) != sha:
+            raise CorruptCheckpointError(f"{weights} does not match its recorded SHA-256: the file is corrupt; "
+                                         "copy it again or quantize again")
+
+
+def _read_weights(path: Path, qcfg: Mapping[str, Any], verify: bool) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of ``model.safetensors`` or of the shards a streamed checkpoint's index lists."""
+    names = sorted(weight_files(qcfg))
+    if verify:
+        verify_weights(path, qcfg)
     state: dict[str, torch.Tensor] = {}
     for name in names:
         weights = path / name
         if not weights.exists():
             raise CorruptCheckpointError(f"{weights} is missing: the checkpoint is incomplete; quantize again")
-        if verify and file_sha256(weights) != hashes[name]:
-            raise CorruptCheckpointError(f"{weights} does not match its recorded SHA-256: the file is corrupt; "
-                                         "copy it again or quantize again")
         state.update(load_file(str(weights)))
     return state, path / (WEIGHTS_NAME if len(names) == 1 else "model.safetensors.index.json")
 
 
-def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool = True,
-                   trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
-    """Rebuild a quantized model saved by ``save_quantized``: same logits as when it was saved."""
+def quantized_skeleton(config, qcfg: Mapping[str, Any], trust_remote_code: bool = False,
+                       attn_implementation: str | None = None) -> nn.Module:
+    """The quantized model of a checkpoint on ``meta``: per-expert view, a ``QuantLinear`` shell for
+    every quantized linear (what ``load_quantized`` assigns the weights to, all at once, and
+    ``LazyQuantized`` block by block)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    qcfg = read_quantization_config(path)
-    state, weights = _read_weights(path, qcfg, verify)
-    config = read_model_config(path, trust_remote_code=trust_remote_code)
     dtype = getattr(torch, qcfg["dtype"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -364,6 +376,17 @@ def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool 
                             bias=unit.has_bias, dtype=dtype, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, shell)
+    return model
+
+
+def load_quantized(path: Path, device: str | torch.device = "cpu", verify: bool = True,
+                   trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
+    """Rebuild a quantized model saved by ``save_quantized``: same logits as when it was saved."""
+    path = Path(path)
+    qcfg = read_quantization_config(path)
+    state, weights = _read_weights(path, qcfg, verify)
+    config = read_model_config(path, trust_remote_code=trust_remote_code)
+    model = quantized_skeleton(config, qcfg, trust_remote_code, attn_implementation)
     expected = {k: t.dtype for k, t in model.state_dict().items()}
     state = {k: t.to(expected[k]) if k in expected and t.is_floating_point() else t  # stored narrower: cast back
              for k, t in state.items()}

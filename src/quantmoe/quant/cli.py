@@ -76,7 +76,7 @@ def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
 
     if args.eval:
         raise ValueError("--eval needs the whole model in memory: drop --stream/--resume, or evaluate the "
-                         "checkpoint afterwards with `quantmoe eval`")
+                         "checkpoint afterwards, block by block too: `quantmoe eval OUT --stream --reference MODEL`")
     limit = parse_size(args.max_memory) if args.max_memory else None
     folder = model_folder(args.model)
     checkpoint_files(folder)  # missing or truncated shards: an error before anything else

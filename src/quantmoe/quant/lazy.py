@@ -107,9 +107,12 @@ def config_dtype(config) -> torch.dtype:
     return torch.float32
 
 
-def materialize_non_persistent_buffers(model: nn.Module, config) -> None:
-    """Rebuild modules (rotary embeddings) whose non-saved buffers are on ``meta``, on the CPU."""
+def materialize_non_persistent_buffers(model: nn.Module, config, skip: tuple[type, ...] = ()) -> None:
+    """Rebuild modules (rotary embeddings) whose non-saved buffers are on ``meta``, on the CPU
+    (but modules of the types in ``skip``, which rebuild their own)."""
     for name, module in list(model.named_modules()):
+        if isinstance(module, skip):
+            continue
         lost = [b for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None
                 and getattr(module, b).is_meta]
         if not lost:
