@@ -45,7 +45,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mixtral-s")
-    ap.add_argument("--metric", default="fisher", choices=("fisher", "output"))
+    ap.add_argument("--metric", default="fisher", choices=("fisher", "output", "kfac"))
     ap.add_argument("--random-plans", type=int, default=12)
     ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
     ap.add_argument("--calib-windows", type=int, default=64)

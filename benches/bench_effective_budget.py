@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--group-sizes", default="32,64,128,0", help="0 = per-channel")
     ap.add_argument("--grids", default="sym,asym")
     ap.add_argument("--clips", default="hmse")
-    ap.add_argument("--metric", default="fisher", choices=("fisher", "output"))
+    ap.add_argument("--metric", default="fisher", choices=("fisher", "output", "kfac"))
     ap.add_argument("--granularity", default="linear", choices=("linear", "expert", "block"))
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--damage-windows", type=int, default=32)

@@ -16,7 +16,7 @@ def measured():
     anatomy = describe(model)
     windows = torch.randint(0, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
     tables = {m: measure_damage(model, anatomy, windows, (2, 3, 4, 8), group_size=16, metric=m)
-              for m in ("fisher", "output")}
+              for m in ("fisher", "output", "kfac")}
     return anatomy, tables
 
 

@@ -11,8 +11,14 @@ change D_b = Q_b - W. Two measured estimates of what that costs:
 * ``output``: the linear's own output error on the tokens it sees,
   sum_t ||D_b x_t||^2 = n/2 * tr(D_b H D_b^T), i.e. the GPTQ objective; also weighted by
   routing frequency through the token count n.
+* ``kfac``: both at once, the Kronecker-factored estimate of the loss increase,
+  0.5 * sum_t (g_t^T D_b x_t)^2 ~ 0.5 * sum_j G_j (D_b Hbar D_b^T)_jj, with G_j the sum over
+  the unit's tokens of the squared loss gradient at output j and Hbar = H / 2 the mean x x^T.
+  Unlike ``fisher`` (a diagonal over weights, blind to how GPTQ makes the errors of one row
+  cancel on the calibration inputs) it sees that cancellation; unlike ``output`` it weighs
+  each output by how much the loss depends on it.
 
-Both are additive over units (the usual assumption of knapsack-style allocation), which is
+All are additive over units (the usual assumption of knapsack-style allocation), which is
 what lets the solver pick widths jointly.
 """
 
@@ -37,7 +43,7 @@ from quantmoe.quant.grid import QuantSpec, rtn
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fisher", "output")
+METRICS = ("fisher", "output", "kfac")
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,44 @@ def _fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor, batch
     return fisher
 
 
+def _output_fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
+                   batch_size: int) -> dict[str, torch.Tensor]:
+    """Per named linear, the sum over the tokens it processes of the squared loss gradient at each
+    output (out,): the output-side factor of ``kfac``. The loss is the summed next-token NLL."""
+    modules = {n: model.get_submodule(n) for n in names}
+    acc = {n: torch.zeros(m.weight.shape[0], dtype=torch.float32, device=m.weight.device)
+           for n, m in modules.items()}
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hooks = []
+    for n, m in modules.items():
+        m.weight.requires_grad_(True)  # so that the graph reaches every linear's output
+
+        def add(g: torch.Tensor, n: str = n) -> None:
+            acc[n] += g.detach().float().reshape(-1, g.shape[-1]).pow(2).sum(0)
+
+        def hook(module, args, out, add=add):  # the gradient at this call's output, when backward reaches it
+            if out.requires_grad:
+                out.register_hook(add)
+
+        hooks.append(m.register_forward_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(windows), batch_size), desc="output fisher", leave=False):
+            batch = windows[i:i + batch_size].to(device)
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=batch, labels=batch).loss * (batch.shape[0] * (batch.shape[1] - 1))
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+        model.zero_grad(set_to_none=True)
+    return acc
+
+
 @torch.no_grad()
 def _hessians(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor, batch_size: int,
               mode: str) -> tuple[HessianCollector, ...]:
@@ -135,6 +179,7 @@ def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tenso
         model.eval()
         collectors = _hessians(model, anatomy, windows, batch_size, moe_mode)
         fisher = _fisher(model, names, windows, batch_size) if metric == "fisher" else None
+        out_fisher = _output_fisher(model, names, windows, batch_size) if metric == "kfac" else None
         for i, unit in enumerate(tqdm(anatomy.units, desc="damage", leave=False)):
             collector = next(c for c in collectors if unit.name in c.key_of)
             H, tokens = collector.hessian(unit)
@@ -149,6 +194,9 @@ def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tenso
                 D = Q - W  # (out, in)
                 if fisher is not None:
                     table[i, j] = 0.5 * float((fisher[unit.name] * D.pow(2)).sum())
+                elif out_fisher is not None:  # H is 2/n sum x x^T: Hbar = H / 2
+                    per_output = ((D @ H) * D).sum(dim=1) / 2  # (D Hbar D^T)_jj
+                    table[i, j] = 0.5 * float((out_fisher[unit.name] * per_output).sum())
                 else:
                     table[i, j] = 0.5 * tokens * float(torch.einsum("oi,ij,oj->", D, H, D))
     params = np.array([u.numel for u in anatomy.units], dtype=np.float64)

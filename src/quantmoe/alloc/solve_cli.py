@@ -142,8 +142,8 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--widths", default="2,3,4", help="allowed widths, e.g. 2,3,4,8")
     p.add_argument("--granularity", default="linear", choices=("linear", "expert", "block"),
                    help="unit of choice for routed experts; 'block' = serving-compatible")
-    p.add_argument("--metric", default="fisher", choices=("fisher", "output"),
-                   help="damage estimate: empirical-Fisher loss change, or GPTQ output error")
+    p.add_argument("--metric", default="fisher", choices=("fisher", "output", "kfac"),
+                   help="damage estimate: empirical-Fisher loss change, GPTQ output error, or both (kfac: output error weighted by the loss gradient at each output)")
     p.add_argument("--min-bits", nargs="*", metavar="ROLE=BITS", help="e.g. attention=4")
     p.add_argument("--max-bits", nargs="*", metavar="ROLE=BITS", help="e.g. routed_expert=3")
     p.add_argument("--group-size", type=int, default=128, help="0 = per-channel")

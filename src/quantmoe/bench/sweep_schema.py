@@ -89,7 +89,7 @@ class StatisticsSection(_Section):
     seed: int = Field(0, ge=0)
     massive_threshold: float = Field(1000.0, gt=0)
     damage_windows: int = Field(32, ge=1)
-    damage_metric: Literal["fisher", "output"] = "fisher"
+    damage_metric: Literal["fisher", "output", "kfac"] = "fisher"
 
 
 def _role_bits(value: dict[str, int] | None) -> dict[str, int] | None:
