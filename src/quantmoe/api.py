@@ -70,7 +70,7 @@ def save(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, calib: Ca
 
     source_path = local_model_folder(source)
     metadata = {"source_model": source, "source_sha256": source_fingerprint, "plan": plan.to_dict(),
-                "calibration": asdict(calib), "gptq": asdict(gptq),
+                "calibration": asdict(calib), "gptq": gptq.to_dict(),
                 "average_bits": result.bits.average_bits, "effective_bits": result.bits.effective_bits}
     return save_quantized(result.model, out_dir, result.specs, metadata, report_dict(result), tokenizer,
                           overwrite=overwrite, protect=(source_path,) if source_path is not None else ())
@@ -82,7 +82,7 @@ def save_gptq(result: QuantizeResult, out_dir: Path, tokenizer, plan: Plan, cali
     from quantmoe.export.writer import write_export
 
     metadata = {"source_model": source, "source_sha256": source_fingerprint, "plan": plan.to_dict(),
-                "calibration": asdict(calib), "gptq": asdict(gptq),
+                "calibration": asdict(calib), "gptq": gptq.to_dict(),
                 "average_bits": result.bits.average_bits, "effective_bits": result.bits.effective_bits}
     return write_export(result.model, result.specs, out_dir, tokenizer=tokenizer, metadata=metadata,
                         report=report_dict(result), target=target)

@@ -23,7 +23,8 @@ def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bi
 @pytest.mark.parametrize("group_size", [None, 32, 128, 256])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_export_dequantizes_to_our_weight_bit_for_bit(bits, group_size, symmetric):
-    for act_order, clip in ((False, "none"), (True, "none"), (False, "mse"), (True, "hmse")):
+    for act_order, clip in ((False, "none"), (True, "none"), (False, "mse"), (True, "hmse"), ("gar", "none"),
+                            ("gar", "hmse")):
         q, res = _gptq_linear(bits, group_size, symmetric, act_order, clip=clip)
         t = to_gptq(q)
         assert t["qweight"].dtype == t["qzeros"].dtype == t["g_idx"].dtype == torch.int32

@@ -68,7 +68,13 @@ def reference_gptq(W, H, spec, block_size=128, act_order=False, static_groups=Fa
     H[dead, dead] = 1
     W[:, dead] = 0
     groups = [params(W[:, i:i + gs]) for i in range(0, n, gs)]
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(n)
+    d = torch.diag(H).tolist()
+    if act_order == "gar":  # GPTQModel's gar.py, as plain Python: groups by their max, columns by d
+        starts = sorted(range(0, n, gs), key=lambda a: (a + gs > n, -max(d[a:a + gs]), a))
+        perm = torch.tensor([c for a in starts for c in sorted(range(a, min(a + gs, n)), key=lambda c: (-d[c], c))])
+    else:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(n)
+    act_order = act_order is True or act_order == "desc"  # groups scattered over the loop
     W, H = W[:, perm], H[perm][:, perm]
     H[range(n), range(n)] += 0.01 * torch.mean(torch.diag(H))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -113,6 +119,9 @@ def test_output_error_at_most_rtn(bits, group_size, symmetric):
     (QuantSpec(4, None, True), {}), (QuantSpec(2, 32, False), {}), (QuantSpec(3, 128, True), {"block_size": 32}),
     (QuantSpec(4, 32, False), {"static_groups": True}), (QuantSpec(3, 32, True), {"act_order": True}),
     (QuantSpec(2, None, False), {"act_order": True}), (QuantSpec(8, 16, False), {"act_order": True}),
+    (QuantSpec(3, 32, True), {"act_order": "gar"}), (QuantSpec(2, 16, False), {"act_order": "gar"}),
+    (QuantSpec(4, 32, False), {"act_order": "gar", "static_groups": True}),
+    (QuantSpec(2, None, False), {"act_order": "gar"}),
 ])
 def test_matches_reference_loop(spec, kwargs, n_in):
     """Tolerance: none. Q and the integer codes equal the independent reference bit for bit

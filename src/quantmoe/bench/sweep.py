@@ -55,16 +55,19 @@ class QuantizerSettings:
     symmetric: bool = True
     clip: str = "none"  # range search of each group: none, mse or hmse (quantmoe.quant.grid)
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool | str = False  # none, desc or gar; recorded false/true for none/desc (as before the modes)
     moe_mode: str = "routed"
     min_expert_tokens: int = 16
     block_size: int = 128  # GPTQ columns per lazy-update block
     static_groups: bool = False  # GPTQ group scale/zero from the unquantized weight
 
     def __post_init__(self) -> None:
+        from quantmoe.quant.gptq import act_order_record
         from quantmoe.quant.grid import QuantSpec
 
         QuantSpec(bits=4, group_size=self.group_size, symmetric=self.symmetric, clip=self.clip)
+        # kept as recorded (false, true or "gar"), so that rows stored before the modes keep their keys
+        object.__setattr__(self, "act_order", act_order_record(self.act_order))
         self.gptq()  # validates now
 
     def gptq(self):

@@ -58,7 +58,7 @@ class QuantizerSection(_Section):
     symmetric: bool = True
     clip: Literal["none", "mse", "hmse"] = "none"
     damp: float = Field(0.01, ge=0, lt=1)
-    act_order: bool = False
+    act_order: bool | Literal["none", "desc", "gar"] = False  # false = none, true = desc
     static_groups: bool = False
     block_size: int = Field(128, ge=1)
     moe_mode: Literal["routed", "all", "weighted"] = "routed"

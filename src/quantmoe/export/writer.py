@@ -10,8 +10,9 @@ generation config, and the tensors under the model's own checkpoint names (``nam
 ``max_shard_bytes``. ``quantmoe_export.json`` records the plan, the per-module settings and
 the provenance; ``quant_report.json`` is copied when given.
 
-``desc_act`` is false for every module: quantmoe's act-order keeps groups contiguous (static
-groups), so ``g_idx`` is the plain ``i // group_size`` and engines need no permutation.
+``desc_act`` is false for every module: quantmoe's act-order (desc with static groups, or gar)
+keeps groups contiguous, so ``g_idx`` is the plain ``i // group_size`` and engines need no
+permutation.
 Tensors that are not quantized are stored in bfloat16 (or float16) when all of them hold
 values of that dtype exactly (a bfloat16 model quantized in float32), else in their own dtype. Writes are atomic (a temporary sibling folder renamed
 into place); an existing ``--out`` is replaced only if it is an earlier export.

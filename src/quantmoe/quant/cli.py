@@ -87,7 +87,7 @@ def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
     windows = calibration_windows(api.calibration_tokens(calib.split, tokenizer), calib.num_windows, calib.seq_len,
                                   calib.seed)
     metadata = {"source_model": args.model, "plan": plan.to_dict(), "calibration": asdict(calib),
-                "gptq": asdict(gptq), "average_bits": bits.average_bits, "effective_bits": bits.effective_bits}
+                "gptq": gptq.to_dict(), "average_bits": bits.average_bits, "effective_bits": bits.effective_bits}
     result = quantize_stream(folder, Path(args.out), specs, windows, calib, gptq, dtype=source_dtype(args),
                              device=args.device, resume=args.resume, tokenizer=tokenizer, metadata=metadata,
                              trust_remote_code=args.trust_remote_code, max_memory=limit, overwrite=args.overwrite,
@@ -193,8 +193,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="gptq", choices=("gptq", "rtn"), help="GPTQ, or round-to-nearest")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal "
                                                             "(raised on failure, then RTN)")
-    p.add_argument("--act-order", action="store_true",
-                   help="GPTQ act-order: columns by descending Hessian diagonal (implies --static-groups)")
+    p.add_argument("--act-order", nargs="?", const="desc", default="none", choices=("none", "desc", "gar"),
+                   help="GPTQ column order (default: none): desc visits columns by descending Hessian diagonal "
+                        "(implies --static-groups); gar visits groups by their largest diagonal, each group's "
+                        "columns by descending diagonal (groups stay as they are). A bare --act-order is desc")
     p.add_argument("--static-groups", action="store_true",
                    help="GPTQ: every group's scale/zero from the unquantized weight, not the error-updated one")
     p.add_argument("--block-size", type=int, default=128,

@@ -16,10 +16,23 @@ reading the fully updated weights, equal at 3-4 bits). `block_size` is rounded t
 of the group size (or up to it), so a block holds whole groups; with the usual powers of
 two this is the reference's blocking and the results match it.
 
-Act-order (desc_act) visits columns by descending diag(H) but stores groups contiguous in
-the original column order, so with a group size it forces static groups: every group's
-scale/zero come from the un-permuted W, and each column uses its original group's. In
-`gptq_quantize_batched` every expert has its own permutation (gather). Per-channel
+Act-order changes only the order in which the loop visits columns; groups are always stored
+contiguous in the original column order, so `g_idx` is the trivial i // group_size. Modes
+(`ACT_ORDERS`; bools are accepted: False is "none", True is "desc"):
+
+- "none": columns in order.
+- "desc" (desc_act): columns by descending diag(H). A group's columns are then scattered over
+  the loop, so with a group size it forces static groups: every group's scale/zero come from
+  the un-permuted W, and each column uses its original group's.
+- "gar" (group-aware reordering, Gafni et al. 2025, GPTQModel's default since 7.x): groups
+  by descending max of diag(H) over their columns, and inside each group its columns by
+  descending diag(H) (`gar_order`). A group's columns stay adjacent in the loop, so groups
+  keep dynamic parameters (computed when the loop reaches the group, from the weights as
+  updated so far), like "none"; `static_groups` works too. A partial last group (in not a
+  multiple of the group size) is visited last, its columns sorted the same way; GPTQModel
+  leaves it unsorted at the end. Per-channel (`group_size=None`, one group) it is "desc".
+
+In `gptq_quantize_batched` every expert has its own permutation (gather). Per-channel
 (`group_size=None`) parameters are always computed up front.
 
 Scales are float16 values (grid.round_scale), also rounded to W's dtype when it is narrower
@@ -61,6 +74,7 @@ from quantmoe.quant.grid import QuantSpec, compute_qparams, dequantize, quantize
 
 logger = logging.getLogger(__name__)
 
+ACT_ORDERS = ("none", "desc", "gar")
 DAMP_RETRIES = 3  # damp x10 each retry: 0.01 -> 0.1 -> 1 -> 10, then RTN
 RETRY_BASE_DAMP = 0.01  # where retries start when `damp=0`
 
@@ -85,6 +99,45 @@ class GPTQResult:
         return torch.arange(self.Q.shape[1], device=self.Q.device) // self.group_size
 
 
+def act_order_mode(value: str | bool) -> str:
+    """The act-order mode of a setting: one of ``ACT_ORDERS``, or a bool (False "none", True "desc")."""
+    if isinstance(value, bool):
+        return "desc" if value else "none"
+    if isinstance(value, str) and value in ACT_ORDERS:
+        return value
+    raise ValueError(f"check `act_order`: {value!r} is not one of {', '.join(ACT_ORDERS)} "
+                     "(or a bool: false is none, true is desc)")
+
+
+def act_order_record(value: str | bool) -> bool | str:
+    """How identities and metadata record an act-order setting: false/true for none/desc (as before
+    the modes existed, so stored keys do not change), the mode's name otherwise ("gar")."""
+    mode = act_order_mode(value)
+    return {"none": False, "desc": True}.get(mode, mode)
+
+
+def gar_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware reordering: (E, in) columns in the order GPTQ visits them, from ``diag`` (E, in)
+    = diag(H).
+
+    Full groups by descending max(diag) over their columns, each group's columns by descending
+    diag; a partial last group last, sorted the same way. Ties keep the column order (stable).
+
+    Example:
+        >>> gar_order(torch.tensor([[1.0, 5.0, 2.0, 9.0, 3.0, 0.5]]), 2)
+        tensor([[3, 2, 1, 0, 4, 5]])
+    """
+    E, n = diag.shape
+    full = n // group_size * group_size
+    body = diag[:, :full].reshape(E, n // group_size, group_size)  # (E, groups, group_size)
+    local = torch.argsort(body, dim=-1, descending=True, stable=True)  # (E, groups, group_size)
+    local = local + torch.arange(0, full, group_size, device=diag.device)[:, None]  # column indices
+    order = torch.argsort(body.amax(dim=-1), dim=-1, descending=True, stable=True)  # (E, groups)
+    body_perm = local.gather(1, order[..., None].expand_as(local)).reshape(E, full)
+    tail = torch.argsort(diag[:, full:], dim=-1, descending=True, stable=True) + full  # (E, in - full)
+    return torch.cat([body_perm, tail], dim=-1)
+
+
 def scale_in_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float32 scales (already float16 values, grid.round_scale) rounded to a narrower storage
     dtype (bfloat16) too, never to zero, back in float32; unchanged for float16/float32."""
@@ -94,22 +147,23 @@ def scale_in_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                  block_size: int = 128, act_order: str | bool = "none", static_groups: bool = False,
                   name: str = "linear") -> GPTQResult:
     """GPTQ of one linear: ``W`` (out, in), ``H`` (in, in) = 2/n X^T X over calibration tokens.
 
     ``damp`` is a fraction of mean(diag(H)) added to the diagonal; ``name`` labels log
-    messages and errors. With ``act_order`` and a group size, ``static_groups`` is forced.
+    messages and errors. ``act_order`` is one of ``ACT_ORDERS`` (or a bool, True = "desc"); with
+    "desc" and a group size, ``static_groups`` is forced.
     """
     if W.ndim != 2:
         raise ValueError(f"{name}: W must be (out, in), got shape {tuple(W.shape)}")
     if H.ndim != 2:
         raise ValueError(f"{name}: H must be (in, in), got shape {tuple(H.shape)}")
-    return _gptq(W[None], H[None], spec, damp, block_size, act_order, static_groups, [name])[0]
+    return _gptq(W[None], H[None], spec, damp, block_size, act_order_mode(act_order), static_groups, [name])[0]
 
 
 def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
-                          block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                          block_size: int = 128, act_order: str | bool = "none", static_groups: bool = False,
                           names: Sequence[str] | None = None) -> list[GPTQResult]:
     """GPTQ of E same-shape linears at once (e.g. one projection of every expert of a block).
 
@@ -125,7 +179,7 @@ def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, 
     labels = list(names) if names is not None else [f"expert {e}" for e in range(W.shape[0])]
     if len(labels) != W.shape[0]:
         raise ValueError(f"got {len(labels)} names for {W.shape[0]} experts")
-    return _gptq(W, H, spec, damp, block_size, act_order, static_groups, labels)
+    return _gptq(W, H, spec, damp, block_size, act_order_mode(act_order), static_groups, labels)
 
 
 # --- implementation (batched over a leading expert dimension) ------------------------------
@@ -209,7 +263,7 @@ def _hinv(H: torch.Tensor, damp: float, names: Sequence[str],
 
 @torch.no_grad()
 def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_size: int,
-          act_order: bool, static_groups: bool, names: Sequence[str]) -> list[GPTQResult]:
+          act_order: str, static_groups: bool, names: Sequence[str]) -> list[GPTQResult]:
     _check_inputs(W, H, spec, block_size, names)
     dtype, maxq = W.dtype, spec.maxq
     E, out, n = W.shape
@@ -224,19 +278,22 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
     W.masked_fill_(((diag == 0) & ~empty[:, None])[:, None, :], 0.0)  # dead inputs
     diag.masked_fill_(diag == 0, 1.0)
 
-    static = static_groups or act_order or spec.group_size is None
-    if act_order and spec.group_size is not None and not static_groups:
-        logger.debug("GPTQ %s: act_order keeps groups contiguous: using static groups", names[0])
+    static = static_groups or act_order == "desc" or spec.group_size is None
+    if act_order == "desc" and spec.group_size is not None and not static_groups:
+        logger.debug("GPTQ %s: act_order desc keeps groups contiguous: using static groups", names[0])
     if static:  # every group from the un-permuted W, expanded to its columns
         col_group = torch.arange(n, device=W.device) // gs  # (in,) original group of each column
         scale, zero = _qparams(W, spec, dtype, diag)  # (E, out, groups)
         S, Z = scale[..., col_group], zero[..., col_group]  # (E, out, in) scale/zero of each column
     else:  # filled group by group in the loop
         S, Z = torch.empty_like(W), torch.empty_like(W)  # (E, out, in)
-    if act_order:
-        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # (E, in)
+    importance = diag  # (E, in) in loop order: weighs a dynamic group's clipping search
+    if act_order != "none":
+        perm = (torch.argsort(diag, dim=-1, descending=True, stable=True) if act_order == "desc"
+                else gar_order(diag, gs))  # (E, in) loop position -> column
         W, S, Z = _permute_cols(W, perm), _permute_cols(S, perm), _permute_cols(Z, perm)
         H = _permute_cols(H, perm).gather(1, perm[:, :, None].expand_as(H))
+        importance = diag.gather(1, perm)
 
     Hinv, damp_used, failed = _hinv(H, damp, names, skip=empty)  # (E, in, in) upper
     # a block holds whole groups, so a dynamic group's parameters are read at a span start
@@ -253,7 +310,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
         for a, b in spans:
             if not static:  # the group starting at column i1 + a, as updated by the earlier blocks
                 S1[..., a:b], Z1[..., a:b] = _qparams(W[..., i1 + a:i1 + b], spec, dtype,
-                                                       diag[:, i1 + a:i1 + b])  # (E, out, 1)
+                                                       importance[:, i1 + a:i1 + b])  # (E, out, 1)
             for i in range(a, b):
                 w, s, z = W1[..., i], S1[..., i], Z1[..., i]  # (E, out)
                 q = quantize(w, s, z, maxq)  # (E, out)
@@ -265,7 +322,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
     Q = dequantize(C, S, Z)  # (E, out, in): the loop's values, elementwise
     codes = C.to(torch.uint8)
 
-    if act_order:
+    if act_order != "none":
         inv = torch.argsort(perm, dim=-1)  # (E, in)
         Q, codes, S, Z = (_permute_cols(t, inv) for t in (Q, codes, S, Z))
     Qd = Q.to(dtype)

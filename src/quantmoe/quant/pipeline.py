@@ -21,7 +21,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
 from quantmoe.hooks import removed_after
-from quantmoe.quant.gptq import gptq_quantize, gptq_quantize_batched
+from quantmoe.quant.gptq import act_order_mode, act_order_record, gptq_quantize, gptq_quantize_batched
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
 from quantmoe.quant.replay import BlockReplay, FrozenOutputs
@@ -68,8 +69,9 @@ class GPTQConfig:
     method: str = "gptq"
     damp: float = 0.01
     block_size: int = 128  # columns per lazy-update block (see gptq.py)
-    act_order: bool = False
-    static_groups: bool = False  # group scale/zero from the unquantized W (forced by act_order with groups)
+    # GPTQ column order: none, desc or gar (quant/gptq.py); a bool is read as False = none, True = desc
+    act_order: str = "none"
+    static_groups: bool = False  # group scale/zero from the unquantized W (forced by act_order desc with groups)
     batch_experts: bool = True  # one batched GPTQ over a block's experts of equal shape and settings
     # device memory a block may use to keep its routed experts' down inputs from the down stage's
     # pass for its final pass (which then skips their gate/up); 0 turns it off
@@ -79,6 +81,7 @@ class GPTQConfig:
     expert_chunk: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "act_order", act_order_mode(self.act_order))
         if self.method not in METHODS:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
@@ -89,6 +92,11 @@ class GPTQConfig:
             raise ValueError(f"check `expert_chunk`: {self.expert_chunk} must be >= 0 (0 = all experts at once)")
         if self.expert_cache_mb < 0:
             raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as checkpoint metadata and resume identities record them: act-order none/desc as
+        false/true, as before the modes existed, so that earlier checkpoints keep their identity."""
+        return asdict(self) | {"act_order": act_order_record(self.act_order)}
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ Buffers (all saved by ``state_dict`` and safetensors-ready, contiguous):
     scales   model dtype (out, groups)
     bias     model dtype (out,) or None
 and, not saved, ``g_idx`` int32 (in,): the group of each input column. Stored groups are
-always contiguous (act-order uses static groups), so it is derived from ``group_size``; it
-can be set to any assignment in memory.
+always contiguous (act-order desc uses static groups, gar reorders whole groups), so it is
+derived from ``group_size``; it can be set to any assignment in memory.
 
 Zero points are stored as they are used (no GPTQ "zero - 1" offset). ``dequantize_weight()``
 (plain torch, the seam for a future kernel) computes in float32 then casts, so the weight

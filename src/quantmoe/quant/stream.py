@@ -194,7 +194,7 @@ def _maybe_pause(index: int) -> None:
 def _run_identity(source: str, specs: Mapping[str, QuantSpec], calib: CalibrationConfig, gptq: GPTQConfig,
                   dtype: torch.dtype, windows: torch.Tensor) -> dict[str, Any]:
     return {"source": source, "dtype": str(dtype).removeprefix("torch."), "calibration": asdict(calib),
-            "gptq": asdict(gptq), "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "gptq": gptq.to_dict(), "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
             "modules": {n: asdict(s) for n, s in sorted(specs.items())}}
 
 
