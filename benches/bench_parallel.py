@@ -49,6 +49,8 @@ def quantize(args: argparse.Namespace, ranks: int, out: Path) -> float:
         cmd += ["--threads", str(args.threads)]
     if args.device:
         cmd += ["--device", args.device]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT / "src"), os.environ.get("PYTHONPATH")))))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -105,6 +107,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     ap.add_argument("--device", default=None, help="cuda: each rank on its own GPU (NCCL)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="weights in memory and on disk (default: the checkpoint's own, bfloat16 for mixtral-s)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one, many = Path(tmp) / "one", Path(tmp) / "many"
@@ -120,7 +124,8 @@ def main() -> None:
         kl1, kln, diff = kl_and_logits(args, one, many)
     n = args.ranks
     print(f"{args.model}, {args.bits}-bit g{args.group_size}, {args.calib_windows} x {args.calib_len} calibration "
-          f"tokens, device {args.device or 'cpu'}, threads/rank {args.threads or 'all'}")
+          f"tokens, {args.dtype or 'checkpoint dtype'}, device {args.device or 'cpu'}, "
+          f"threads/rank {args.threads or 'all'}")
     print(f"{'block':>5} {'1 rank s':>9} {f'{n} ranks s':>10} {'speedup':>8} {'codes differing':>16}")
     for b, (s1, sn) in enumerate(zip(r1["block_seconds"], rn["block_seconds"])):
         d, c = per_block.get(b, (0, 1))
