@@ -96,3 +96,17 @@ def test_a_dead_rank_fails_the_job(tmp_path, die):
     assert "block 1 stage 0" in err0
     assert time.monotonic() - t0 < 90
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_windows_are_shared_contiguously_and_experts_round_robin():
+    from quantmoe.anatomy import LinearUnit
+    from quantmoe.quant.distributed import Parallel
+
+    windows = torch.arange(10)[:, None]
+    shares = [Parallel(r, 3).share(windows) for r in range(3)]
+    assert torch.equal(torch.cat(shares), windows) and [len(s) for s in shares] == [3, 3, 4]
+    with pytest.raises(ValueError, match="num_windows"):
+        Parallel(0, 3).share(windows[:2])
+    for expert, owner in ((None, 0), (0, 0), (1, 1), (2, 2), (3, 0)):
+        unit = LinearUnit("x", "expert", 0, expert, "down_proj", 8, 8, False)
+        assert Parallel(1, 3).owner(unit) == owner
