@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from quantmoe.quant.checkpoint import REPORT_NAME, check_checkpoint_output
+from quantmoe.quant.distributed import DEFAULT_TIMEOUT_S
 from quantmoe.quant.grid import CLIP_MODES, SUPPORTED_BITS
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,25 @@ def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    """Under torchrun with more than one rank, every rank runs this; rank 0 alone writes (quant/distributed.py)."""
+    from quantmoe.quant.distributed import init_from_env
+
+    parallel, device = init_from_env(args.dist_timeout, args.device)
+    if parallel is None:
+        return _quantize(args, args.device, lead=True)
+    import torch.distributed as dist
+
+    try:
+        if args.stream or args.resume or args.eval:
+            raise ValueError("torchrun runs the in-memory quantization only: drop --stream/--resume/--eval "
+                             "(evaluate the checkpoint afterwards with `quantmoe eval`)")
+        return _quantize(args, device, lead=parallel.rank == 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
+    """``lead``: this process checks and writes the output (rank 0, or the only process)."""
     from quantmoe import api
     from quantmoe.bench.preflight import check_plan, model_anatomy
     from quantmoe.calib.data import CalibrationConfig
@@ -131,9 +151,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.format == "gptq":  # the export's own rule: new, empty, or an earlier export (checked again at write)
         from quantmoe.export.writer import check_export_output
 
-        out_dir = check_export_output(Path(args.out))
+        out_dir = check_export_output(Path(args.out)) if lead else None
     else:
-        out_dir = check_checkpoint_output(Path(args.out), overwrite=args.overwrite,
+        out_dir = None if not lead else check_checkpoint_output(Path(args.out), overwrite=args.overwrite,
                                           protect=_source_folders(args.model))
     model, tokenizer = load_model(args.model, dtype=source_dtype(args), trust_remote_code=args.trust_remote_code,
                                   tokenizer=args.tokenizer)
@@ -151,7 +171,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                  len(windows), args.eval, args.calib_len)
         ref = reference_logprobs(model, windows, progress=True)
         base = evaluate(model, windows, ref, progress=True, desc="full precision eval")
-    result = api.quantize(model, tokenizer, plan, calib, gptq, device=args.device)
+    result = api.quantize(model, tokenizer, plan, calib, gptq, device=device)
+    if not lead:
+        return 0
     if args.format == "gptq":
         out = api.save_gptq(result, out_dir, tokenizer, plan, calib, gptq, args.model, fingerprint,
                             target=args.target)
@@ -233,6 +255,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                         "e.g. 24GB")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code from the hub")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at each exchange before the job "
+                        "fails (longer than the slowest rank's GPTQ of one stage; see docs/distributed.md)")
     from quantmoe.export.cli import add_target_arg
 
     add_target_arg(p)

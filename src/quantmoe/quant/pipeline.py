@@ -334,9 +334,22 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     experts are per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
     ``io`` says where blocks come from and go to (default: all in memory); the report covers
     the blocks quantized in this call.
+
+    Inside an initialized ``torch.distributed`` process group of more than one rank (torchrun),
+    each rank calibrates on its share of ``windows`` and quantizes the experts it owns
+    (quant/distributed.py); every rank ends with the same quantized model.
     """
     t_start = time.perf_counter()
     io = io if io is not None else BlockIO()
+    parallel = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from quantmoe.quant.distributed import current
+
+        parallel = current() if gptq.method == "gptq" else None  # RTN needs no calibration: every rank alone
+    if parallel is not None:
+        if type(io) is not BlockIO:
+            raise ValueError("streamed quantization (--stream/--resume) runs in one process: drop torchrun")
+        windows = parallel.share(windows)
     family = family_of(model)
     anatomy: ModelAnatomy = describe(model)
     home = next(model.parameters()).device
@@ -368,7 +381,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     for unit in anatomy.units:
         by_block[unit.block].append(unit)
     todo = [b for b in anatomy.blocks if b.index >= io.first_block]
-    bar = tqdm(todo, desc="quantize blocks", disable=not progress)
+    bar = tqdm(todo, desc="quantize blocks", disable=not progress or (parallel is not None and parallel.rank > 0))
     for block_info in bar:
         t0 = time.perf_counter()
         units = by_block[block_info.index]
@@ -393,7 +406,11 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             if gptq.method == "gptq":
                 with replay.stage(stage_index), collector.attached(experts_module_of):
                     _calibrate_block(block, inputs, collector, replay)
-            _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
+            if parallel is None:
+                _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
+            else:
+                _quantize_shared(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged,
+                                 parallel, f"block {block_info.index} stage {stage_index}")
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
         t_final = time.perf_counter()
@@ -434,6 +451,23 @@ def _stage(model: nn.Module, name: str, qlinear: QuantLinear, staged: dict[str, 
     driver installs ``qlinear`` once the block is done."""
     staged[name] = qlinear
     _replace(model, name, qlinear.dense(weight))
+
+
+def _quantize_shared(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
+                     collector: HessianCollector, calib: CalibrationConfig, gptq: GPTQConfig,
+                     reports: dict[str, UnitReport], fallbacks: list[str], staged: dict[str, QuantLinear],
+                     parallel, what: str) -> None:
+    """``_quantize_units`` over ranks: Hessians summed onto their owners, each rank quantizes its
+    own units, then every rank receives the others' (quant/distributed.py). Fallbacks are listed
+    in unit order."""
+    parallel.reduce_stats(collector, units, what)
+    n_fallbacks = len(fallbacks)
+    _quantize_units(model, [u for u in units if parallel.owns(u)], specs, collector, calib, gptq, reports,
+                    fallbacks, staged)
+    for name, qlinear in parallel.share_stage(model, units, reports, staged, what).items():
+        _stage(model, name, qlinear, staged)
+    del fallbacks[n_fallbacks:]
+    fallbacks += [u.name for u in units if reports[u.name].method == "rtn-fallback"]
 
 
 def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
