@@ -77,6 +77,9 @@ class GPTQConfig:
     # at most this many experts per batched GPTQ call (0 = all of a block's at once): bounds the
     # float32 working set (weights, Hessians, inverses) of the batch at some speed
     expert_chunk: int = 0
+    # rotate the residual stream by a random Hadamard matrix (seed 0) folded into the weights
+    # before calibration (quant/rotate.py): the same model, other weights; recorded with the run
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -325,11 +328,16 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     The model is switched to its per-expert view block by block (and stays in it: quantized
     experts are per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
     ``io`` says where blocks come from and go to (default: all in memory); the report covers
-    the blocks quantized in this call.
+    the blocks quantized in this call. With ``gptq.rotate`` the residual stream is rotated first
+    (``quantmoe.quant.rotate.rotate_model``, in memory only).
     """
     t_start = time.perf_counter()
     io = io if io is not None else BlockIO()
     family = family_of(model)
+    if gptq.rotate:
+        from quantmoe.quant.rotate import rotate_model
+
+        rotate_model(model)
     anatomy: ModelAnatomy = describe(model)
     home = next(model.parameters()).device
     home = torch.device("cpu") if home.type == "meta" else home  # a skeleton's blocks arrive one by one
