@@ -68,7 +68,8 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A Haar-random orthogonal (n, n) matrix, float64: QR of a Gaussian with R's diagonal made positive."""
     A = torch.randn(n, n, dtype=torch.float64, generator=generator)
     Q, R = torch.linalg.qr(A)
-    return Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(()))[None, :]
+    signs = torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones((), dtype=torch.float64))
+    return (Q * signs[None, :]).contiguous()
 
 
 def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
