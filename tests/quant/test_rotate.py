@@ -133,3 +133,12 @@ def test_quantize_command_rotate(monkeypatch):
                                       "--stream"])
     with pytest.raises(ValueError, match="--rotate .*drop --stream"):
         cli._cmd_quantize(args)
+
+
+def test_stream_identity_records_rotate_only_when_on():
+    from quantmoe.quant.stream import _run_identity
+
+    windows = torch.zeros(2, 4, dtype=torch.long)
+    args = ("m", {}, CalibrationConfig())
+    assert "rotate" not in _run_identity(*args, GPTQConfig(), torch.float32, windows)["gptq"]  # older work folders
+    assert _run_identity(*args, GPTQConfig(rotate=True), torch.float32, windows)["gptq"]["rotate"] is True
