@@ -14,6 +14,7 @@ import torch
 import quantmoe
 from quantmoe.anatomy import describe, is_unfused, tiny_model
 from quantmoe.calib.data import CalibrationConfig
+from quantmoe.export.writer import write_export
 from quantmoe.quant.checkpoint import save_quantized
 from quantmoe.quant.pipeline import GPTQConfig, quantize_model
 from quantmoe.quant.plan import Plan
@@ -96,17 +97,20 @@ def test_refused_families_say_which_and_why(family, tied, reason):
     assert all(torch.equal(before[k], after[k]) for k in before)  # refused before touching a weight
 
 
-def test_rotated_quantized_checkpoint_reloads_with_identical_logits(tmp_path):
+def test_rotated_quantized_checkpoint_and_export_reload_with_identical_logits(tmp_path):
     model = tiny_model("mixtral")
-    specs = Plan.uniform(3, group_size=16).resolve(describe(model))
+    specs = Plan.uniform(4, group_size=16).resolve(describe(model))
     windows = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
     gptq = GPTQConfig(rotate=True)
     quantize_model(model, specs, windows, CalibrationConfig(min_expert_tokens=1), gptq, progress=False)
     assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in _norms(model))  # it was rotated
     save_quantized(model, tmp_path / "q", specs, {"gptq": asdict(gptq)})
-    loaded = quantmoe.load(tmp_path / "q", attn_implementation="eager")
+    write_export(model, specs, tmp_path / "g", metadata={"gptq": asdict(gptq)})  # the GPTQ format too
     with torch.no_grad():
-        assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)
+        ref = model(input_ids=windows).logits
+        for folder in ("q", "g"):
+            loaded = quantmoe.load(tmp_path / folder, attn_implementation="eager")
+            assert torch.equal(loaded(input_ids=windows).logits, ref), folder
     assert json.loads((tmp_path / "q" / "quantization_config.json").read_text())["gptq"]["rotate"] is True
 
 
