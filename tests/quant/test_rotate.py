@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import quantmoe
-from quantmoe.anatomy import describe, is_unfused, tiny_model
+from quantmoe.anatomy import FAMILIES, describe, is_unfused, tiny_model
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.export.writer import write_export
 from quantmoe.quant.checkpoint import save_quantized
@@ -146,3 +146,24 @@ def test_stream_identity_records_rotate_only_when_on():
     args = ("m", {}, CalibrationConfig())
     assert "rotate" not in _run_identity(*args, GPTQConfig(), torch.float32, windows)["gptq"]  # older work folders
     assert _run_identity(*args, GPTQConfig(rotate=True), torch.float32, windows)["gptq"]["rotate"] is True
+
+
+# families whose tiny models rotate with the same logits; every other family is refused (never silently wrong)
+ROTATABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "deepseek_v2", "glm4_moe",
+             "glm4_moe_lite", "dots1", "ernie4_5_moe", "minimax_m2", "granitemoe", "solar_open", "exaone_moe",
+             "mimo_v2_flash", "hy_v3", "mellum", "aria_text", "flint"}
+
+
+@pytest.mark.parametrize("family", sorted(f for f, s in FAMILIES.items() if s.view_refusal is None))
+def test_every_family_rotates_exactly_or_is_refused(family):
+    model = tiny_model(family).eval()
+    ids = torch.randint(3, model.config.get_text_config().vocab_size, (1, 12),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        if family not in ROTATABLE:
+            with pytest.raises(ValueError, match=f"--rotate does not apply to {family} "):
+                rotate_model(model)
+            return
+        rotate_model(model)
+        assert (model(input_ids=ids).logits - ref).abs().max().item() < LOGIT_ATOL

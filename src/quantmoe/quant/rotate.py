@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from quantmoe.anatomy import describe, family_of, fuse_experts, is_unfused, unfuse_experts
+from quantmoe.anatomy import ModelAnatomy, describe, family_of, fuse_experts, is_unfused, unfuse_experts
 from quantmoe.anatomy.specs import FamilySpec
 
 log = logging.getLogger(__name__)
@@ -153,16 +153,14 @@ def check_rotatable(model: nn.Module) -> FamilySpec:
                             "norm into lm_head would change the embeddings too")
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("--rotate needs every weight in memory (not a streamed skeleton): drop --stream/--resume")
-    blocks = model.get_submodule(spec.layers)
-    norm_types = (type(blocks[0].input_layernorm),) if hasattr(blocks[0], "input_layernorm") else ()
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(model.get_submodule(spec.layers)):
         for child_name, child in block.named_children():
             looks_like_norm = "norm" in child_name.lower() or "norm" in type(child).__name__.lower()
             if looks_like_norm and child_name not in BLOCK_NORMS:
                 raise _refuse(spec, f"block {i} has the norm `{child_name}` on its residual path besides "
                                     f"{' and '.join(BLOCK_NORMS)}")
         for norm_name in BLOCK_NORMS:
-            if not isinstance(getattr(block, norm_name, None), norm_types or (nn.Module,)):
+            if not isinstance(getattr(block, norm_name, None), nn.Module):  # what it is: probed by _check_norm
                 raise _refuse(spec, f"block {i} has no `{norm_name}` pre-norm")
     return spec
 
@@ -208,7 +206,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> torch.Tensor:
     return Q
 
 
-def _check_covered(model: nn.Module, spec: FamilySpec, anatomy, hidden: int, final_norm_name: str) -> None:
+def _check_covered(model: nn.Module, spec: FamilySpec, anatomy: ModelAnatomy, hidden: int, final_norm_name: str) -> None:
     """Every parameter with a hidden-size axis belongs to a module the rotation handles.
 
     Vectors inside the attention (q/k norms) act on its projections' outputs and are skipped.
@@ -233,7 +231,7 @@ def _check_covered(model: nn.Module, spec: FamilySpec, anatomy, hidden: int, fin
                                     "handles")
 
 
-def _rotate(model: nn.Module, spec: FamilySpec, anatomy, Q: torch.Tensor, final_norm_name: str) -> None:
+def _rotate(model: nn.Module, spec: FamilySpec, anatomy: ModelAnatomy, Q: torch.Tensor, final_norm_name: str) -> None:
     def norm_scale(name: str) -> torch.Tensor:
         norm = model.get_submodule(name)
         g = norm.weight.to(torch.float64).clone()
