@@ -82,3 +82,11 @@ def test_quantizer_clip_reaches_plans_and_identity():
     q = clipped.quantizer
     plan = build_plan(parse_policy("uniform=2"), anatomy, group_size=q.group_size, symmetric=q.symmetric, clip=q.clip)
     assert {s.clip for s in plan.resolve(anatomy).values()} == {"hmse"}
+
+
+def test_quantizer_rotate_reaches_gptq_config_and_identity():
+    plain = sweep_from_dict(BASE, "s.yaml")
+    rotated = sweep_from_dict({**BASE, "quantizer": {"rotate": True}}, "s.yaml")
+    assert "rotate" not in plain.quantizer.identity()  # rows stored before `rotate` keep their keys
+    assert rotated.quantizer.identity()["rotate"] is True
+    assert rotated.quantizer.gptq().rotate is True and plain.quantizer.gptq().rotate is False

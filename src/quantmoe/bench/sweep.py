@@ -60,6 +60,7 @@ class QuantizerSettings:
     min_expert_tokens: int = 16
     block_size: int = 128  # GPTQ columns per lazy-update block
     static_groups: bool = False  # GPTQ group scale/zero from the unquantized weight
+    rotate: bool = False  # residual-stream rotation folded into the weights first (quant/rotate.py)
 
     def __post_init__(self) -> None:
         from quantmoe.quant.gptq import act_order_record
@@ -74,13 +75,13 @@ class QuantizerSettings:
         from quantmoe.quant.pipeline import GPTQConfig
 
         return GPTQConfig(method=self.method, damp=self.damp, act_order=self.act_order, block_size=self.block_size,
-                          static_groups=self.static_groups)
+                          static_groups=self.static_groups, rotate=self.rotate)
 
     def identity(self) -> dict[str, Any]:
         """What these settings compute: settings added after the first stores count only when not at their
         default, so that rows stored before them keep their keys."""
         out = asdict(self)
-        for key, default in (("block_size", 128), ("static_groups", False), ("clip", "none")):
+        for key, default in (("block_size", 128), ("static_groups", False), ("clip", "none"), ("rotate", False)):
             if out[key] == default:
                 del out[key]
         return out

@@ -60,6 +60,7 @@ class QuantizerSection(_Section):
     damp: float = Field(0.01, ge=0, lt=1)
     act_order: bool | Literal["none", "desc", "gar"] = False  # false = none, true = desc
     static_groups: bool = False
+    rotate: bool = False
     block_size: int = Field(128, ge=1)
     moe_mode: Literal["routed", "all", "weighted"] = "routed"
     min_expert_tokens: int = Field(16, ge=0)

@@ -138,10 +138,12 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
-                      static_groups=args.static_groups, expert_chunk=args.expert_chunk)
+                      static_groups=args.static_groups, expert_chunk=args.expert_chunk, rotate=args.rotate)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stream or args.resume:
+        if args.rotate:
+            raise ValueError("--rotate rotates the whole model in memory before calibration: drop --stream/--resume")
         if args.format == "gptq":
             raise ValueError("--format gptq writes from memory: quantize with --stream, then "
                              "`quantmoe export OUT --format gptq --out DIR`")
@@ -226,6 +228,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-chunk", type=int, default=0,
                    help="at most this many experts per batched GPTQ call (0 = all of a block's at once); "
                         "lowers peak memory, same result")
+    p.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream by a random Hadamard matrix folded into the weights before "
+                        "quantizing (same outputs in full precision, no runtime change; RMSNorm pre-norm families; "
+                        "see docs/quantization.md)")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")

@@ -79,6 +79,9 @@ class GPTQConfig:
     # at most this many experts per batched GPTQ call (0 = all of a block's at once): bounds the
     # float32 working set (weights, Hessians, inverses) of the batch at some speed
     expert_chunk: int = 0
+    # rotate the residual stream by a random Hadamard matrix (seed 0) folded into the weights
+    # before calibration (quant/rotate.py): the same model, other weights; recorded with the run
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "act_order", act_order_mode(self.act_order))
@@ -333,7 +336,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     The model is switched to its per-expert view block by block (and stays in it: quantized
     experts are per-expert modules). ``specs`` maps unit names to settings (see ``Plan.resolve``).
     ``io`` says where blocks come from and go to (default: all in memory); the report covers
-    the blocks quantized in this call.
+    the blocks quantized in this call. With ``gptq.rotate`` the residual stream is rotated first
+    (``quantmoe.quant.rotate.rotate_model``, in memory only).
 
     Inside an initialized ``torch.distributed`` process group of more than one rank (torchrun),
     each rank calibrates on its share of ``windows`` and quantizes the experts it owns
@@ -351,6 +355,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             raise ValueError("streamed quantization (--stream/--resume) runs in one process: drop torchrun")
         windows = parallel.share(windows)
     family = family_of(model)
+    if gptq.rotate:
+        from quantmoe.quant.rotate import rotate_model
+
+        rotate_model(model)
     anatomy: ModelAnatomy = describe(model)
     home = next(model.parameters()).device
     home = torch.device("cpu") if home.type == "meta" else home  # a skeleton's blocks arrive one by one
