@@ -15,8 +15,11 @@ full precision.
 
 * HQQ 0.2.8 (calibration-free): ``Quantizer.quantize`` per weight (axis=1, its half-quadratic
   zero optimization), float16 scale and float16 zero per group.
-* AutoRound (auto-round 0.16.1): uniform W{bits}A16 g128 sym, on the calibration windows;
-  AutoScheme mixed bits at target average bits (see --autoscheme-targets).
+* AutoRound (auto-round 0.16.1): uniform W{bits}A16 g128 sym, tuned on the first
+  --autoround-nsamples calibration windows for --autoround-iters steps; AutoScheme mixed bits
+  (W2/W3/W4/W8 A16 g128) at target average bits (--autoscheme-targets; AutoScheme counts
+  scales and zeros in its average). AutoRound unfuses transformers 5's fused experts itself
+  (per-expert names, the same as quantmoe's) and leaves routers and the LM head unquantized.
 * GPTQModel 7.7.0 (the runner of bench_vs_gptqmodel.py) and quantmoe: uniform GPTQ g128 sym on
   the same calibration windows (128 x 256 tokens of the calibration split, seed 0 by default).
 
@@ -93,7 +96,7 @@ def effective_bits(units: Iterable[LinearUnit], bits: Mapping[str, int], group_s
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mixtral-s", help="embedded model name or local folder")
-    p.add_argument("--tools", default="quantmoe,hqq",
+    p.add_argument("--tools", default="quantmoe,hqq,autoround,autoscheme",
                    help=f"comma-separated, run in this order; of {', '.join(TOOLS)}")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="widths of the uniform settings")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ / AutoRound group size")
@@ -253,7 +256,8 @@ def main() -> int:
     points: list[PeerPoint] = []
     failures: list[str] = []
     for job in jobs:
-        (job.out / "result.json").unlink(missing_ok=True)
+        for stale in ("result.json", "error.txt"):
+            (job.out / stale).unlink(missing_ok=True)
         job.out.mkdir(parents=True, exist_ok=True)
         measured = job.out / "rusage.json"
         run = run_tool(f"{job.tool} {job.setting}", [sys.executable, str(BENCHES / "_peak_rss.py"), str(measured),
@@ -285,7 +289,8 @@ def main() -> int:
     lines = [f"# {name}: peers side by side", "",
              f"KL = mean per-token KL(full precision || quantized), ppl on {len(test)} test windows of 256 tokens "
              f"(full precision ppl {base.ppl:.3f}); calibration {args.calib_windows} x {args.calib_len} tokens; "
-             f"{args.threads} threads per tool.", "",
+             f"{args.threads} threads per tool. AutoRound: {args.autoround_iters} iters, {args.autoround_nsamples} "
+             f"calibration windows (the first of the same set).", "",
              "| tool | setting | eff. bits | KL | ppl | quantize (s) | process (s) | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]
     for p in points:
