@@ -188,7 +188,8 @@ def _plot(points: list[PeerPoint], path: Path, title: str) -> None:
                 ax.plot([p.effective_bits for p in sub], [p.kl for p in sub], marker=markers[tool], label=f"HQQ {g}")
             continue
         ax.plot([p.effective_bits for p in pts], [p.kl for p in pts], marker=markers.get(tool, "x"),
-                label={"quantmoe": "quantmoe GPTQ", "gptqmodel": "GPTQModel"}.get(tool, tool))
+                label={"quantmoe": "quantmoe GPTQ", "gptqmodel": "GPTQModel", "autoround": "AutoRound",
+                       "autoscheme": "AutoRound AutoScheme"}.get(tool, tool))
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per weight (codes + scales + zeros)")
     ax.set_ylabel("mean per-token KL to full precision")
