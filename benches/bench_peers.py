@@ -19,7 +19,8 @@ full precision.
   --autoround-nsamples calibration windows for --autoround-iters steps; AutoScheme mixed bits
   (W2/W3/W4/W8 A16 g128) at target average bits (--autoscheme-targets; AutoScheme counts
   scales and zeros in its average). AutoRound unfuses transformers 5's fused experts itself
-  (per-expert names, the same as quantmoe's) and leaves routers and the LM head unquantized.
+  (per-expert names, the same as quantmoe's) and leaves routers and the LM head unquantized
+  (and, by its own ignore list, deepseek's kv_a_proj_with_mqa: counted at 16 bits).
 * GPTQModel 7.7.0 (the runner of bench_vs_gptqmodel.py) and quantmoe: uniform GPTQ g128 sym on
   the same calibration windows (128 x 256 tokens of the calibration split, seed 0 by default).
 
