@@ -152,27 +152,11 @@ def test_sweep_accepts_a_bool_or_a_mode():
 
 @pytest.mark.parametrize("argv, mode", [([], "none"), (["--act-order"], "desc"), (["--act-order", "desc"], "desc"),
                                         (["--act-order", "gar"], "gar"), (["--act-order", "none"], "none")])
-def test_cli_act_order(argv, mode, monkeypatch):
-    from quantmoe import api
-    from quantmoe.cli import build_parser
-    from quantmoe.quant import cli
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_quantize(model, tokenizer, plan, calib, gptq, **_):
-        seen["gptq"] = gptq
-        raise Stop
-
-    monkeypatch.setattr(api, "quantize", fake_quantize)
+def test_cli_act_order(argv, mode, quantize_settings):
     # a bare --act-order before another option: desc, not the option's name
-    args = build_parser().parse_args(["quantize", "mixtral-s", "--bits", "4", *argv, "--out", "unused"])
+    args, gptq = quantize_settings(["mixtral-s", "--bits", "4", *argv, "--out", "unused"])
     assert args.act_order == mode
-    with pytest.raises(Stop):
-        cli._cmd_quantize(args)
-    assert seen["gptq"].act_order == mode
+    assert gptq.act_order == mode
 
 
 def test_cli_rejects_an_unknown_mode(capsys):

@@ -98,26 +98,13 @@ def test_pipeline_passes_block_size_and_static_groups_to_gptq():
     assert not torch.equal(per_group, from_w)
 
 
-def test_quantize_command_sets_both(monkeypatch):
-    from quantmoe import api
+def test_quantize_command_sets_both(quantize_settings):
     from quantmoe.cli import build_parser
     from quantmoe.quant import cli
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_quantize(model, tokenizer, plan, calib, gptq, **_):
-        seen["gptq"] = gptq
-        raise Stop
-
-    monkeypatch.setattr(api, "quantize", fake_quantize)
-    args = build_parser().parse_args(["quantize", "mixtral-s", "--bits", "4", "--out", "unused", "--static-groups",
-                                      "--block-size", "64"])
-    with pytest.raises(Stop):
-        cli._cmd_quantize(args)
-    assert seen["gptq"].static_groups is True and seen["gptq"].block_size == 64
+    _, gptq = quantize_settings(["mixtral-s", "--bits", "4", "--out", "unused", "--static-groups",
+                                 "--block-size", "64"])
+    assert gptq.static_groups is True and gptq.block_size == 64
     args = build_parser().parse_args(["quantize", "mixtral-s", "--bits", "4", "--out", "unused", "--block-size", "0"])
     with pytest.raises(ValueError, match="block_size"):
         cli._cmd_quantize(args)

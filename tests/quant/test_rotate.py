@@ -114,25 +114,12 @@ def test_rotated_quantized_checkpoint_and_export_reload_with_identical_logits(tm
     assert json.loads((tmp_path / "q" / "quantization_config.json").read_text())["gptq"]["rotate"] is True
 
 
-def test_quantize_command_rotate(monkeypatch):
-    from quantmoe import api
+def test_quantize_command_rotate(quantize_settings):
     from quantmoe.cli import build_parser
     from quantmoe.quant import cli
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_quantize(model, tokenizer, plan, calib, gptq, **_):
-        seen["gptq"] = gptq
-        raise Stop
-
-    monkeypatch.setattr(api, "quantize", fake_quantize)
-    args = build_parser().parse_args(["quantize", "mixtral-s", "--bits", "3", "--out", "unused", "--rotate"])
-    with pytest.raises(Stop):
-        cli._cmd_quantize(args)
-    assert seen["gptq"].rotate is True
+    _, gptq = quantize_settings(["mixtral-s", "--bits", "3", "--out", "unused", "--rotate"])
+    assert gptq.rotate is True
     args = build_parser().parse_args(["quantize", "mixtral-s", "--bits", "3", "--out", "unused", "--rotate",
                                       "--stream"])
     with pytest.raises(ValueError, match="--rotate .*drop --stream"):
