@@ -25,7 +25,8 @@ what lets the solver pick widths jointly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from quantmoe.alloc.menu import label, parse_choice
 from quantmoe.anatomy import ModelAnatomy, per_expert_view
 from quantmoe.calib.data import run_windows
 from quantmoe.calib.hessian import HessianCollector
+from quantmoe.hooks import removed_after
 from quantmoe.quant.gptq import gptq_quantize
 from quantmoe.quant.grid import QuantSpec, rtn
 
@@ -73,17 +75,28 @@ class DamageTable:
         return self.specs or tuple(replace(base, bits=w) for w in self.widths)
 
 
-def _fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """Empirical Fisher diagonal (sum of squared loss gradients) of each named linear's weight."""
-    params = {n: model.get_submodule(n).weight for n in names}
+@contextmanager
+def _gradients_of(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Only ``params`` require gradients inside; every parameter's flag and no gradient left after."""
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in params.values():
+    for p in params:
         p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+        model.zero_grad(set_to_none=True)
+
+
+def _fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """Empirical Fisher diagonal (sum of squared loss gradients) of each named linear's weight."""
+    params = {n: model.get_submodule(n).weight for n in names}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     device = next(model.parameters()).device
-    try:
+    with _gradients_of(model, params.values()):
         for i in tqdm(range(0, len(windows), batch_size), desc="fisher", leave=False):
             batch = windows[i:i + batch_size].to(device)
             for row in batch:  # per-sequence gradients: the Fisher is a sum of per-sample outer products
@@ -93,10 +106,6 @@ def _fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor, batch
                 for n, p in params.items():
                     if p.grad is not None:  # None: an expert this sequence did not reach
                         fisher[n] += p.grad.float() ** 2
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(was[n])
-        model.zero_grad(set_to_none=True)
     return fisher
 
 
@@ -107,34 +116,23 @@ def _output_fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor
     modules = {n: model.get_submodule(n) for n in names}
     acc = {n: torch.zeros(m.weight.shape[0], dtype=torch.float32, device=m.weight.device)
            for n, m in modules.items()}
-    was = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    hooks = []
-    for n, m in modules.items():
-        m.weight.requires_grad_(True)  # so that the graph reaches every linear's output
-
-        def add(g: torch.Tensor, n: str = n) -> None:
-            acc[n] += g.detach().float().reshape(-1, g.shape[-1]).pow(2).sum(0)
-
-        def hook(module, args, out, add=add):  # the gradient at this call's output, when backward reaches it
-            if out.requires_grad:
-                out.register_hook(add)
-
-        hooks.append(m.register_forward_hook(hook))
     device = next(model.parameters()).device
-    try:
+    # the weights require gradients only so that the graph reaches every linear's output
+    with _gradients_of(model, [m.weight for m in modules.values()]), removed_after() as handles:
+        for n, m in modules.items():
+            def add(g: torch.Tensor, n: str = n) -> None:
+                acc[n] += g.detach().float().reshape(-1, g.shape[-1]).pow(2).sum(0)
+
+            def hook(module, args, out, add=add):  # the gradient at this call's output, when backward reaches it
+                if out.requires_grad:
+                    out.register_hook(add)
+
+            handles.append(m.register_forward_hook(hook))
         for i in tqdm(range(0, len(windows), batch_size), desc="output fisher", leave=False):
             batch = windows[i:i + batch_size].to(device)
             model.zero_grad(set_to_none=True)
             loss = model(input_ids=batch, labels=batch).loss * (batch.shape[0] * (batch.shape[1] - 1))
             loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(was[n])
-        model.zero_grad(set_to_none=True)
     return acc
 
 
