@@ -1,5 +1,5 @@
 """Quantizer options measured on the embedded models: clipping (none / mse / hmse) and GPTQ act-order
-(none / desc / gar) per width.
+(none / desc / gar) per width, and sweeps of coordinate descent on GPTQ's codes (`--refine`).
 
 Every setting quantizes the whole model uniformly (GPTQ, the given group size) on the same
 calibration windows and is scored on the same test windows: KL(full precision || quantized)
@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--clip", nargs="+", default=list(CLIP_MODES), choices=CLIP_MODES)
     ap.add_argument("--act-order", nargs="+", default=["none"], choices=ACT_ORDERS, help="GPTQ column orders")
+    ap.add_argument("--refine", type=int, nargs="+", default=[0],
+                    help="sweeps of coordinate descent on GPTQ's codes (0 = plain GPTQ)")
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -56,21 +58,21 @@ def main() -> None:
     group = args.group_size or None
     print(f"{args.model} ({args.dtype}), GPTQ g{group or 'channel'} {'asym' if args.asym else 'sym'}, "
           f"{args.calib_windows} calibration windows, KL on {len(windows)} test windows of 256 tokens")
-    print(f"{'bits':>4} {'clip':>5} {'act':>5} {'eff.bits':>8} {'KL':>8} {'ppl':>8} {'KL/first':>8} {'time s':>7}")
+    print(f"{'bits':>4} {'clip':>5} {'act':>5} {'refine':>6} {'eff.bits':>8} {'KL':>8} {'ppl':>8} {'KL/first':>8} {'time s':>7}")
     for bits in args.bits:
         base_kl = None
-        for clip, act_order in itertools.product(args.clip, args.act_order):
+        for clip, act_order, refine in itertools.product(args.clip, args.act_order, args.refine):
             plan = Plan.uniform(bits, group_size=group, symmetric=not args.asym, clip=clip)
             model = copy.deepcopy(fp)
             t0 = time.perf_counter()
-            api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order), progress=False)
+            api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order, refine=refine), progress=False)
             took = time.perf_counter() - t0
             dequantize_in_place(model)
             res = evaluate(model, windows, ref)
             eff = bit_stats(plan.resolve(anatomy), anatomy.units).effective_bits
             base_kl = res.kl_mean if base_kl is None else base_kl
             ratio = f"{res.kl_mean / base_kl:.3f}" if base_kl else "-"
-            print(f"{bits:>4} {clip:>5} {act_order:>5} {eff:>8.3f} {res.kl_mean:>8.4f} {res.ppl:>8.2f} {ratio:>8} "
+            print(f"{bits:>4} {clip:>5} {act_order:>5} {refine:>6} {eff:>8.3f} {res.kl_mean:>8.4f} {res.ppl:>8.2f} {ratio:>8} "
                   f"{took:>7.1f}", flush=True)
             del model
 

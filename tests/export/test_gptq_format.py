@@ -7,7 +7,8 @@ from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
 
 
-def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bias=False, seed=0, clip="none"):
+def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bias=False, seed=0, clip="none",
+                 refine=0):
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = 64, 128
     X = torch.randn(256, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g)
@@ -15,7 +16,7 @@ def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bi
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.02)
     res = gptq_quantize(linear.weight.detach(), 2 / 256 * X.T @ X, QuantSpec(bits, group_size, symmetric, clip),
-                        act_order=act_order)
+                        act_order=act_order, refine=refine)
     return QuantLinear.from_result(linear, res), res
 
 
@@ -23,9 +24,9 @@ def _gptq_linear(bits, group_size, symmetric, act_order, dtype=torch.float32, bi
 @pytest.mark.parametrize("group_size", [None, 32, 128, 256])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_export_dequantizes_to_our_weight_bit_for_bit(bits, group_size, symmetric):
-    for act_order, clip in ((False, "none"), (True, "none"), (False, "mse"), (True, "hmse"), ("gar", "none"),
-                            ("gar", "hmse")):
-        q, res = _gptq_linear(bits, group_size, symmetric, act_order, clip=clip)
+    for act_order, clip, refine in ((False, "none", 0), (True, "none", 0), (False, "mse", 0), (True, "hmse", 0),
+                                    ("gar", "none", 0), ("gar", "hmse", 0), (False, "none", 2), (True, "hmse", 2)):
+        q, res = _gptq_linear(bits, group_size, symmetric, act_order, clip=clip, refine=refine)
         t = to_gptq(q)
         assert t["qweight"].dtype == t["qzeros"].dtype == t["g_idx"].dtype == torch.int32
         assert t["scales"].dtype == torch.float16
@@ -34,7 +35,7 @@ def test_export_dequantizes_to_our_weight_bit_for_bit(bits, group_size, symmetri
         assert tuple(t["qzeros"].shape) == (groups, 64 * bits // 32)
         assert tuple(t["scales"].shape) == (groups, 64) and tuple(t["g_idx"].shape) == (128,)
         W = dequantize(t, 128)
-        assert torch.equal(W, res.Q.float()), (bits, group_size, symmetric, act_order, clip)
+        assert torch.equal(W, res.Q.float()), (bits, group_size, symmetric, act_order, clip, refine)
         assert torch.equal(W, q.dequantize_weight().float())
 
 
@@ -44,8 +45,9 @@ def test_symmetric_zero_is_stored_as_half_range_minus_one():
     assert set(t["qzeros"].view(torch.uint8).unique().tolist()) == {0x77}  # every nibble 7 = 8 - 1
 
 
-def test_bfloat16_model_exports_exactly_and_reloads():
-    q, res = _gptq_linear(3, 32, False, True, dtype=torch.bfloat16, bias=True)
+@pytest.mark.parametrize("refine", [0, 2])  # refined scales are rounded to bfloat16 values too
+def test_bfloat16_model_exports_exactly_and_reloads(refine):
+    q, res = _gptq_linear(3, 32, False, True, dtype=torch.bfloat16, bias=True, refine=refine)
     t = to_gptq(q)
     assert torch.equal(dequantize(t, 128).to(torch.bfloat16), res.Q)
     back = from_gptq(t, 128, 64, torch.bfloat16)

@@ -61,6 +61,7 @@ class QuantizerSettings:
     block_size: int = 128  # GPTQ columns per lazy-update block
     static_groups: bool = False  # GPTQ group scale/zero from the unquantized weight
     rotate: bool = False  # residual-stream rotation folded into the weights first (quant/rotate.py)
+    refine: int = 0  # sweeps of coordinate descent on GPTQ's codes (quant/gptq.py refine_codes)
 
     def __post_init__(self) -> None:
         from quantmoe.quant.gptq import act_order_record
@@ -75,13 +76,14 @@ class QuantizerSettings:
         from quantmoe.quant.pipeline import GPTQConfig
 
         return GPTQConfig(method=self.method, damp=self.damp, act_order=self.act_order, block_size=self.block_size,
-                          static_groups=self.static_groups, rotate=self.rotate)
+                          static_groups=self.static_groups, rotate=self.rotate, refine=self.refine)
 
     def identity(self) -> dict[str, Any]:
         """What these settings compute: settings added after the first stores count only when not at their
         default, so that rows stored before them keep their keys."""
         out = asdict(self)
-        for key, default in (("block_size", 128), ("static_groups", False), ("clip", "none"), ("rotate", False)):
+        for key, default in (("block_size", 128), ("static_groups", False), ("clip", "none"), ("rotate", False),
+                             ("refine", 0)):
             if out[key] == default:
                 del out[key]
         return out

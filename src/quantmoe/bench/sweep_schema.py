@@ -61,6 +61,7 @@ class QuantizerSection(_Section):
     act_order: bool | Literal["none", "desc", "gar"] = False  # false = none, true = desc
     static_groups: bool = False
     rotate: bool = False
+    refine: int = Field(0, ge=0)
     block_size: int = Field(128, ge=1)
     moe_mode: Literal["routed", "all", "weighted"] = "routed"
     min_expert_tokens: int = Field(16, ge=0)

@@ -138,7 +138,8 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
-                      static_groups=args.static_groups, expert_chunk=args.expert_chunk, rotate=args.rotate)
+                      static_groups=args.static_groups, expert_chunk=args.expert_chunk, rotate=args.rotate,
+                      refine=args.refine)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stream or args.resume:
@@ -232,6 +233,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="rotate the residual stream by a random Hadamard matrix folded into the weights before "
                         "quantizing (same outputs in full precision, no runtime change; RMSNorm pre-norm families; "
                         "see docs/quantization.md)")
+    p.add_argument("--refine", type=int, default=0, metavar="SWEEPS",
+                   help="after GPTQ, this many sweeps of coordinate descent on the codes (same grid, same export, "
+                        "lower layer loss; 0 = plain GPTQ; see docs/quantization.md)")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")

@@ -148,23 +148,25 @@ def scale_in_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
                   block_size: int = 128, act_order: str | bool = "none", static_groups: bool = False,
-                  name: str = "linear") -> GPTQResult:
+                  refine: int = 0, name: str = "linear") -> GPTQResult:
     """GPTQ of one linear: ``W`` (out, in), ``H`` (in, in) = 2/n X^T X over calibration tokens.
 
     ``damp`` is a fraction of mean(diag(H)) added to the diagonal; ``name`` labels log
     messages and errors. ``act_order`` is one of ``ACT_ORDERS`` (or a bool, True = "desc"); with
-    "desc" and a group size, ``static_groups`` is forced.
+    "desc" and a group size, ``static_groups`` is forced. ``refine`` sweeps of coordinate descent
+    then lower the same layer loss further (`refine_codes`).
     """
     if W.ndim != 2:
         raise ValueError(f"{name}: W must be (out, in), got shape {tuple(W.shape)}")
     if H.ndim != 2:
         raise ValueError(f"{name}: H must be (in, in), got shape {tuple(H.shape)}")
-    return _gptq(W[None], H[None], spec, damp, block_size, act_order_mode(act_order), static_groups, [name])[0]
+    return _gptq(W[None], H[None], spec, damp, block_size, act_order_mode(act_order), static_groups, refine,
+                 [name])[0]
 
 
 def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
                           block_size: int = 128, act_order: str | bool = "none", static_groups: bool = False,
-                          names: Sequence[str] | None = None) -> list[GPTQResult]:
+                          refine: int = 0, names: Sequence[str] | None = None) -> list[GPTQResult]:
     """GPTQ of E same-shape linears at once (e.g. one projection of every expert of a block).
 
     ``W`` (E, out, in), ``H`` (E, in, in). One shared column loop over batched tensors, no
@@ -179,7 +181,7 @@ def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, 
     labels = list(names) if names is not None else [f"expert {e}" for e in range(W.shape[0])]
     if len(labels) != W.shape[0]:
         raise ValueError(f"got {len(labels)} names for {W.shape[0]} experts")
-    return _gptq(W, H, spec, damp, block_size, act_order_mode(act_order), static_groups, labels)
+    return _gptq(W, H, spec, damp, block_size, act_order_mode(act_order), static_groups, refine, labels)
 
 
 # --- implementation (batched over a leading expert dimension) ------------------------------
@@ -263,8 +265,10 @@ def _hinv(H: torch.Tensor, damp: float, names: Sequence[str],
 
 @torch.no_grad()
 def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_size: int,
-          act_order: str, static_groups: bool, names: Sequence[str]) -> list[GPTQResult]:
+          act_order: str, static_groups: bool, refine: int, names: Sequence[str]) -> list[GPTQResult]:
     _check_inputs(W, H, spec, block_size, names)
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"{names[0]}: check `refine`: {refine!r} is not a number of sweeps >= 0")
     dtype, maxq = W.dtype, spec.maxq
     E, out, n = W.shape
     W = W.float().clone()  # (E, out, in)
@@ -278,6 +282,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
     W.masked_fill_(((diag == 0) & ~empty[:, None])[:, None, :], 0.0)  # dead inputs
     diag.masked_fill_(diag == 0, 1.0)
 
+    W0, H0 = (W.clone(), H.clone()) if refine else (None, None)  # what GPTQ's loss is measured against
     static = static_groups or act_order == "desc" or spec.group_size is None
     if act_order == "desc" and spec.group_size is not None and not static_groups:
         logger.debug("GPTQ %s: act_order desc keeps groups contiguous: using static groups", names[0])
@@ -319,15 +324,89 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
                 W1[..., i:] -= Err1[..., i, None] * Hinv1[:, None, i, i:]
         losses += Err1.square().sum(dim=-1) / 2
         W[..., i2:] -= Err1 @ Hinv[:, i1:i2, i2:]  # lazy update of the later blocks
-    Q = dequantize(C, S, Z)  # (E, out, in): the loop's values, elementwise
-    codes = C.to(torch.uint8)
-
     if act_order != "none":
         inv = torch.argsort(perm, dim=-1)  # (E, in)
-        Q, codes, S, Z = (_permute_cols(t, inv) for t in (Q, codes, S, Z))
+        C, S, Z = (_permute_cols(t, inv) for t in (C, S, Z))
+    loss_per = losses.sum(dim=-1)  # (E,)
+    if refine and not bool(failed.all()):  # an expert that fell back stays round-to-nearest
+        idx = (~failed).nonzero().flatten()
+        Cr, Sr = C[idx], S[idx]
+        loss_per[idx] = refine_codes(W0[idx], _damped(H0[idx], [damp_used[e] for e in idx.tolist()]), Cr, Sr,
+                                     Z[idx], maxq, refine, gs, dtype)
+        C[idx], S[idx] = Cr, Sr
+    Q = dequantize(C, S, Z)  # (E, out, in): the loop's values, elementwise
+    codes = C.to(torch.uint8)
     Qd = Q.to(dtype)
     scale, zero = S[..., ::gs].contiguous(), Z[..., ::gs].contiguous()  # (E, out, groups), original order
-    loss, fell = losses.sum(dim=-1).tolist(), failed.tolist()
+    loss, fell = loss_per.tolist(), failed.tolist()
     return [GPTQResult(Q=Qd[e], qweight=codes[e], scale=scale[e], zero=zero[e], bits=spec.bits,
                        group_size=gs, loss=loss[e], damp_used=damp_used[e],
                        fallback="rtn" if fell[e] else None) for e in range(E)]
+
+
+def _damped(H: torch.Tensor, damp_used: Sequence[float]) -> torch.Tensor:
+    """(E, in, in) the damped H that GPTQ factorized for each expert."""
+    eye = torch.eye(H.shape[-1], device=H.device)
+    frac = torch.tensor(damp_used, device=H.device, dtype=H.dtype)  # (E,)
+    return H + (frac * H.diagonal(dim1=-2, dim2=-1).mean(dim=-1))[:, None, None] * eye
+
+
+def refine_codes(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
+                 maxq: int, sweeps: int, group_size: int, dtype: torch.dtype = torch.float32,
+                 block_size: int = 128) -> torch.Tensor:
+    """Coordinate descent on codes ``C`` and scales ``S`` (E, out, in; S per column, constant over
+    each group of ``group_size`` columns), in place, for the layer loss
+    L = 1/2 tr((W - Q) H (W - Q)^T) with Q = S * (C - Z); zero points ``Z`` are kept.
+
+    A sweep visits every column, then every group:
+    - column j: with the others fixed, L is a convex quadratic in Q_j (curvature H[j, j]) with its
+      minimum at Q_j + G_j / H[j, j], G = (W - Q) H; the nearest grid point to it (clamped) is the
+      exact minimum over the grid (QuantEase, Behdin et al. 2023, without its outlier part).
+      Columns go in blocks with the lazy update of G, as GPTQ's loop.
+    - group g of each row: with the codes fixed, L is a quadratic in the group's scale with its
+      minimum at s + a^T G_g / a^T H_gg a, a = C_g - Z_g; the minimum is rounded to a storable
+      scale (float16, and ``dtype`` when narrower) and taken only where it lowers L.
+    No step raises L, so GPTQ's codes and grid are a start that the sweeps only improve. A sweep
+    that changes nothing ends the descent. Returns L per expert (E,) at the end.
+    """
+    E, out, n = W.shape
+    diag = H.diagonal(dim1=-2, dim2=-1)  # (E, in)
+    Err = W - dequantize(C, S, Z)  # (E, out, in)
+    for _ in range(sweeps):
+        G = Err @ H  # (E, out, in); H is symmetric
+        changed = False
+        for b1 in range(0, n, block_size):
+            b2 = min(b1 + block_size, n)
+            Delta = torch.zeros(E, out, b2 - b1, device=W.device)  # (E, out, count) change of Err
+            for j in range(b1, b2):
+                s, z = S[..., j], Z[..., j]  # (E, out)
+                now = dequantize(C[..., j], s, z)
+                q = quantize(now + G[..., j] / diag[:, j, None], s, z, maxq)  # (E, out)
+                step = now - dequantize(q, s, z)  # (E, out) = new Err - old Err
+                C[..., j] = q
+                Err[..., j] += step
+                Delta[..., j - b1] = step
+                G[..., b1:b2] += step[..., None] * H[:, None, j, b1:b2]
+            changed = changed or bool(Delta.any())
+            G[..., :b1] += Delta @ H[:, b1:b2, :b1]
+            G[..., b2:] += Delta @ H[:, b1:b2, b2:]
+        for g1 in range(0, n, group_size):
+            g2 = min(g1 + group_size, n)
+            a = C[..., g1:g2] - Z[..., g1:g2]  # (E, out, size)
+            curv = ((a @ H[:, g1:g2, g1:g2]) * a).sum(dim=-1)  # (E, out) a^T H_gg a
+            slope = (a * G[..., g1:g2]).sum(dim=-1)  # (E, out) a^T G_g = -dL/ds
+            old = S[..., g1]  # (E, out)
+            new = scale_in_dtype(round_scale(old + slope / curv.clamp_min(1e-30)), dtype)
+            d = new - old
+            better = (curv > 0) & (0.5 * d * d * curv - d * slope < 0)
+            d = torch.where(better, d, torch.zeros_like(d))
+            if not bool(better.any()):
+                continue
+            changed = True
+            S[..., g1:g2] += d[..., None]
+            step = -d[..., None] * a  # (E, out, size) change of Err
+            Err[..., g1:g2] += step
+            G += step @ H[:, g1:g2, :]
+        if not changed:
+            break
+    return 0.5 * (Err * (Err @ H)).sum(dim=(1, 2))

@@ -82,9 +82,14 @@ class GPTQConfig:
     # rotate the residual stream by a random Hadamard matrix (seed 0) folded into the weights
     # before calibration (quant/rotate.py): the same model, other weights; recorded with the run
     rotate: bool = False
+    # sweeps of coordinate descent on the codes after GPTQ (gptq.refine_codes): the same grid, a lower
+    # layer loss; 0 = plain GPTQ
+    refine: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "act_order", act_order_mode(self.act_order))
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise ValueError(f"check `refine`: {self.refine!r} is not a number of sweeps >= 0 (0 = plain GPTQ)")
         if self.method not in METHODS:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
@@ -511,11 +516,12 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
         if is_expert and len(items) > 1 and gptq.batch_experts:
             results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
                                             damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
-                                            static_groups=gptq.static_groups,
+                                            static_groups=gptq.static_groups, refine=gptq.refine,
                                             names=[u.name for u, _, _ in items])
         else:
             results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
-                                     act_order=gptq.act_order, static_groups=gptq.static_groups, name=u.name)
+                                     act_order=gptq.act_order, static_groups=gptq.static_groups,
+                                     refine=gptq.refine, name=u.name)
                        for w, (u, H, _) in zip(weights, items)]
         qlinears = QuantLinear.from_results(linears, results)
         for (unit, _, tokens), result, qlinear in zip(items, results, qlinears):

@@ -193,7 +193,7 @@ def _maybe_pause(index: int) -> None:
 
 def _run_identity(source: str, specs: Mapping[str, QuantSpec], calib: CalibrationConfig, gptq: GPTQConfig,
                   dtype: torch.dtype, windows: torch.Tensor) -> dict[str, Any]:
-    settings = {k: v for k, v in gptq.to_dict().items() if k != "rotate" or v}  # work folders from before --rotate
+    settings = {k: v for k, v in gptq.to_dict().items() if k not in ("rotate", "refine") or v}  # folders from before them
     return {"source": source, "dtype": str(dtype).removeprefix("torch."), "calibration": asdict(calib),
             "gptq": settings, "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
             "modules": {n: asdict(s) for n, s in sorted(specs.items())}}
