@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--act-order", default="none", choices=("none", "desc", "gar"),
                     help="GPTQ act-order of every plan but the reference (uniform 4-bit g128 stays plain)")
+    ap.add_argument("--refine", type=int, default=0,
+                    help="GPTQ refinement sweeps of every plan but the reference, and of the damage measurement")
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     args = ap.parse_args()
     print("command:", " ".join(sys.argv), flush=True)
@@ -74,9 +76,9 @@ def main() -> None:
     ref = reference_logprobs(fp, windows)
     calib = CalibrationConfig(num_windows=args.calib_windows)
 
-    def run(plan: Plan, act_order: str = args.act_order) -> tuple[float, float, float, float]:
+    def run(plan: Plan, act_order: str = args.act_order, refine: int = args.refine) -> tuple[float, float, float, float]:
         model = copy.deepcopy(fp)
-        api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order), progress=False)
+        api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order, refine=refine), progress=False)
         dequantize_in_place(model)
         res = evaluate(model, windows, ref)
         stats = bit_stats(plan.resolve(anatomy), anatomy.units)
@@ -87,19 +89,21 @@ def main() -> None:
              f"GPTQ calibrated on {args.calib_windows} windows; solver damage ({args.metric}) on "
              f"{args.damage_windows} windows, granularity {args.granularity}, menu of {len(menu)} choices "
              f"(widths {args.widths}, groups {args.group_sizes}, grids {args.grids}, clips {args.clips}); "
-             f"act-order {args.act_order} (the uniform 4-bit g128 reference: none).", "",
+             f"act-order {args.act_order}, refine {args.refine} (the uniform 4-bit g128 reference: plain GPTQ, "
+             f"act-order none, refine 0).", "",
              "| plan | eff. bits | avg bits | KL | ppl | KL / uniform 4-bit g128 |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     reference = None
     for name, plan in (("uniform 4-bit g128", Plan.uniform(4)), ("uniform 4-bit g128 hmse", Plan.uniform(4, clip="hmse")),
                        ("uniform 3-bit g128 hmse", Plan.uniform(3, clip="hmse"))):
-        eff, avg, kl, ppl = run(plan, "none" if reference is None else args.act_order)
+        eff, avg, kl, ppl = (run(plan, "none", 0) if reference is None else run(plan))
         reference = reference or kl
         lines.append(f"| {name} | {eff:.3f} | {avg:.3f} | {kl:.4f} | {ppl:.2f} | {kl / reference:.2f}x |")
         print(lines[-1], flush=True)
     t0 = time.perf_counter()
     damage = measure_damage(copy.deepcopy(fp), anatomy, calibration_windows(
-        calibration_tokens("calibration", tok), args.damage_windows, 256, 0), (), metric=args.metric, menu=menu)
+        calibration_tokens("calibration", tok), args.damage_windows, 256, 0), (), metric=args.metric, menu=menu,
+        act_order=args.act_order, refine=args.refine)
     print(f"damage table: {len(menu)} choices x {len(anatomy.units)} linears in {time.perf_counter() - t0:.0f} s",
           flush=True)
     for target in args.targets:

@@ -120,7 +120,7 @@ def test_damage_cache_hits_on_identical_inputs_and_misses_on_any_change(tiny, tm
     assert len(calls) == 1
     changes = [dict(metric="fisher"), dict(group_size=32), dict(group_size=None), dict(symmetric=False),
                dict(windows=3), dict(seq_len=12), dict(seed=1), dict(split="validation"), dict(damp=0.1),
-               dict(quantizer="rtn"), dict(moe_mode="all")]
+               dict(quantizer="rtn"), dict(moe_mode="all"), dict(act_order="desc"), dict(refine=2)]
     for i, change in enumerate(changes):
         table(dataclasses.replace(base, **change))
         assert len(calls) == 2 + i, f"{change} reused a stale damage table"
@@ -158,11 +158,12 @@ def test_solve_command_puts_every_damage_setting_in_the_key(monkeypatch, tmp_pat
     text = _text(tmp_path / "data.txt", seed=0)
     args = build_parser().parse_args(["solve", "mixtral-s", "--target", "3", "--widths", "2,4", "--metric", "output",
                                       "--group-size", "64", "--asym", "--calib", text, "--calib-windows", "3",
-                                      "--calib-len", "16", "--seed", "2", "--damage-cache", str(tmp_path / "d.npz")])
+                                      "--calib-len", "16", "--seed", "2", "--damage-cache", str(tmp_path / "d.npz"),
+                                      "--act-order", "--refine", "3"])
     with pytest.raises(Stop):
         args.func(args)
     assert seen["config"] == DamageConfig(split=text, windows=3, seq_len=16, seed=2, group_size=64, symmetric=False,
-                                          metric="output")
+                                          metric="output", act_order="desc", refine=3)
     assert seen["widths"] == (2, 4) and seen["cache"] == tmp_path / "d.npz"
 
 
@@ -171,14 +172,14 @@ def test_sweep_statistics_and_quantizer_reach_the_damage_and_statistics_settings
     from quantmoe.bench.sweep import sweep_from_dict
 
     sweep = sweep_from_dict({"models": ["mixtral-s"], "runs": [{"name": "s", "solver": {"target_bits": 3}}],
-                             "quantizer": {"group_size": 32, "symmetric": False},
+                             "quantizer": {"group_size": 32, "symmetric": False, "act_order": "gar", "refine": 2},
                              "statistics": {"split": "validation", "rank_split": "test", "windows": 5, "seq_len": 64,
                                             "seed": 4, "massive_threshold": 50.0, "damage_windows": 6,
                                             "damage_metric": "output"}})
     ctx = ModelContext(spec=sweep.models[0], sweep=sweep, cache_dir=None, model=None, tokenizer=None, anatomy=None,
                        sha256="0" * 64)
     assert ctx.damage_config() == DamageConfig(split="validation", windows=6, seq_len=64, seed=4, group_size=32,
-                                               symmetric=False, metric="output")
+                                               symmetric=False, metric="output", act_order="gar", refine=2)
     assert ctx.statistics_config() == StatisticsConfig(split="validation", rank_split="test", windows=5, seq_len=64,
                                                        seed=4, massive_threshold=50.0)
 
@@ -200,3 +201,22 @@ def test_damage_cache_keys_menus_by_choice(tiny, tmp_path, monkeypatch):
     assert len(calls) == 2
     table((QuantSpec(3, None, clip="mse"), QuantSpec(4, 16)))  # same width and group, other grid
     assert len(calls) == 3
+
+
+def test_gptq_settings_added_later_keep_earlier_damage_keys():
+    """A table measured before `act_order` and `refine` existed keeps its key and cache file name."""
+    config = DamageConfig(windows=2, seq_len=16)
+    assert "act_order" not in config.identity() and "refine" not in config.identity()
+    assert config.identity() == {k: v for k, v in dataclasses.asdict(config).items() if k not in ("act_order", "refine")}
+    assert DamageConfig(refine=2).measure_settings()["refine"] == 2
+    assert DamageConfig(act_order=True).measure_settings()["act_order"] == "desc"
+
+
+def test_refined_gptq_lowers_the_measured_output_damage(tiny):
+    from quantmoe.alloc.damage import measure_damage
+
+    model, tok, anatomy = tiny
+    windows = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = measure_damage(model, anatomy, windows, (2, 3), group_size=16, metric="output")
+    refined = measure_damage(model, anatomy, windows, (2, 3), group_size=16, metric="output", refine=3)
+    assert refined.damage.sum() < 0.95 * plain.damage.sum()

@@ -161,9 +161,11 @@ def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tenso
                    group_size: int | None = 128, symmetric: bool = True, metric: str = "fisher",
                    clip: str = "none",
                    quantizer: str = "gptq", damp: float = 0.01, batch_size: int = 8,
-                   moe_mode: str = "routed", menu: Sequence[QuantSpec] = ()) -> DamageTable:
+                   moe_mode: str = "routed", menu: Sequence[QuantSpec] = (), act_order: str = "none",
+                   refine: int = 0) -> DamageTable:
     """Damage of every quantizable unit at every width (see the module docstring), or at every
-    choice of ``menu`` (full settings per column) when given."""
+    choice of ``menu`` (full settings per column) when given. ``act_order`` and ``refine`` are
+    GPTQ's (quant/gptq.py): the damage of the quantizer that will run."""
     if metric not in METRICS:
         raise ValueError(f"check `metric`: {metric!r} is not one of {', '.join(METRICS)}")
     if quantizer not in ("gptq", "rtn"):
@@ -186,7 +188,8 @@ def measure_damage(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tenso
                 if spec.keep:
                     continue
                 if quantizer == "gptq" and tokens > 0:
-                    Q = gptq_quantize(W, H, spec, damp=damp, name=unit.name).Q.float()
+                    Q = gptq_quantize(W, H, spec, damp=damp, act_order=act_order, refine=refine,
+                                      name=unit.name).Q.float()
                 else:
                     Q = rtn(W, spec).float()
                 D = Q - W  # (out, in)
@@ -220,8 +223,13 @@ class DamageConfig:
     quantizer: str = "gptq"
     damp: float = 0.01
     moe_mode: str = "routed"
+    act_order: str = "none"  # GPTQ's column order (quant/gptq.py ACT_ORDERS)
+    refine: int = 0  # GPTQ's refinement sweeps
 
     def __post_init__(self) -> None:
+        from quantmoe.quant.gptq import act_order_mode
+
+        object.__setattr__(self, "act_order", act_order_mode(self.act_order))
         if self.metric not in METRICS:
             raise ValueError(f"check `metric`: {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.windows < 1 or self.seq_len < 2:
@@ -229,8 +237,14 @@ class DamageConfig:
 
     def measure_settings(self) -> dict:
         """What the table depends on besides the model and the token windows (the text's name is not)."""
-        return {k: v for k, v in asdict(self).items()
+        return {k: v for k, v in self.identity().items()
                 if k != "split" and not (k == "clip" and v == "none")}  # keys of tables measured before `clip`
+
+    def identity(self) -> dict:
+        """Every setting; GPTQ's act-order and refinement only when not at their default, so that tables
+        measured before them keep their keys and cache file names."""
+        later = {"act_order": "none", "refine": 0}
+        return {k: v for k, v in asdict(self).items() if not (k in later and v == later[k])}
 
 
 def _read_table(path: Path) -> tuple[DamageTable, str | None]:
@@ -276,7 +290,7 @@ def load_or_measure_damage(model: nn.Module, tokenizer, anatomy: ModelAnatomy, w
     table = measure_damage(model, anatomy, windows, widths, group_size=config.group_size, symmetric=config.symmetric,
                            clip=config.clip,
                            metric=config.metric, quantizer=config.quantizer, damp=config.damp,
-                           moe_mode=config.moe_mode, menu=menu)
+                           moe_mode=config.moe_mode, menu=menu, act_order=config.act_order, refine=config.refine)
     if cache is not None:
         from quantmoe.atomic import atomic_write
 

@@ -97,7 +97,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     anatomy = describe(model)
     damage = DamageConfig(split=args.calib, windows=args.calib_windows, seq_len=args.calib_len, seed=args.seed,
                           group_size=args.group_size or None, symmetric=not args.asym, clip=args.clip,
-                          metric=args.metric)
+                          metric=args.metric, act_order=args.act_order, refine=args.refine)
     table = load_or_measure_damage(model, tokenizer, anatomy, widths, damage,
                                    Path(args.damage_cache) if args.damage_cache else None, menu=menu)
     sol = solve(anatomy, table, config, group_size=args.group_size or None, symmetric=not args.asym, clip=args.clip)
@@ -150,6 +150,10 @@ def add_solve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric grid")
     p.add_argument("--clip", choices=CLIP_MODES, default="none",
                    help="range search per group: none (full range), mse, hmse (Hessian-weighted; see docs/quantization.md)")
+    p.add_argument("--act-order", nargs="?", const="desc", default="none", choices=("none", "desc", "gar"),
+                   help="GPTQ column order the damage is measured with (quantize with the same)")
+    p.add_argument("--refine", type=int, default=0, metavar="SWEEPS",
+                   help="GPTQ refinement sweeps the damage is measured with (quantize with the same --refine)")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows for measuring damage")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")

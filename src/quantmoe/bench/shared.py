@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ class ModelContext:
         s, q = self.sweep.statistics, self.sweep.quantizer
         return DamageConfig(split=s.split, windows=s.damage_windows, seq_len=s.seq_len, seed=s.seed,
                             group_size=q.group_size, symmetric=q.symmetric, clip=q.clip,
-                            metric=s.damage_metric)
+                            metric=s.damage_metric, act_order=q.gptq().act_order, refine=q.refine)
 
     def damage(self, widths: tuple[int, ...] = ()):
         """The solver's measured damage table (one per model, with a column for every choice of every solver
@@ -156,7 +156,7 @@ class ModelContext:
             from quantmoe.cache import content_key
 
             config = self.damage_config()
-            path = self.cache_dir / f"damage-{content_key(asdict(config))[:16]}.npz"
+            path = self.cache_dir / f"damage-{content_key(config.identity())[:16]}.npz"
             self._damage = load_or_measure_damage(copy.deepcopy(self.model), self.tokenizer, self.anatomy,
                                                   tuple(s.bits for s in menu), config, path, fingerprint=self.sha256,
                                                   menu=menu)
