@@ -32,6 +32,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="calibration forward batch size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-expert-tokens", type=int, default=16)
+    p.add_argument("--clip", default="none", help="grid range search: none, mse, hmse")
+    p.add_argument("--act-order", default="none", help="GPTQ column order: none, desc, gar")
+    p.add_argument("--refine", type=int, default=0, help="GPTQ refinement sweeps")
     return p.parse_args()
 
 
@@ -65,8 +68,8 @@ def main() -> int:
     if not torch.equal(drawn, given):
         raise SystemExit(f"{args.windows}: not the windows api.quantize draws from {calib}")
 
-    plan = Plan.uniform(args.bits, group_size=args.group_size, symmetric=True)
-    gptq = GPTQConfig(method="gptq", damp=args.damp, act_order=False)
+    plan = Plan.uniform(args.bits, group_size=args.group_size, symmetric=True, clip=args.clip)
+    gptq = GPTQConfig(method="gptq", damp=args.damp, act_order=args.act_order, refine=args.refine)
     t_quant = time.perf_counter()
     result = api.quantize(model, tokenizer, plan, calib, gptq, progress=False)
     quant_seconds = time.perf_counter() - t_quant

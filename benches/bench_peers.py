@@ -22,7 +22,9 @@ full precision.
   (per-expert names, the same as quantmoe's) and leaves routers and the LM head unquantized
   (and, by its own ignore list, deepseek's kv_a_proj_with_mqa: counted at 16 bits).
 * GPTQModel 7.7.0 (the runner of bench_vs_gptqmodel.py) and quantmoe: uniform GPTQ g128 sym on
-  the same calibration windows (128 x 256 tokens of the calibration split, seed 0 by default).
+  the same calibration windows (128 x 256 tokens of the calibration split, seed 0 by default);
+  quantmoe also with its quantizer options (``--quantmoe-options plain hmse/desc/4``: clipping,
+  act-order, refinement sweeps), exported the same way.
 
 A tool that fails prints the end of its log and the bench goes on.
 
@@ -32,6 +34,7 @@ A tool that fails prints the end of its log and the bench goes on.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
@@ -94,7 +97,7 @@ def effective_bits(units: Iterable[LinearUnit], bits: Mapping[str, int], group_s
     return eff / total
 
 
-def _parse() -> argparse.Namespace:
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mixtral-s", help="embedded model name or local folder")
     p.add_argument("--tools", default="quantmoe,hqq,autoround,autoscheme",
@@ -102,6 +105,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="widths of the uniform settings")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ / AutoRound group size")
     p.add_argument("--hqq-group-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--quantmoe-options", nargs="+", default=["plain"],
+                   help="quantmoe settings to run, each plain or CLIP/ACT_ORDER/REFINE, e.g. hmse/desc/4")
     p.add_argument("--autoround-iters", type=int, default=50)
     p.add_argument("--autoround-nsamples", type=int, default=32)
     p.add_argument("--autoscheme-targets", type=float, nargs="+", default=[2.5, 3.0, 3.5])
@@ -112,7 +117,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in each tool's process")
     p.add_argument("--out", default=str(ROOT / ".cache" / "bench" / "peers"),
                    help="folder for the table, the plot and the work files")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 @dataclass(frozen=True)
@@ -139,11 +144,14 @@ def _jobs(args: argparse.Namespace, model_path: str, windows_path: Path, fp_weig
         elif tool in ("quantmoe", "gptqmodel"):
             runner = BENCHES / f"_{tool}_runner.py"
             python = sys.executable if tool == "quantmoe" else str(pythons[tool])
-            for bits in args.bits:
-                out = work / f"{tool}-w{bits}g{args.group_size}"
+            for bits, option in itertools.product(args.bits, args.quantmoe_options if tool == "quantmoe" else ["plain"]):
+                suffix = "" if option == "plain" else "-" + option.replace("/", "-")
+                out = work / f"{tool}-w{bits}g{args.group_size}{suffix}"
                 extra = ["--seed", str(args.seed)] if tool == "quantmoe" else []
-                jobs.append(Job(tool, f"w{bits} g{args.group_size}", [python, str(runner), *gptq_common, "--bits",
-                                str(bits), "--out", str(out), *extra], out))
+                extra += _quantmoe_flags(option)
+                jobs.append(Job(tool, f"w{bits} g{args.group_size}" + (f" {option}" if suffix else ""),
+                                [python, str(runner), *gptq_common, "--bits", str(bits), "--out", str(out), *extra],
+                                out))
         elif tool in ("autoround", "autoscheme"):
             common = [str(pythons["autoround"]), str(BENCHES / "_autoround_runner.py"), "--model", model_path,
                       "--windows", str(windows_path), "--group-size", str(args.group_size), "--threads",
@@ -162,13 +170,24 @@ def _jobs(args: argparse.Namespace, model_path: str, windows_path: Path, fp_weig
     return jobs
 
 
+def _quantmoe_flags(option: str) -> list[str]:
+    """The runner flags of a --quantmoe-options entry: plain, or CLIP/ACT_ORDER/REFINE (hmse/desc/4)."""
+    if option == "plain":
+        return []
+    parts = option.split("/")
+    if len(parts) != 3 or parts[0] not in ("none", "mse", "hmse") or parts[1] not in ("none", "desc", "gar") \
+            or not parts[2].isdigit():
+        raise SystemExit(f"check --quantmoe-options: {option!r} is not plain or CLIP/ACT_ORDER/REFINE, e.g. hmse/desc/4")
+    return ["--clip", parts[0], "--act-order", parts[1], "--refine", parts[2]]
+
+
 def _bits_of(job: Job, result: dict, units: list[LinearUnit], missing: set[str]) -> float:
     """Effective bits of a job's result over every unit; the ones it did not quantize count as 16."""
     per_module = result.get("bits_per_module")
     if per_module:  # AutoScheme: its chosen width of every linear
         return effective_bits(units, {u.name: int(per_module.get(u.name, 16)) for u in units},
                               result["group_size"])
-    bits, group = (int(t.lstrip("wg")) for t in job.setting.split())
+    bits, group = (int(t.lstrip("wg")) for t in job.setting.split()[:2])
     zero = HQQ_ZERO_BITS if job.tool == "hqq" else None
     return effective_bits(units, {u.name: 16 if u.name in missing else bits for u in units}, group, zero)
 
@@ -188,9 +207,12 @@ def _plot(points: list[PeerPoint], path: Path, title: str) -> None:
                 sub = [p for p in pts if p.setting.split()[1] == g]
                 ax.plot([p.effective_bits for p in sub], [p.kl for p in sub], marker=markers[tool], label=f"HQQ {g}")
             continue
-        ax.plot([p.effective_bits for p in pts], [p.kl for p in pts], marker=markers.get(tool, "x"),
-                label={"quantmoe": "quantmoe GPTQ", "gptqmodel": "GPTQModel", "autoround": "AutoRound",
-                       "autoscheme": "AutoRound AutoScheme"}.get(tool, tool))
+        name = {"quantmoe": "quantmoe GPTQ", "gptqmodel": "GPTQModel", "autoround": "AutoRound",
+                "autoscheme": "AutoRound AutoScheme"}.get(tool, tool)
+        for option in dict.fromkeys(" ".join(p.setting.split()[2:]) for p in pts):  # quantmoe: one line per option
+            sub = [p for p in pts if " ".join(p.setting.split()[2:]) == option]
+            ax.plot([p.effective_bits for p in sub], [p.kl for p in sub], marker=markers.get(tool, "x"),
+                    label=f"{name} {option}".strip())
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per weight (codes + scales + zeros)")
     ax.set_ylabel("mean per-token KL to full precision")

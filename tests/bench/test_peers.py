@@ -68,3 +68,19 @@ def test_hqq_groups_follow_quantmoe_layout(in_f, group, calls):
     assert _RecordingQuantizer.calls == calls
     assert out.shape == W.shape
     torch.testing.assert_close(out, (W * 2).round() / 2)
+
+
+def test_quantmoe_options_become_runner_flags_and_keep_the_effective_bits(tmp_path):
+    from bench_peers import Job, _bits_of, _jobs, _parse, _quantmoe_flags
+
+    args = _parse(["--tools", "quantmoe", "--bits", "3", "--quantmoe-options", "plain", "hmse/desc/4"])
+    args.tools = args.tools.split(",")
+    jobs = _jobs(args, "mixtral-s", tmp_path / "w.npy", tmp_path / "fp", tmp_path, {})
+    assert [j.setting for j in jobs] == ["w3 g128", "w3 g128 hmse/desc/4"]
+    assert "--refine" not in jobs[0].cmd
+    flags = jobs[1].cmd[jobs[1].cmd.index("--clip"):]
+    assert flags == ["--clip", "hmse", "--act-order", "desc", "--refine", "4"]
+    assert jobs[0].out != jobs[1].out
+    assert _bits_of(jobs[1], {}, UNITS, set()) == _bits_of(Job("quantmoe", "w3 g128", [], tmp_path), {}, UNITS, set())
+    with pytest.raises(SystemExit, match="check --quantmoe-options"):
+        _quantmoe_flags("hmse/desc")

@@ -39,6 +39,15 @@ Scales are float16 values (grid.round_scale), also rounded to W's dtype when it 
 (bfloat16), before use, so `Q` is exactly what a `QuantLinear` storing scales in that dtype,
 or a GPTQ-format export storing them in float16, computes.
 
+Refinement (``refine``: a number of sweeps, default 0). GPTQ visits each column once and never
+revisits a rounding decision. ``refine_codes`` then runs coordinate descent on the same layer
+loss, starting from GPTQ's result: every code to the grid point nearest its optimum given all
+others, and every group's scale to its least-squares optimum given its codes, rounded to a
+storable value; zero points and group layout stay, so the result exports exactly like GPTQ's.
+No step raises the loss. ``loss`` is then the refined loss, 1/2 tr((W - Q) H (W - Q)^T) with
+H damped as GPTQ used it, which is also what GPTQ's own loss adds up to. Cost: each sweep is
+about one GPTQ pass. An expert that fell back to RTN is not refined.
+
 Robustness. Dead inputs (H[i,i] == 0) get H[i,i] = 1 and W[:, i] = 0, as the reference.
 An all-zero H (no calibration token) does not zero the weight: it falls back to RTN. When
 the Cholesky fails, damping is multiplied by 10 up to `DAMP_RETRIES` times, then the linear
