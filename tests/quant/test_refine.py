@@ -152,3 +152,17 @@ def test_quantize_command_and_sweep_set_it(quantize_settings):
         sweep_from_dict({**base, "quantizer": {"refine": -1}})
     assert "refine" not in QuantizerSettings().identity()  # rows stored before the option keep their keys
     assert QuantizerSettings(refine=4).identity()["refine"] == 4
+
+
+def test_the_descent_stops_at_a_sweep_that_changes_nothing(monkeypatch):
+    import quantmoe.quant.gptq as gptq_module
+
+    W, H = _problem()
+    spec = QuantSpec(3, 32, True)
+    calls = []
+    real = gptq_module.quantize
+    monkeypatch.setattr(gptq_module, "quantize", lambda *a: calls.append(1) or real(*a))
+    gptq_quantize(W, H, spec, refine=200)
+    sweeps = (len(calls) - 96) / 96  # GPTQ's loop rounds each of the 96 columns once, then one per sweep
+    assert 1 < sweeps < 200
+    assert gptq_quantize(W, H, spec, refine=200).loss == gptq_quantize(W, H, spec, refine=int(sweeps)).loss
