@@ -35,6 +35,7 @@ from quantmoe.anatomy import (
 )
 from quantmoe.anatomy.catalog import family_table_markdown, moe_model_types
 from quantmoe.anatomy.expert_view import UNIT_KINDS
+from quantmoe.anatomy.specs import module_at
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.routing import collect_routing
 from quantmoe.quant.checkpoint import save_quantized
@@ -46,11 +47,16 @@ SHAPES_ONLY = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is n
 DOC = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 TOL = 1e-5
 _EXPERTS_VIEW = r"\.experts\.\d+\.(gate|up|down)_proj\.(weight|bias)$"
+_FUSED_3D = r"\.experts\.(gate_up_proj|down_proj)$"  # the checkpoint keeps transformers' 3D experts
+_GRANITE = (_EXPERTS_VIEW, r"\.block_sparse_moe\.(input|output)_linear\.weight$")  # the hub's 3D experts
 # family: (the export's names for what the hub checkpoint fuses, the checkpoint's fused names)
 FUSED_IN_CHECKPOINT = {
     "aria_text": (_EXPERTS_VIEW, r"\.mlp\.experts\.fc[12]\.weight$"),
     "gpt_oss": (_EXPERTS_VIEW, r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$"),
-    "granitemoe": (_EXPERTS_VIEW, r"\.block_sparse_moe\.(input|output)_linear\.weight$"),
+    "granitemoe": _GRANITE,
+    "granitemoe_swa": (_EXPERTS_VIEW, _FUSED_3D),
+    "granitemoehybrid": _GRANITE,
+    "granitemoeshared": _GRANITE,
     "lara_mini": (_EXPERTS_VIEW + r"|\.linear_attn\.in_proj_(a|b|qkv|z)\.weight$",
                   r"\.mlp\.experts\.(gate_up_proj|down_proj)$|\.linear_attn\.in_proj\.weight$"),
 }
@@ -103,11 +109,12 @@ def test_inspect_roles(model_type):
     for m in spec.mixers:
         mixer_kinds.setdefault(m.attr, set()).update(m.linears)
     for b in anatomy.blocks:
-        mlp = model.get_submodule(f"{b.module_name}.{spec.mlp}")
-        assert b.is_moe == (getattr(mlp, spec.experts, None) is not None), b.index
+        assert b.is_moe == (module_at(model.get_submodule(b.module_name), spec.experts) is not None), b.index
         assert b.mixer in mixer_kinds and b.attention
         assert {anatomy.unit(n).kind for n in b.attention} <= mixer_kinds[b.mixer]
-        assert all(anatomy.unit(n).kind in spec.mlp_linears for n in b.shared + b.dense_mlp)
+        assert tuple(anatomy.unit(n).kind for n in b.dense_mlp) in ((), spec.mlp_linears)
+        assert tuple(anatomy.unit(n).kind for n in b.shared) in ((), spec.shared_expert_linears)
+        assert bool(b.dense_mlp) == (not b.is_moe or spec.dense_beside_experts)
         if b.is_moe:
             assert (b.num_experts, b.top_k) == (spec.num_experts(model.config), spec.top_k(model.config))
             assert all(tuple(anatomy.unit(n).kind for n in ex) == UNIT_KINDS for ex in b.experts)

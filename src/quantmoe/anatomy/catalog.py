@@ -84,12 +84,15 @@ def _blocks(spec: FamilySpec) -> str:
 def _roles(spec: FamilySpec) -> str:
     parts = [f"attention `{spec.attention}` ({_names(spec.attention_linears)})"]
     parts += [f"{m.label} `{m.attr}` ({_names(m.linears)})" for m in spec.mixers]
-    parts.append(f"router `{spec.mlp}.{spec.router}`")
-    parts.append(f"routed experts `{spec.mlp}.{spec.experts}`")
+    parts.append(f"router `{spec.router}`")
+    parts.append(f"routed experts `{spec.experts}`")
     if spec.shared_expert:
-        gate = f" + gate `{spec.shared_expert_gate}`" if spec.shared_expert_gate else ""
-        parts.append(f"shared expert `{spec.mlp}.{spec.shared_expert}`{gate}")
-    if spec.moe_layers != "all":
+        gate = f" + gate `{spec.shared_expert_gate.rpartition('.')[2]}`" if spec.shared_expert_gate else ""
+        kinds = f" ({_names(spec.shared_linears)})" if spec.shared_linears is not None else ""
+        parts.append(f"shared expert `{spec.shared_expert}`{kinds}{gate}")
+    if spec.dense_beside_experts:
+        parts.append(f"dense MLP `{spec.mlp}` beside the experts in every block")
+    elif spec.moe_layers != "all":
         parts.append(f"dense MLP `{spec.mlp}` ({_blocks(spec)})")
     return "; ".join(parts)
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from quantmoe.anatomy.families import family_of
-from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, UnsupportedModelError
+from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, UnsupportedModelError, module_at
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +169,8 @@ def experts_module_names(model: nn.Module, spec: FamilySpec) -> list[str]:
     """Names of the routed-experts modules (fused or not), in block order."""
     names = []
     for i, block in enumerate(model.get_submodule(spec.layers)):
-        mlp = getattr(block, spec.mlp, None)
-        if mlp is not None and getattr(mlp, spec.experts, None) is not None:
-            names.append(f"{spec.layers}.{i}.{spec.mlp}.{spec.experts}")
+        if module_at(block, spec.experts) is not None:
+            names.append(f"{spec.layers}.{i}.{spec.experts}")
     return names
 
 

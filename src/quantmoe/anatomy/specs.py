@@ -2,9 +2,10 @@
 
 One `FamilySpec` per family, in `families.FAMILIES`, keyed by `config.model_type`. Code that walks a
 model (describe, expert view, quantization driver) reads these fields and never branches
-on the family name. Module paths are relative: `layers` from the model root, `attention`
-and `mlp` from a block, `router`, `experts`, `shared_expert`, `shared_expert_gate` from
-the block's mlp.
+on the family name. Module paths are relative: `layers` from the model root, every other
+part (`attention`, `mlp`, `router`, `experts`, `shared_expert`, `shared_expert_gate`) from a
+block, as a dotted path: `mlp.experts` inside the block's MLP, `shared_mlp` on the decoder
+layer itself (Granite-MoE-Shared), `experts` beside a dense `mlp` (Gemma 4).
 
 Layouts follow transformers 5.x (`transformers/integrations/moe.py`): fused experts hold
 `gate_up_proj` (E, 2I, H) with rows [gate; up] and `down_proj` (E, H, I); GPT-OSS stores
@@ -38,6 +39,17 @@ _KEYED_RULES = ("listed", "typed", "counted")  # these read the config list name
 _ACTIVATIONS = ("glu", "clamped_swiglu")
 
 DOCS_HINT = "see docs/adding-a-family.md"
+
+
+def module_at(block: Any, path: str) -> Any:
+    """The module at the dotted `path` from `block` ("" is the block itself), or None where a step
+    is missing or None (a config without a shared expert, a dense block without experts)."""
+    module = block
+    for step in filter(None, path.split(".")):
+        module = getattr(module, step, None)
+        if module is None:
+            return None
+    return module
 
 
 class UnsupportedModelError(ValueError):
@@ -96,6 +108,15 @@ class FamilySpec:
     q_lora_rank is set, q_a_proj/q_b_proj when it is None) is skipped.
     mixers lists the other token mixers a block may hold instead of `attention` (Qwen3-Next's
     `linear_attn`, Jamba's `mamba`); each block must hold exactly one of them.
+    mlp, router, experts, shared_expert and shared_expert_gate are dotted paths from the block.
+    A block is MoE when `experts` resolves to a module. In a MoE block the `mlp` holds the
+    experts (`mlp.experts`) and is not a dense MLP; when the experts sit elsewhere (Gemma 4's
+    `experts` on the decoder layer), the `mlp` runs beside them in every block (`dense_beside_experts`).
+    The shared expert may sit inside the MoE module (`mlp.shared_experts`) or beside it on the
+    block (Granite's `shared_mlp`).
+    mlp_linears and shared_linears name the MLP's linears in execution order: those reading the
+    MLP input, then the output projection (last). Three for gate/up/down; two when gate and up
+    are fused into one linear (Granite's `input_linear`, `output_linear`).
     view_refusal, when set, says why the family's experts have no per-expert view: `describe`,
     `quantmoe inspect` and `quantmoe plan` work from shapes, quantization is refused with it.
     moe_layers says which blocks are MoE: "all"; "sparse_step" (Qwen: not in
@@ -118,11 +139,12 @@ class FamilySpec:
     attention_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mixers: tuple[Mixer, ...] = ()
     mlp: str = "mlp"
-    router: str = "gate"
-    experts: str = "experts"
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
     mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    shared_linears: tuple[str, ...] | None = None  # None: the same as mlp_linears
     expert_layout: ExpertLayout = field(default_factory=ExpertLayout)
     embedding: str = "model.embed_tokens"
     lm_head: str = "lm_head"
@@ -144,17 +166,34 @@ class FamilySpec:
                 f"check `moe_layers_key` in FamilySpec {self.model_type!r}: the rules {', '.join(_KEYED_RULES)} "
                 "need the name of the config list they read, first_k_dense may name its count, the others take none"
             )
-        if len(self.mlp_linears) != 3:
-            raise ValueError(
-                f"check `mlp_linears` in FamilySpec {self.model_type!r}: expected the (gate, up, down) names"
-            )
+        for name in ("mlp_linears", "shared_linears"):
+            linears = getattr(self, name)
+            if linears is not None and len(linears) not in (2, 3):
+                raise ValueError(
+                    f"check `{name}` in FamilySpec {self.model_type!r}: expected the (gate, up, down) names, "
+                    "or (gate_up, down) for a fused gate and up"
+                )
         if self.shared_expert_gate is not None and self.shared_expert is None:
             raise ValueError(
                 f"check `shared_expert` in FamilySpec {self.model_type!r}: a shared_expert_gate needs a shared_expert"
             )
 
+    @property
+    def shared_expert_linears(self) -> tuple[str, ...]:
+        return self.shared_linears if self.shared_linears is not None else self.mlp_linears
+
+    @property
+    def moe_module(self) -> str:
+        """The path of the module holding the experts ("" for the block itself)."""
+        return self.experts.rpartition(".")[0]
+
+    @property
+    def dense_beside_experts(self) -> bool:
+        """Whether the dense `mlp` runs beside the experts in MoE blocks (it does not hold them)."""
+        return self.moe_module != self.mlp
+
     def num_experts(self, config: Any) -> int:
-        return int(getattr(config, self.num_experts_key))
+        return int(getattr(config, self.num_experts_key) or 0)  # None: a dense config of the family (Gemma 4)
 
     def top_k(self, config: Any) -> int:
         return int(getattr(config, self.top_k_key))
