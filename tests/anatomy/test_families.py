@@ -52,6 +52,7 @@ _GRANITE = (_EXPERTS_VIEW, r"\.block_sparse_moe\.(input|output)_linear\.weight$"
 # family: (the export's names for what the hub checkpoint fuses, the checkpoint's fused names)
 FUSED_IN_CHECKPOINT = {
     "aria_text": (_EXPERTS_VIEW, r"\.mlp\.experts\.fc[12]\.weight$"),
+    "gemma4_text": (_EXPERTS_VIEW, _FUSED_3D),
     "gpt_oss": (_EXPERTS_VIEW, r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$"),
     "granitemoe": _GRANITE,
     "granitemoe_swa": (_EXPERTS_VIEW, _FUSED_3D),

@@ -92,6 +92,9 @@ _SPECS: tuple[FamilySpec, ...] = (
                shared_expert="mlp.shared_experts", expert_layout=ExpertLayout(transposed=True)),
     FamilySpec("flint", "Flint", num_experts_key="num_experts", moe_layers="sparse_step",
                shared_expert="mlp.shared_expert"),
+    # --- experts on the decoder layer beside a dense MLP that runs in every block, their outputs summed ---
+    FamilySpec("gemma4_text", "Gemma 4 (text)", num_experts_key="num_experts", top_k_key="top_k_experts",
+               router="router", experts="experts"),
     # --- shapes only: inspect and plan, no per-expert view (so no quantization) ---
     FamilySpec("llama4_text", "Llama 4", num_experts_key="num_local_experts", moe_layers="listed",
                moe_layers_key="moe_layers", mlp="feed_forward", router="feed_forward.router",
@@ -146,8 +149,6 @@ REFUSED: dict[str, str] = {
     "dots3_note_text": "its attention adds a per-head output gate `g_proj` and a sparse-attention `indexer` beside "
                        "MLA; the gate's input has no calibration stage yet",
     "gemma4": _MULTIMODAL.format(text="gemma4_text"),
-    "gemma4_text": "its experts (`router`, `experts`) sit on the decoder layer and run beside the dense `mlp`, summed "
-                   "with it; FamilySpec expects the experts inside the block's MLP module",
     "hy_v4": f"{_HYPER} (HYV4HyperConnection), which the block-by-block driver does not model",
     "inkling_text": "its shared experts are stored as 3D tensors (InklingSharedExperts) and its attention runs short "
                     "convolutions (`k_sconv`, `v_sconv`) on the projections",
