@@ -52,6 +52,7 @@ _GRANITE = (_EXPERTS_VIEW, r"\.block_sparse_moe\.(input|output)_linear\.weight$"
 # family: (the export's names for what the hub checkpoint fuses, the checkpoint's fused names)
 FUSED_IN_CHECKPOINT = {
     "aria_text": (_EXPERTS_VIEW, r"\.mlp\.experts\.fc[12]\.weight$"),
+    "dbrx": (_EXPERTS_VIEW, r"\.ffn\.experts\.mlp\.(w1|v1|w2)$"),
     "gemma4_text": (_EXPERTS_VIEW, _FUSED_3D),
     "gpt_oss": (_EXPERTS_VIEW, r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$"),
     "granitemoe": _GRANITE,
@@ -176,7 +177,7 @@ def test_quantize_mixed_plan_and_reload(model_type, tmp_path):
     anatomy = describe(model)
     windows = _ids(seed=0, batch=8, length=32)
 
-    # routing seen by the experts modules themselves, independently of the router hook of collect_routing
+    # routing seen by the (unfused) experts modules themselves, as collect_routing must report it
     seen: dict[int, torch.Tensor] = {}
     unfuse_experts(model)
     hooks = [model.get_submodule(b.experts_module).register_forward_pre_hook(

@@ -99,6 +99,9 @@ def _roles(spec: FamilySpec) -> str:
 
 def _expert_view(spec: FamilySpec) -> str:
     layout = spec.expert_layout
+    if layout.stacked is not None:
+        return (f"{'/'.join(layout.stacked)} each (E * I, H), stacked by expert, down transposed -> 3 nn.Linear per "
+                "expert, act(gate) * up")
     shape = "(E, H, 2I) and (E, I, H), transposed" if layout.transposed else "(E, 2I, H) and (E, H, I)"
     order = "gate/up interleaved" if layout.interleaved else "[gate; up]"
     bias = ", with biases" if layout.has_bias else ""

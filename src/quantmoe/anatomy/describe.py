@@ -130,11 +130,11 @@ def _mixer(block: nn.Module, prefix: str, spec: FamilySpec) -> tuple[str, tuple[
     candidates = [(spec.attention, spec.attention_linears, "attention_linears")]
     candidates += [(m.attr, m.linears, "mixers") for m in spec.mixers]
     for attr, linears, field in candidates:
-        module = getattr(block, attr, None)
+        module = module_at(block, attr)
         if module is not None and all(hasattr(module, kind) for kind in linears):
             return attr, linears, field
     for attr, linears, field in candidates:  # present, but a declared linear is missing: name it
-        module = getattr(block, attr, None)
+        module = module_at(block, attr)
         if module is not None:
             missing = next(kind for kind in linears if not hasattr(module, kind))
             raise ValueError(f"`{prefix}.{attr}` has no `{missing}`; check `{field}` in the {spec.model_type} FamilySpec")
@@ -152,7 +152,7 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
     block = model.get_submodule(prefix)
     mixer, mixer_linears, mixer_field = _mixer(block, prefix, spec)
     attn_name, mlp_name = f"{prefix}.{mixer}", _path(prefix, spec.mlp)
-    attention = _units(getattr(block, mixer), attn_name, mixer_linears, "attention", index, mixer_field)
+    attention = _units(module_at(block, mixer), attn_name, mixer_linears, "attention", index, mixer_field)
     experts = module_at(block, spec.experts)
     is_moe = experts is not None
     if is_moe != spec.is_moe_layer(config, index):

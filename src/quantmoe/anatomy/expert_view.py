@@ -56,7 +56,9 @@ def _clamped_swiglu(alpha: float, limit: float, gate: Tensor, up: Tensor) -> Ten
 def _activation(fused: nn.Module, layout: ExpertLayout) -> Callable[[Tensor, Tensor], Tensor]:
     if layout.activation == "clamped_swiglu":
         return partial(_clamped_swiglu, float(fused.alpha), float(fused.limit))
-    return partial(_glu, fused.act_fn)
+    owner = fused if layout.stacked is None else module_at(fused, layout.stacked[0].rpartition(".")[0])
+    act_fn = getattr(owner, "act_fn", None) or owner.activation_fn  # DBRX's DbrxExpertGLU: activation_fn
+    return partial(_glu, act_fn)
 
 
 # --- layout (pure) ------------------------------------------------------------------------
@@ -153,13 +155,15 @@ class UnfusedExperts(nn.ModuleList):
         return routes
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        # hidden_states (T, H); top_k_index, top_k_weights (T, k)
+        # hidden_states (T, H) (or (B, S, H), DBRX: the output keeps the shape); top_k_index, top_k_weights (T, k)
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         final = torch.zeros_like(hidden_states)
         for e, token_idx, top_k_pos in self.routes(top_k_index):
             out = self[e](hidden_states[token_idx])
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+        return final.view(shape)
 
 
 # --- unfuse / fuse ------------------------------------------------------------------------
@@ -192,6 +196,13 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
     """
     if isinstance(experts, UnfusedExperts):
         return [tuple(unit_shape(getattr(expert, kind)) for kind in UNIT_KINDS) for expert in experts]
+    if layout.stacked is not None:
+        gate_w, num = module_at(experts, layout.stacked[0]), getattr(experts, "num_experts", None)
+        if not isinstance(gate_w, Tensor) or gate_w.dim() != 2 or not num:
+            raise ValueError(f"`{name}` has no 2D `{layout.stacked[0]}` or no `num_experts`; check `stacked` in "
+                             "the expert_layout of this family's FamilySpec (quantmoe/anatomy/specs.py)")
+        inter, hidden = int(gate_w.shape[0]) // int(num), int(gate_w.shape[1])  # (E * I, H)
+        return [((inter, hidden, False), (inter, hidden, False), (hidden, inter, False))] * int(num)
     gate_up, down = getattr(experts, GATE_UP, None), getattr(experts, DOWN, None)
     if not isinstance(gate_up, Tensor) or not isinstance(down, Tensor) or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(
@@ -205,7 +216,20 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
 
 
 def _expected_params(layout: ExpertLayout) -> set[str]:
+    if layout.stacked is not None:
+        return set(layout.stacked)
     return {GATE_UP, DOWN} | ({GATE_UP_BIAS, DOWN_BIAS} if layout.has_bias else set())
+
+
+def _set_param(module: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    owner, _, attr = dotted.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, attr, param)
+
+
+def _stacked_weights(params: dict[str, Tensor], layout: ExpertLayout, num: int) -> list[tuple[Tensor, ...]]:
+    """Per expert, (gate (I, H), up (I, H), down (H, I)) of a stacked layout: the rows of expert e."""
+    gate, up, down = (params[p].view(num, -1, params[p].shape[-1]) for p in layout.stacked)  # (E, I, H) each
+    return [(gate[e], up[e], down[e].T) for e in range(num)]
 
 
 @torch.no_grad()
@@ -217,10 +241,14 @@ def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts
             "check `expert_layout` in this family's FamilySpec (quantmoe/anatomy/specs.py)"
         )
     activation = _activation(fused, layout)
-    gate_up, down = params[GATE_UP], params[DOWN]
-    grad = gate_up.requires_grad
     experts = []
-    for e in range(gate_up.shape[0]):
+    if layout.stacked is not None:
+        grad = params[layout.stacked[0]].requires_grad
+        for weights in _stacked_weights(params, layout, int(fused.num_experts)):
+            experts.append(ExpertMLP(*(_linear(w, None, grad) for w in weights), activation=activation))
+    gate_up, down = params.get(GATE_UP), params.get(DOWN)
+    for e in range(gate_up.shape[0] if layout.stacked is None else 0):
+        grad = gate_up.requires_grad
         gate_w, up_w = _split(_as_linear(gate_up[e], layout), layout)  # (I, H) each
         down_w = _as_linear(down[e], layout)  # (H, I)
         gate_b = up_b = down_b = None
@@ -230,7 +258,7 @@ def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts
         linears = (_linear(gate_w, gate_b, grad), _linear(up_w, up_b, grad), _linear(down_w, down_b, grad))
         experts.append(ExpertMLP(*linears, activation=activation))
     for pname, p in params.items():  # free the fused storage; shapes stay for checks at fuse time
-        setattr(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+        _set_param(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
     return UnfusedExperts(experts, layout, fused)
 
 
@@ -265,15 +293,19 @@ def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
     packed = {GATE_UP: gate_up, DOWN: down}
     if layout.has_bias:
         packed |= {GATE_UP_BIAS: gate_up_b, DOWN_BIAS: down_b}
+    if layout.stacked is not None:  # gate_up holds [gate; up] per expert: cut it back, down goes back to (I, H)
+        gates, ups = zip(*(w.chunk(2, dim=0) for w in gate_up), strict=True)
+        packed = dict(zip(layout.stacked, (gates, ups, [d.T for d in down]), strict=True))
     for pname, tensors in packed.items():
-        old = getattr(fused, pname)
-        new = torch.stack(tensors).contiguous()
+        old = module_at(fused, pname)
+        new = torch.stack(tensors)
+        new = (new.flatten(0, 1) if layout.stacked is not None else new).contiguous()
         if new.shape != old.shape:
             raise ValueError(
                 f"`{name}.{pname}` would be packed as {tuple(new.shape)} but the model expects "
                 f"{tuple(old.shape)}; expert linears must keep the shapes unfuse_experts gave them"
             )
-        setattr(fused, pname, nn.Parameter(new, requires_grad=old.requires_grad))
+        _set_param(fused, pname, nn.Parameter(new, requires_grad=old.requires_grad))
     return fused
 
 

@@ -95,6 +95,11 @@ _SPECS: tuple[FamilySpec, ...] = (
     # --- experts on the decoder layer beside a dense MLP that runs in every block, their outputs summed ---
     FamilySpec("gemma4_text", "Gemma 4 (text)", num_experts_key="num_experts", top_k_key="top_k_experts",
                router="router", experts="experts"),
+    # --- experts stacked as (E * I, H) matrices run by their own loop; attention and norms in one submodule ---
+    FamilySpec("dbrx", "DBRX", num_experts_key="ffn_config.moe_num_experts", top_k_key="ffn_config.moe_top_k",
+               layers="transformer.blocks", attention="norm_attn_norm.attn", attention_linears=("Wqkv", "out_proj"),
+               mlp="ffn", router="ffn.router", experts="ffn.experts", embedding="transformer.wte",
+               expert_layout=ExpertLayout(stacked=("mlp.w1", "mlp.v1", "mlp.w2"))),
     # --- shapes only: inspect and plan, no per-expert view (so no quantization) ---
     FamilySpec("llama4_text", "Llama 4", num_experts_key="num_local_experts", moe_layers="listed",
                moe_layers_key="moe_layers", mlp="feed_forward", router="feed_forward.router",
@@ -139,8 +144,6 @@ REFUSED: dict[str, str] = {
             "AXK2GatedRMSNorm, whose inputs have no calibration stage yet",
     "bailing_hybrid": "its linear-attention layers (BailingHybridDeltaAttention) compute the forget gate inside a "
                       "nested `forget_gate.f_proj` and gate the output with `g_proj`; no Mixer is declared for them yet",
-    "dbrx": "its experts (DbrxExperts / DbrxExpertGLU) store w1, v1, w2 as (E*I, H) matrices run by their own loop, "
-            "not transformers' fused-experts interface, so there is no per-expert view for them yet",
     "deepseek_v4": f"{_HYPER}, the output projection is grouped (`o_a_proj`, DeepseekV4GroupedLinear) and a hash router "
                    "picks the experts; none of these has a per-expert view or calibration stage yet",
     "doge": "its DogeCDMoE experts are retrieval-style embedding tables (`down_embed`, `up_embed`) picked by product "

@@ -63,7 +63,10 @@ class ExpertLayout:
     transposed:  weights are (in, out) per expert instead of nn.Linear's (out, in).
     interleaved: gate/up alternate along the 2I axis (g0, u0, g1, u1, ...) instead of [gate; up].
     has_bias:    `gate_up_proj_bias` and `down_proj_bias` exist.
-    activation:  "glu" is act_fn(gate) * up with the experts' own `act_fn`;
+    stacked:     instead of gate_up_proj/down_proj, three parameters of the experts module (dotted
+                 names) hold gate, up and down, each (E * I, H) with the experts stacked along rows:
+                 DBRX's `mlp.w1`, `mlp.v1`, `mlp.w2`; down's (I, H) is nn.Linear's weight transposed.
+    activation:  "glu" is act_fn(gate) * up with the experts' own `act_fn` (`activation_fn`);
                  "clamped_swiglu" is GPT-OSS's (up.clamp(+-limit) + 1) * g * sigmoid(alpha * g),
                  g = gate.clamp(max=limit), reading `alpha` and `limit` from the experts module.
     """
@@ -72,8 +75,13 @@ class ExpertLayout:
     interleaved: bool = False
     has_bias: bool = False
     activation: Activation = "glu"
+    stacked: tuple[str, str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.stacked is not None and (len(self.stacked) != 3 or self.transposed or self.interleaved
+                                         or self.has_bias or self.activation != "glu"):
+            raise ValueError("check `stacked` in ExpertLayout: it names the (gate, up, down) parameters of a "
+                             "layout without transpose, interleave, biases or a clamped activation")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(
                 f"check `activation` in ExpertLayout: {self.activation!r} is not one of {', '.join(_ACTIVATIONS)}"
@@ -193,10 +201,11 @@ class FamilySpec:
         return self.moe_module != self.mlp
 
     def num_experts(self, config: Any) -> int:
-        return int(getattr(config, self.num_experts_key) or 0)  # None: a dense config of the family (Gemma 4)
+        # a dotted key reads a nested config (DBRX's ffn_config.moe_num_experts); None: a dense config (Gemma 4)
+        return int(module_at(config, self.num_experts_key) or 0)
 
     def top_k(self, config: Any) -> int:
-        return int(getattr(config, self.top_k_key))
+        return int(module_at(config, self.top_k_key))
 
     def is_moe_layer(self, config: Any, index: int) -> bool:
         """Whether block `index` is MoE according to the config alone (no weights needed)."""
