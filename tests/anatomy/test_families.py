@@ -157,16 +157,27 @@ def test_per_expert_view_round_trip(model_type):
     assert all(torch.equal(p, original[n]) for n, p in restored.items())
 
 
+def _policy(anatomy) -> str:
+    """Every structure rule: roles, first/last MoE blocks, the most routed experts, shared experts
+    and, by kind, their output projection (down_proj, Granite's output_linear)."""
+    policy = "uniform=4,experts=3,first=1:2,last=1:4,topk=1:8"
+    shared_out = {anatomy.unit(b.shared[-1]).kind for b in anatomy.blocks if b.shared}
+    return policy + "".join(f",shared=8,kind={kind}:3:shared" for kind in shared_out)
+
+
 def _expected_bits(anatomy, top: dict[int, int]) -> dict[str, int]:
-    """The policy below, re-derived from the anatomy: first MoE block's experts 3, the most routed
-    expert of every MoE block 8, other experts 2, shared experts 8, the rest 4."""
-    first_moe = min(b.index for b in anatomy.blocks if b.is_moe)
+    """`_policy` re-derived from the anatomy: the most routed expert of every MoE block 8, other
+    experts of the last MoE block 4, of the first 2, the rest 3; shared experts 8 but their output
+    projection 3; everything else 4."""
+    moe = [b.index for b in anatomy.blocks if b.is_moe]
     bits = {}
     for u in anatomy.units:
         if u.role == "routed_expert":
-            bits[u.name] = 8 if top[u.block] == u.expert else 3 if u.block == first_moe else 2
+            bits[u.name] = 8 if top[u.block] == u.expert else 4 if u.block == moe[-1] else 2 if u.block == moe[0] else 3
+        elif u.role == "shared_expert":
+            bits[u.name] = 3 if u.name == anatomy.blocks[u.block].shared[-1] else 8
         else:
-            bits[u.name] = 8 if u.role == "shared_expert" else 4
+            bits[u.name] = 4
     return bits
 
 
@@ -194,8 +205,7 @@ def test_quantize_mixed_plan_and_reload(model_type, tmp_path):
         assert routing.counts[b.index].sum() == windows.numel() * b.top_k
     top = {b.index: int(np.argmax(routing.counts[b.index])) for b in anatomy.blocks if b.is_moe}
 
-    policy = "uniform=4,experts=2,first=1:3,topk=1:8" + (",shared=8" if any(b.shared for b in anatomy.blocks) else "")
-    bits = assign_bits(parse_policy(policy), anatomy, Evidence(routing=routing))
+    bits = assign_bits(parse_policy(_policy(anatomy)), anatomy, Evidence(routing=routing))
     assert bits == _expected_bits(anatomy, top)
     specs = {name: QuantSpec(bits=b, group_size=16) for name, b in bits.items()}
 
