@@ -34,7 +34,7 @@ from quantmoe.anatomy import (
     unfuse_experts,
 )
 from quantmoe.anatomy.catalog import family_table_markdown, moe_model_types
-from quantmoe.anatomy.expert_view import UNIT_KINDS
+from quantmoe.anatomy.expert_view import unit_kinds
 from quantmoe.anatomy.specs import module_at
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.routing import collect_routing
@@ -112,14 +112,19 @@ def test_inspect_roles(model_type):
         mixer_kinds.setdefault(m.attr, set()).update(m.linears)
     for b in anatomy.blocks:
         assert b.is_moe == (module_at(model.get_submodule(b.module_name), spec.experts) is not None), b.index
-        assert b.mixer in mixer_kinds and b.attention
-        assert {anatomy.unit(n).kind for n in b.attention} <= mixer_kinds[b.mixer]
+        if spec.sublayers:  # one sublayer per block: a token mixer, a dense MLP or the MoE
+            assert [bool(b.attention), bool(b.dense_mlp), b.is_moe].count(True) == 1, b.index
+            assert bool(b.mixer) == bool(b.attention)
+        else:
+            assert b.mixer in mixer_kinds and b.attention
+            assert bool(b.dense_mlp) == (not b.is_moe or spec.dense_beside_experts)
+        assert {anatomy.unit(n).kind for n in b.attention} <= mixer_kinds.get(b.mixer, set())
         assert tuple(anatomy.unit(n).kind for n in b.dense_mlp) in ((), spec.mlp_linears)
         assert tuple(anatomy.unit(n).kind for n in b.shared) in ((), spec.shared_expert_linears)
-        assert bool(b.dense_mlp) == (not b.is_moe or spec.dense_beside_experts)
         if b.is_moe:
             assert (b.num_experts, b.top_k) == (spec.num_experts(model.config), spec.top_k(model.config))
-            assert all(tuple(anatomy.unit(n).kind for n in ex) == UNIT_KINDS for ex in b.experts)
+            kinds = unit_kinds(spec.expert_layout)
+            assert all(tuple(anatomy.unit(n).kind for n in ex) == kinds for ex in b.experts)
             assert isinstance(model.get_submodule(b.router), nn.Module)
     if spec.moe_layers != "all":  # the tiny config exercises both kinds of block
         assert {b.is_moe for b in anatomy.blocks} == {True, False}
@@ -137,7 +142,7 @@ def test_inspect_roles(model_type):
     units = {u.name for u in anatomy.units}
     allowed = [spec.lm_head] + [b.router for b in anatomy.blocks if b.router]
     allowed += [b.shared_gate for b in anatomy.blocks if b.shared_gate]
-    allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks]
+    allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks if b.mixer]
     for name, module in unfused.named_modules():
         if isinstance(module, nn.Linear) and name not in units:
             assert _under(name, allowed), f"{name} is neither a quantizable unit nor a documented full-precision part"

@@ -75,7 +75,7 @@ def _blocks(spec: FamilySpec) -> str:
         "first_k_dense": f"first `{spec.moe_layers_key or 'first_k_dense_replace'}` blocks dense",
         "interval": "MoE every `moe_layer_interval` blocks from `moe_layer_start_index` to `moe_layer_end_index`",
         "listed": f"MoE blocks listed in `{spec.moe_layers_key}`",
-        "typed": f"MoE where `{spec.moe_layers_key}` says sparse",
+        "typed": f"MoE where `{spec.moe_layers_key}` says sparse (or moe)",
         "counted": f"MoE where `{spec.moe_layers_key}` > 1",
     }[spec.moe_layers]
     return rule
@@ -90,7 +90,10 @@ def _roles(spec: FamilySpec) -> str:
         gate = f" + gate `{spec.shared_expert_gate.rpartition('.')[2]}`" if spec.shared_expert_gate else ""
         kinds = f" ({_names(spec.shared_linears)})" if spec.shared_linears is not None else ""
         parts.append(f"shared expert `{spec.shared_expert}`{kinds}{gate}")
-    if spec.dense_beside_experts:
+    if spec.sublayers:
+        parts.append(f"dense MLP `{spec.mlp}` ({_names(spec.mlp_linears)}); one sublayer per block, at `{spec.mlp}`: "
+                     f"a token mixer, a dense MLP or the MoE ({_blocks(spec)})")
+    elif spec.dense_beside_experts:
         parts.append(f"dense MLP `{spec.mlp}` beside the experts in every block")
     elif spec.moe_layers != "all":
         parts.append(f"dense MLP `{spec.mlp}` ({_blocks(spec)})")
@@ -102,6 +105,8 @@ def _expert_view(spec: FamilySpec) -> str:
     if layout.stacked is not None:
         return (f"{'/'.join(layout.stacked)} each (E * I, H), stacked by expert, down transposed -> 3 nn.Linear per "
                 "expert, act(gate) * up")
+    if not layout.has_gate:
+        return "up_proj/down_proj (E, I, H) and (E, H, I), no gate -> 2 nn.Linear per expert, act(up)"
     shape = "(E, H, 2I) and (E, I, H), transposed" if layout.transposed else "(E, 2I, H) and (E, H, I)"
     order = "gate/up interleaved" if layout.interleaved else "[gate; up]"
     bias = ", with biases" if layout.has_bias else ""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantmoe.anatomy.expert_view import UNIT_KINDS, expert_unit_shapes, unit_shape
+from quantmoe.anatomy.expert_view import expert_unit_shapes, unit_kinds, unit_shape
 from quantmoe.anatomy.families import family_of
 from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, module_at
 from quantmoe.suggest import did_you_mean
@@ -133,6 +133,8 @@ def _mixer(block: nn.Module, prefix: str, spec: FamilySpec) -> tuple[str, tuple[
         module = module_at(block, attr)
         if module is not None and all(hasattr(module, kind) for kind in linears):
             return attr, linears, field
+    if spec.sublayers:  # this block's one sublayer is not a token mixer
+        return "", (), ""
     for attr, linears, field in candidates:  # present, but a declared linear is missing: name it
         module = module_at(block, attr)
         if module is not None:
@@ -152,7 +154,7 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
     block = model.get_submodule(prefix)
     mixer, mixer_linears, mixer_field = _mixer(block, prefix, spec)
     attn_name, mlp_name = f"{prefix}.{mixer}", _path(prefix, spec.mlp)
-    attention = _units(module_at(block, mixer), attn_name, mixer_linears, "attention", index, mixer_field)
+    attention = _units(module_at(block, mixer), attn_name, mixer_linears, "attention", index, mixer_field) if mixer else []
     experts = module_at(block, spec.experts)
     is_moe = experts is not None
     if is_moe != spec.is_moe_layer(config, index):
@@ -161,8 +163,10 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
             f"check `moe_layers` ({spec.moe_layers!r}) and `experts` in the {spec.model_type} FamilySpec"
         )
     dense: list[LinearUnit] = []
-    if not is_moe or spec.dense_beside_experts:
-        mlp = module_at(block, spec.mlp)
+    mlp = module_at(block, spec.mlp)
+    # with sublayers, the block's one sublayer is a dense MLP only when it has the MLP's linears
+    has_mlp = not spec.sublayers or (not is_moe and all(hasattr(mlp, kind) for kind in spec.mlp_linears))
+    if has_mlp and (not is_moe or spec.dense_beside_experts):
         if mlp is None:
             raise ValueError(f"`{prefix}` has no `{spec.mlp}`; check `mlp` in the {spec.model_type} FamilySpec")
         dense = _units(mlp, mlp_name, spec.mlp_linears, "dense_mlp", index, "mlp_linears")
@@ -197,7 +201,7 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
     for e, expert_shapes in enumerate(shapes):
         routed.append([
             LinearUnit(f"{experts_name}.{e}.{kind}", "routed_expert", index, e, kind, in_f, out_f, bias)
-            for kind, (out_f, in_f, bias) in zip(UNIT_KINDS, expert_shapes, strict=True)
+            for kind, (out_f, in_f, bias) in zip(unit_kinds(spec.expert_layout), expert_shapes, strict=True)
         ])  # fmt: skip
     shared: list[LinearUnit] = []
     shared_gate = None
@@ -219,8 +223,8 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
         shared_gate = f"{prefix}.{spec.shared_expert_gate}"
     # Sequential order: attention; every linear reading an MLP input (routed gate/up, shared and
     # dense MLP: the same or another normed input); every output projection (down).
-    units = attention + [u for ex in routed for u in ex[:2]] + shared[:-1] + dense[:-1]
-    units += [ex[2] for ex in routed] + shared[-1:] + dense[-1:]
+    units = attention + [u for ex in routed for u in ex[:-1]] + shared[:-1] + dense[:-1]
+    units += [ex[-1] for ex in routed] + shared[-1:] + dense[-1:]
     anatomy = BlockAnatomy(
         index=index,
         is_moe=True,

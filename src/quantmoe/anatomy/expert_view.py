@@ -37,6 +37,12 @@ GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS = "gate_up_proj", "down_proj", "gate_up_p
 UNIT_KINDS: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 EXPERT_INPUT_KINDS: tuple[str, str] = UNIT_KINDS[:2]  # read the expert's input itself (ExpertMLP.forward)
 EXPERT_HIDDEN_KIND: str = UNIT_KINDS[2]  # reads ExpertMLP.hidden of the expert's input
+UP = "up_proj"  # the fused up projection of experts without a gate (ExpertLayout.has_gate False)
+
+
+def unit_kinds(layout: ExpertLayout) -> tuple[str, ...]:
+    """The linears of one expert in the per-expert view: gate/up/down, or up/down without a gate."""
+    return UNIT_KINDS if layout.has_gate else UNIT_KINDS[1:]
 
 
 # --- activations (pure) -------------------------------------------------------------------
@@ -44,6 +50,10 @@ EXPERT_HIDDEN_KIND: str = UNIT_KINDS[2]  # reads ExpertMLP.hidden of the expert'
 
 def _glu(act_fn: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor) -> Tensor:
     return act_fn(gate) * up
+
+
+def _ungated(act_fn: Callable[[Tensor], Tensor], gate: None, up: Tensor) -> Tensor:
+    return act_fn(up)
 
 
 def _clamped_swiglu(alpha: float, limit: float, gate: Tensor, up: Tensor) -> Tensor:
@@ -58,7 +68,7 @@ def _activation(fused: nn.Module, layout: ExpertLayout) -> Callable[[Tensor, Ten
         return partial(_clamped_swiglu, float(fused.alpha), float(fused.limit))
     owner = fused if layout.stacked is None else module_at(fused, layout.stacked[0].rpartition(".")[0])
     act_fn = getattr(owner, "act_fn", None) or owner.activation_fn  # DBRX's DbrxExpertGLU: activation_fn
-    return partial(_glu, act_fn)
+    return partial(_glu if layout.has_gate else _ungated, act_fn)
 
 
 # --- layout (pure) ------------------------------------------------------------------------
@@ -97,11 +107,12 @@ def _linear(weight: Tensor, bias: Tensor | None, requires_grad: bool) -> nn.Line
 
 
 class ExpertMLP(nn.Module):
-    """One routed expert as three nn.Linear: down(activation(gate(x), up(x)))."""
+    """One routed expert as three nn.Linear: down(activation(gate(x), up(x))); without a gate
+    (`gate_proj` None) two: down(activation(None, up(x)))."""
 
     def __init__(
         self,
-        gate_proj: nn.Module,
+        gate_proj: nn.Module | None,
         up_proj: nn.Module,
         down_proj: nn.Module,
         activation: Callable[[Tensor, Tensor], Tensor],
@@ -113,7 +124,8 @@ class ExpertMLP(nn.Module):
         self.activation = activation  # plain callable, not a submodule
 
     def hidden(self, x: Tensor) -> Tensor:  # (tokens, H) -> (tokens, I): what down_proj reads
-        return self.activation(self.gate_proj(x), self.up_proj(x))
+        gate = self.gate_proj(x) if self.gate_proj is not None else None
+        return self.activation(gate, self.up_proj(x))
 
     def forward(self, x: Tensor) -> Tensor:  # (tokens, H) -> (tokens, H)
         return self.down_proj(self.hidden(x))
@@ -195,7 +207,7 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
     Works on a fused or unfused experts module and reads shapes only (fine on `meta`).
     """
     if isinstance(experts, UnfusedExperts):
-        return [tuple(unit_shape(getattr(expert, kind)) for kind in UNIT_KINDS) for expert in experts]
+        return [tuple(unit_shape(getattr(expert, kind)) for kind in unit_kinds(experts.layout)) for expert in experts]
     if layout.stacked is not None:
         gate_w, num = module_at(experts, layout.stacked[0]), getattr(experts, "num_experts", None)
         if not isinstance(gate_w, Tensor) or gate_w.dim() != 2 or not num:
@@ -203,7 +215,7 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
                              "the expert_layout of this family's FamilySpec (quantmoe/anatomy/specs.py)")
         inter, hidden = int(gate_w.shape[0]) // int(num), int(gate_w.shape[1])  # (E * I, H)
         return [((inter, hidden, False), (inter, hidden, False), (hidden, inter, False))] * int(num)
-    gate_up, down = getattr(experts, GATE_UP, None), getattr(experts, DOWN, None)
+    gate_up, down = getattr(experts, GATE_UP if layout.has_gate else UP, None), getattr(experts, DOWN, None)
     if not isinstance(gate_up, Tensor) or not isinstance(down, Tensor) or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(
             f"`{name}` has no 3D `{GATE_UP}` and `{DOWN}`; check `experts` and `expert_layout` "
@@ -211,6 +223,9 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
         )
     gu_out, gu_in = gate_up.shape[1:][::-1] if layout.transposed else gate_up.shape[1:]  # (2I, H)
     d_out, d_in = down.shape[1:][::-1] if layout.transposed else down.shape[1:]  # (H, I)
+    if not layout.has_gate:  # up_proj (E, I, H)
+        return [((int(gu_out), int(gu_in), layout.has_bias), (int(d_out), int(d_in), layout.has_bias))] * int(
+            gate_up.shape[0])
     gate = (int(gu_out) // 2, int(gu_in), layout.has_bias)
     return [(gate, gate, (int(d_out), int(d_in), layout.has_bias))] * int(gate_up.shape[0])
 
@@ -218,6 +233,8 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
 def _expected_params(layout: ExpertLayout) -> set[str]:
     if layout.stacked is not None:
         return set(layout.stacked)
+    if not layout.has_gate:
+        return {UP, DOWN} | ({UP + "_bias", DOWN_BIAS} if layout.has_bias else set())
     return {GATE_UP, DOWN} | ({GATE_UP_BIAS, DOWN_BIAS} if layout.has_bias else set())
 
 
@@ -246,8 +263,14 @@ def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts
         grad = params[layout.stacked[0]].requires_grad
         for weights in _stacked_weights(params, layout, int(fused.num_experts)):
             experts.append(ExpertMLP(*(_linear(w, None, grad) for w in weights), activation=activation))
+    if not layout.has_gate:
+        up, down = params[UP], params[DOWN]
+        for e in range(up.shape[0]):
+            linears = (_linear(_as_linear(up[e], layout), None, up.requires_grad),
+                       _linear(_as_linear(down[e], layout), None, up.requires_grad))
+            experts.append(ExpertMLP(None, *linears, activation=activation))
     gate_up, down = params.get(GATE_UP), params.get(DOWN)
-    for e in range(gate_up.shape[0] if layout.stacked is None else 0):
+    for e in range(gate_up.shape[0] if layout.stacked is None and layout.has_gate else 0):
         grad = gate_up.requires_grad
         gate_w, up_w = _split(_as_linear(gate_up[e], layout), layout)  # (I, H) each
         down_w = _as_linear(down[e], layout)  # (H, I)
@@ -282,6 +305,11 @@ def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
     fused, layout = unfused._fused[0], unfused.layout
     gate_up, down, gate_up_b, down_b = [], [], [], []
     for e, expert in enumerate(unfused):
+        if not layout.has_gate:
+            (u, _), (d, _) = (_dense(getattr(expert, kind), f"{name}.{e}.{kind}", False) for kind in unit_kinds(layout))
+            gate_up.append(_as_linear(u, layout))
+            down.append(_as_linear(d, layout))
+            continue
         (g, gb), (u, ub), (d, db) = (
             _dense(getattr(expert, kind), f"{name}.{e}.{kind}", layout.has_bias) for kind in UNIT_KINDS
         )
@@ -290,7 +318,7 @@ def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
         if layout.has_bias:
             gate_up_b.append(_join(gb, ub, layout))
             down_b.append(db)
-    packed = {GATE_UP: gate_up, DOWN: down}
+    packed = {GATE_UP if layout.has_gate else UP: gate_up, DOWN: down}
     if layout.has_bias:
         packed |= {GATE_UP_BIAS: gate_up_b, DOWN_BIAS: down_b}
     if layout.stacked is not None:  # gate_up holds [gate; up] per expert: cut it back, down goes back to (I, H)

@@ -100,6 +100,13 @@ _SPECS: tuple[FamilySpec, ...] = (
                layers="transformer.blocks", attention="norm_attn_norm.attn", attention_linears=("Wqkv", "out_proj"),
                mlp="ffn", router="ffn.router", experts="ffn.experts", embedding="transformer.wte",
                expert_layout=ExpertLayout(stacked=("mlp.w1", "mlp.v1", "mlp.w2"))),
+    # --- one sublayer per block (`mixer`: Mamba2, attention, a dense MLP or the MoE), experts without a gate ---
+    FamilySpec("nemotron_h", "Nemotron-H", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="layers_block_type", attention="mixer", mixers=(Mixer("mixer", ("in_proj", "out_proj"),
+                                                                                   "Mamba2"),),
+               mlp="mixer", mlp_linears=("up_proj", "down_proj"), router="mixer.gate", experts="mixer.experts",
+               shared_expert="mixer.shared_experts", embedding="model.embeddings", sublayers=True,
+               expert_layout=ExpertLayout(has_gate=False)),
     # --- shapes only: inspect and plan, no per-expert view (so no quantization) ---
     FamilySpec("llama4_text", "Llama 4", num_experts_key="num_local_experts", moe_layers="listed",
                moe_layers_key="moe_layers", mlp="feed_forward", router="feed_forward.router",
@@ -167,8 +174,6 @@ REFUSED: dict[str, str] = {
                      "each block holds two attention and two MLP sublayers",
     "minimax_m3_vl_text": "its shared MLP (MiniMaxM3VLDenseMLP) fuses gate and up into one `gate_up_proj` linear, and "
                           "its attention carries a sparse block indexer",
-    "nemotron_h": "its experts have no gate (`up_proj` and `down_proj` with a relu2 activation, has_gate=False) and "
-                  "each sublayer is its own block whose `mixer` is a Mamba2 mixer, attention, an MLP or the MoE",
     "qwen3_5_moe": _MULTIMODAL.format(text="qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format(text="qwen4_exp_text"),
     "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "

@@ -63,6 +63,8 @@ class ExpertLayout:
     transposed:  weights are (in, out) per expert instead of nn.Linear's (out, in).
     interleaved: gate/up alternate along the 2I axis (g0, u0, g1, u1, ...) instead of [gate; up].
     has_bias:    `gate_up_proj_bias` and `down_proj_bias` exist.
+    has_gate:    False for experts without a gate (Nemotron-H, `has_gate=False`): `up_proj` (E, I, H)
+                 and `down_proj` (E, H, I), each expert down(act_fn(up(x))).
     stacked:     instead of gate_up_proj/down_proj, three parameters of the experts module (dotted
                  names) hold gate, up and down, each (E * I, H) with the experts stacked along rows:
                  DBRX's `mlp.w1`, `mlp.v1`, `mlp.w2`; down's (I, H) is nn.Linear's weight transposed.
@@ -76,8 +78,12 @@ class ExpertLayout:
     has_bias: bool = False
     activation: Activation = "glu"
     stacked: tuple[str, str, str] | None = None
+    has_gate: bool = True
 
     def __post_init__(self) -> None:
+        if not self.has_gate and (self.interleaved or self.stacked is not None or self.activation != "glu"):
+            raise ValueError("check `has_gate` in ExpertLayout: experts without a gate have no interleaved, stacked "
+                             "or clamped layout")
         if self.stacked is not None and (len(self.stacked) != 3 or self.transposed or self.interleaved
                                          or self.has_bias or self.activation != "glu"):
             raise ValueError("check `stacked` in ExpertLayout: it names the (gate, up, down) parameters of a "
@@ -122,6 +128,9 @@ class FamilySpec:
     `experts` on the decoder layer), the `mlp` runs beside them in every block (`dense_beside_experts`).
     The shared expert may sit inside the MoE module (`mlp.shared_experts`) or beside it on the
     block (Granite's `shared_mlp`).
+    sublayers: each block holds one sublayer, all at the same attribute (Nemotron-H's `mixer`): a
+    token mixer, a dense MLP or the MoE; a block then may have no token mixer, and no MLP (the
+    `mlp` path then holds another sublayer, without the `mlp_linears`).
     mlp_linears and shared_linears name the MLP's linears in execution order: those reading the
     MLP input, then the output projection (last). Three for gate/up/down; two when gate and up
     are fused into one linear (Granite's `input_linear`, `output_linear`).
@@ -132,7 +141,8 @@ class FamilySpec:
     (DeepSeek: i >= `first_k_dense_replace`, or the count `moe_layers_key` names); "interval" (ERNIE: (i + 1) % `moe_layer_interval`
     == 0 and `moe_layer_start_index` <= i <= `moe_layer_end_index`); and three rules reading the
     config list named by `moe_layers_key`: "listed" (i is in it: Llama 4's `moe_layers`),
-    "typed" (its i-th entry is "sparse": GLM-4.7-Flash's `mlp_layer_types`), "counted" (its
+    "typed" (its i-th entry is "sparse" or "moe": GLM-4.7-Flash's `mlp_layer_types`, Nemotron-H's
+    `layers_block_type`), "counted" (its
     i-th entry, a number of experts, is > 1: Jamba's `layers_num_experts`).
     """
 
@@ -153,6 +163,7 @@ class FamilySpec:
     shared_expert_gate: str | None = None
     mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     shared_linears: tuple[str, ...] | None = None  # None: the same as mlp_linears
+    sublayers: bool = False
     expert_layout: ExpertLayout = field(default_factory=ExpertLayout)
     embedding: str = "model.embed_tokens"
     lm_head: str = "lm_head"
@@ -225,6 +236,6 @@ class FamilySpec:
             if self.moe_layers == "listed":
                 return index in values
             if self.moe_layers == "typed":
-                return values[index] == "sparse"
+                return values[index] in ("sparse", "moe")
             return values[index] > 1
         return True
