@@ -234,6 +234,18 @@ def test_shapes_only_families_refuse_the_per_expert_view(model_type):
     assert not any(isinstance(m, nn.Linear) and ".experts." in n for n, m in model.named_modules())
 
 
+@pytest.mark.parametrize("model_type", sorted(t for t, spec in FAMILIES.items() if spec.refuse_when))
+def test_configs_the_driver_cannot_carry_are_refused(model_type):
+    spec, model = FAMILIES[model_type], _model(model_type)
+    assert spec.config_refusal(model.config) is None
+    for key, why in spec.refuse_when:
+        setattr(model.config, key, 1)
+        with pytest.raises(UnsupportedModelError, match="cannot be quantized") as info:
+            unfuse_experts(model)
+        assert why in str(info.value)
+        setattr(model.config, key, 0)
+
+
 # --- the table against the installed transformers ------------------------------------------------
 
 

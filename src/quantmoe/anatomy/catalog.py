@@ -97,6 +97,7 @@ def _roles(spec: FamilySpec) -> str:
         parts.append(f"dense MLP `{spec.mlp}` beside the experts in every block")
     elif spec.moe_layers != "all":
         parts.append(f"dense MLP `{spec.mlp}` ({_blocks(spec)})")
+    parts += [f"quantization refused when `{key}` is set: {why}" for key, why in spec.refuse_when]
     return "; ".join(parts)
 
 

@@ -350,6 +350,12 @@ def unfuse_experts(model: nn.Module, only: Collection[str] | None = None) -> nn.
             f"{spec.model_type} ({spec.display_name}) has no per-expert view, so it cannot be quantized: "
             f"{spec.view_refusal}. `quantmoe inspect` and `quantmoe plan` still work from its shapes."
         )
+    refusal = spec.config_refusal(model.config)
+    if refusal is not None:
+        raise UnsupportedModelError(
+            f"this {spec.model_type} ({spec.display_name}) config cannot be quantized: {refusal}. "
+            "`quantmoe inspect` and `quantmoe plan` still work from its shapes."
+        )
     names = [n for n in experts_module_names(model, spec)
              if (only is None or n in only) and not isinstance(model.get_submodule(n), UnfusedExperts)]
     for name in names:

@@ -94,7 +94,9 @@ _SPECS: tuple[FamilySpec, ...] = (
                shared_expert="mlp.shared_expert"),
     # --- experts on the decoder layer beside a dense MLP that runs in every block, their outputs summed ---
     FamilySpec("gemma4_text", "Gemma 4 (text)", num_experts_key="num_experts", top_k_key="top_k_experts",
-               router="router", experts="experts"),
+               router="router", experts="experts",
+               refuse_when=(("num_kv_shared_layers", "its last blocks reuse the keys and values of earlier blocks "
+                                                     "(KV sharing), which the block-by-block driver does not carry"),)),
     # --- experts stacked as (E * I, H) matrices run by their own loop; attention and norms in one submodule ---
     FamilySpec("dbrx", "DBRX", num_experts_key="ffn_config.moe_num_experts", top_k_key="ffn_config.moe_top_k",
                layers="transformer.blocks", attention="norm_attn_norm.attn", attention_linears=("Wqkv", "out_proj"),

@@ -168,6 +168,8 @@ class FamilySpec:
     embedding: str = "model.embed_tokens"
     lm_head: str = "lm_head"
     view_refusal: str | None = None  # why there is no per-expert view (so no quantization); shapes still describe
+    # (config key, why): configs that set the key (truthy) are described but not quantized
+    refuse_when: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model_type:
@@ -210,6 +212,14 @@ class FamilySpec:
     def dense_beside_experts(self) -> bool:
         """Whether the dense `mlp` runs beside the experts in MoE blocks (it does not hold them)."""
         return self.moe_module != self.mlp
+
+    def config_refusal(self, config: Any) -> str | None:
+        """Why this config of the family cannot be quantized (a `refuse_when` key it sets), or None."""
+        for key, why in self.refuse_when:
+            value = module_at(config, key)
+            if value:
+                return f"{why} (config.{key} = {value!r})"
+        return None
 
     def num_experts(self, config: Any) -> int:
         # a dotted key reads a nested config (DBRX's ffn_config.moe_num_experts); None: a dense config (Gemma 4)
