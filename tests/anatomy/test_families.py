@@ -61,6 +61,7 @@ FUSED_IN_CHECKPOINT = {
     "granitemoeshared": _GRANITE,
     "lara_mini": (_EXPERTS_VIEW + r"|\.linear_attn\.in_proj_(a|b|qkv|z)\.weight$",
                   r"\.mlp\.experts\.(gate_up_proj|down_proj)$|\.linear_attn\.in_proj\.weight$"),
+    "minimax_m3_vl_text": (_EXPERTS_VIEW, _FUSED_3D),
 }
 
 

@@ -64,8 +64,9 @@ def _clamped_swiglu(alpha: float, limit: float, gate: Tensor, up: Tensor) -> Ten
 
 
 def _activation(fused: nn.Module, layout: ExpertLayout) -> Callable[[Tensor, Tensor], Tensor]:
-    if layout.activation == "clamped_swiglu":
-        return partial(_clamped_swiglu, float(fused.alpha), float(fused.limit))
+    if layout.activation == "clamped_swiglu":  # GPT-OSS: alpha, limit; MiniMax-M3: swiglu_alpha, swiglu_limit
+        alpha, limit = (getattr(fused, name, None) or getattr(fused, f"swiglu_{name}") for name in ("alpha", "limit"))
+        return partial(_clamped_swiglu, float(alpha), float(limit))
     owner = fused if layout.stacked is None else module_at(fused, layout.stacked[0].rpartition(".")[0])
     act_fn = getattr(owner, "act_fn", None) or owner.activation_fn  # DBRX's DbrxExpertGLU: activation_fn
     return partial(_glu if layout.has_gate else _ungated, act_fn)

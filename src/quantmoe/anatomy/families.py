@@ -38,6 +38,9 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec("deepseek_v3", "DeepSeek-V3", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
                attention_linears=_MLA, shared_expert="mlp.shared_experts"),
     FamilySpec("olmoe", "OLMoE", num_experts_key="num_experts"),
+    FamilySpec("minimax_m3_vl_text", "MiniMax-M3 (text)", num_experts_key="num_local_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", mlp_linears=("gate_up_proj", "down_proj"),
+               shared_expert="mlp.shared_experts", expert_layout=ExpertLayout(activation="clamped_swiglu")),
     FamilySpec("gpt_oss", "GPT-OSS", num_experts_key="num_local_experts", router="mlp.router",
                expert_layout=ExpertLayout(transposed=True, interleaved=True, has_bias=True,
                                           activation="clamped_swiglu")),
@@ -174,8 +177,6 @@ REFUSED: dict[str, str] = {
     "llama4": _MULTIMODAL.format(text="llama4_text"),
     "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
                      "each block holds two attention and two MLP sublayers",
-    "minimax_m3_vl_text": "its shared MLP (MiniMaxM3VLDenseMLP) fuses gate and up into one `gate_up_proj` linear, and "
-                          "its attention carries a sparse block indexer",
     "qwen3_5_moe": _MULTIMODAL.format(text="qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format(text="qwen4_exp_text"),
     "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "

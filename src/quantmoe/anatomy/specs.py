@@ -70,7 +70,8 @@ class ExpertLayout:
                  DBRX's `mlp.w1`, `mlp.v1`, `mlp.w2`; down's (I, H) is nn.Linear's weight transposed.
     activation:  "glu" is act_fn(gate) * up with the experts' own `act_fn` (`activation_fn`);
                  "clamped_swiglu" is GPT-OSS's (up.clamp(+-limit) + 1) * g * sigmoid(alpha * g),
-                 g = gate.clamp(max=limit), reading `alpha` and `limit` from the experts module.
+                 g = gate.clamp(max=limit), reading `alpha` and `limit` (MiniMax-M3: `swiglu_alpha`,
+                 `swiglu_limit`) from the experts module.
     """
 
     transposed: bool = False

@@ -59,7 +59,7 @@ STAGES: tuple[Stage, ...] = (
                      "g_a_proj", "b_proj", "qkv_proj", "output_gate", "Wqkv"}), True),
     Stage(frozenset({"q_b_proj", "kv_b_proj", "g_b_proj"}), False),
     Stage(frozenset({"o_proj", "out_proj"}), False),
-    Stage(frozenset({"gate_proj", "up_proj", "w1", "w3", "input_linear"}), True),  # input_linear: [gate; up] fused
+    Stage(frozenset({"gate_proj", "up_proj", "w1", "w3", "input_linear", "gate_up_proj"}), True),  # [gate; up] fused
     Stage(frozenset({"down_proj", "w2", "output_linear"}), False),
 )
 
