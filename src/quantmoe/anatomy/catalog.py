@@ -64,6 +64,9 @@ class FamilyRow:
     expert_view: str
 
 
+_GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+
+
 def _names(kinds: tuple[str, ...]) -> str:
     return ", ".join(kinds)
 
@@ -86,17 +89,21 @@ def _roles(spec: FamilySpec) -> str:
     parts += [f"{m.label} `{m.attr}` ({_names(m.linears)})" for m in spec.mixers]
     parts.append(f"router `{spec.router}`")
     parts.append(f"routed experts `{spec.experts}`")
+
+    def kinds(linears: tuple[str, ...]) -> str:  # named only where they are not gate_proj, up_proj, down_proj
+        return f" ({_names(linears)})" if linears != _GATE_UP_DOWN else ""
+
     if spec.shared_expert:
         gate = f" + gate `{spec.shared_expert_gate.rpartition('.')[2]}`" if spec.shared_expert_gate else ""
-        kinds = f" ({_names(spec.shared_linears)})" if spec.shared_linears is not None else ""
-        parts.append(f"shared expert `{spec.shared_expert}`{kinds}{gate}")
+        parts.append(f"shared expert `{spec.shared_expert}`{kinds(spec.shared_expert_linears)}{gate}")
+    dense = f"dense MLP `{spec.mlp}`{kinds(spec.mlp_linears)}"
     if spec.sublayers:
-        parts.append(f"dense MLP `{spec.mlp}` ({_names(spec.mlp_linears)}); one sublayer per block, at `{spec.mlp}`: "
-                     f"a token mixer, a dense MLP or the MoE ({_blocks(spec)})")
+        parts.append(f"{dense}; one sublayer per block, at `{spec.mlp}`: a token mixer, a dense MLP or the MoE "
+                     f"({_blocks(spec)})")
     elif spec.dense_beside_experts:
-        parts.append(f"dense MLP `{spec.mlp}` beside the experts in every block")
+        parts.append(f"{dense} beside the experts in every block")
     elif spec.moe_layers != "all":
-        parts.append(f"dense MLP `{spec.mlp}` ({_blocks(spec)})")
+        parts.append(f"{dense} ({_blocks(spec)})")
     parts += [f"quantization refused when `{key}` is set: {why}" for key, why in spec.refuse_when]
     return "; ".join(parts)
 
