@@ -135,10 +135,11 @@ MODEL_TYPE_KEY = "quantmoe_model_type"
 
 def read_model_config(path: Path, trust_remote_code: bool = False):
     """The model's config of a quantmoe checkpoint folder (marked or not)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    # transformers' reader: it decodes the floats JSON cannot hold (Granite-4.0-H's time_step_limit (0, inf))
+    cfg = PretrainedConfig._dict_from_json_file(Path(path) / "config.json")
     if cfg.get("model_type") != MARKED_MODEL_TYPE:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cfg["model_type"] = cfg.pop(MODEL_TYPE_KEY)

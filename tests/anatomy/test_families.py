@@ -34,7 +34,8 @@ from quantmoe.anatomy import (
     unfuse_experts,
 )
 from quantmoe.anatomy.catalog import family_table_markdown, moe_model_types
-from quantmoe.anatomy.expert_view import UNIT_KINDS
+from quantmoe.anatomy.expert_view import unit_kinds
+from quantmoe.anatomy.specs import module_at
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.routing import collect_routing
 from quantmoe.quant.checkpoint import save_quantized
@@ -46,13 +47,21 @@ SHAPES_ONLY = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is n
 DOC = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 TOL = 1e-5
 _EXPERTS_VIEW = r"\.experts\.\d+\.(gate|up|down)_proj\.(weight|bias)$"
+_FUSED_3D = r"\.experts\.(gate_up_proj|down_proj)$"  # the checkpoint keeps transformers' 3D experts
+_GRANITE = (_EXPERTS_VIEW, r"\.block_sparse_moe\.(input|output)_linear\.weight$")  # the hub's 3D experts
 # family: (the export's names for what the hub checkpoint fuses, the checkpoint's fused names)
 FUSED_IN_CHECKPOINT = {
     "aria_text": (_EXPERTS_VIEW, r"\.mlp\.experts\.fc[12]\.weight$"),
+    "dbrx": (_EXPERTS_VIEW, r"\.ffn\.experts\.mlp\.(w1|v1|w2)$"),
+    "gemma4_text": (_EXPERTS_VIEW, _FUSED_3D),
     "gpt_oss": (_EXPERTS_VIEW, r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$"),
-    "granitemoe": (_EXPERTS_VIEW, r"\.block_sparse_moe\.(input|output)_linear\.weight$"),
+    "granitemoe": _GRANITE,
+    "granitemoe_swa": (_EXPERTS_VIEW, _FUSED_3D),
+    "granitemoehybrid": _GRANITE,
+    "granitemoeshared": _GRANITE,
     "lara_mini": (_EXPERTS_VIEW + r"|\.linear_attn\.in_proj_(a|b|qkv|z)\.weight$",
                   r"\.mlp\.experts\.(gate_up_proj|down_proj)$|\.linear_attn\.in_proj\.weight$"),
+    "minimax_m3_vl_text": (_EXPERTS_VIEW, _FUSED_3D),
 }
 
 
@@ -103,14 +112,20 @@ def test_inspect_roles(model_type):
     for m in spec.mixers:
         mixer_kinds.setdefault(m.attr, set()).update(m.linears)
     for b in anatomy.blocks:
-        mlp = model.get_submodule(f"{b.module_name}.{spec.mlp}")
-        assert b.is_moe == (getattr(mlp, spec.experts, None) is not None), b.index
-        assert b.mixer in mixer_kinds and b.attention
-        assert {anatomy.unit(n).kind for n in b.attention} <= mixer_kinds[b.mixer]
-        assert all(anatomy.unit(n).kind in spec.mlp_linears for n in b.shared + b.dense_mlp)
+        assert b.is_moe == (module_at(model.get_submodule(b.module_name), spec.experts) is not None), b.index
+        if spec.sublayers:  # one sublayer per block: a token mixer, a dense MLP or the MoE
+            assert [bool(b.attention), bool(b.dense_mlp), b.is_moe].count(True) == 1, b.index
+            assert bool(b.mixer) == bool(b.attention)
+        else:
+            assert b.mixer in mixer_kinds and b.attention
+            assert bool(b.dense_mlp) == (not b.is_moe or spec.dense_beside_experts)
+        assert {anatomy.unit(n).kind for n in b.attention} <= mixer_kinds.get(b.mixer, set())
+        assert tuple(anatomy.unit(n).kind for n in b.dense_mlp) in ((), spec.mlp_linears)
+        assert tuple(anatomy.unit(n).kind for n in b.shared) in ((), spec.shared_expert_linears)
         if b.is_moe:
             assert (b.num_experts, b.top_k) == (spec.num_experts(model.config), spec.top_k(model.config))
-            assert all(tuple(anatomy.unit(n).kind for n in ex) == UNIT_KINDS for ex in b.experts)
+            kinds = unit_kinds(spec.expert_layout)
+            assert all(tuple(anatomy.unit(n).kind for n in ex) == kinds for ex in b.experts)
             assert isinstance(model.get_submodule(b.router), nn.Module)
     if spec.moe_layers != "all":  # the tiny config exercises both kinds of block
         assert {b.is_moe for b in anatomy.blocks} == {True, False}
@@ -128,7 +143,7 @@ def test_inspect_roles(model_type):
     units = {u.name for u in anatomy.units}
     allowed = [spec.lm_head] + [b.router for b in anatomy.blocks if b.router]
     allowed += [b.shared_gate for b in anatomy.blocks if b.shared_gate]
-    allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks]
+    allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks if b.mixer]
     for name, module in unfused.named_modules():
         if isinstance(module, nn.Linear) and name not in units:
             assert _under(name, allowed), f"{name} is neither a quantizable unit nor a documented full-precision part"
@@ -148,16 +163,27 @@ def test_per_expert_view_round_trip(model_type):
     assert all(torch.equal(p, original[n]) for n, p in restored.items())
 
 
+def _policy(anatomy) -> str:
+    """Every structure rule: roles, first/last MoE blocks, the most routed experts, shared experts
+    and, by kind, their output projection (down_proj, Granite's output_linear)."""
+    policy = "uniform=4,experts=3,first=1:2,last=1:4,topk=1:8"
+    shared_out = {anatomy.unit(b.shared[-1]).kind for b in anatomy.blocks if b.shared}
+    return policy + "".join(f",shared=8,kind={kind}:3:shared" for kind in shared_out)
+
+
 def _expected_bits(anatomy, top: dict[int, int]) -> dict[str, int]:
-    """The policy below, re-derived from the anatomy: first MoE block's experts 3, the most routed
-    expert of every MoE block 8, other experts 2, shared experts 8, the rest 4."""
-    first_moe = min(b.index for b in anatomy.blocks if b.is_moe)
+    """`_policy` re-derived from the anatomy: the most routed expert of every MoE block 8, other
+    experts of the last MoE block 4, of the first 2, the rest 3; shared experts 8 but their output
+    projection 3; everything else 4."""
+    moe = [b.index for b in anatomy.blocks if b.is_moe]
     bits = {}
     for u in anatomy.units:
         if u.role == "routed_expert":
-            bits[u.name] = 8 if top[u.block] == u.expert else 3 if u.block == first_moe else 2
+            bits[u.name] = 8 if top[u.block] == u.expert else 4 if u.block == moe[-1] else 2 if u.block == moe[0] else 3
+        elif u.role == "shared_expert":
+            bits[u.name] = 3 if u.name == anatomy.blocks[u.block].shared[-1] else 8
         else:
-            bits[u.name] = 8 if u.role == "shared_expert" else 4
+            bits[u.name] = 4
     return bits
 
 
@@ -168,7 +194,7 @@ def test_quantize_mixed_plan_and_reload(model_type, tmp_path):
     anatomy = describe(model)
     windows = _ids(seed=0, batch=8, length=32)
 
-    # routing seen by the experts modules themselves, independently of the router hook of collect_routing
+    # routing seen by the (unfused) experts modules themselves, as collect_routing must report it
     seen: dict[int, torch.Tensor] = {}
     unfuse_experts(model)
     hooks = [model.get_submodule(b.experts_module).register_forward_pre_hook(
@@ -185,8 +211,7 @@ def test_quantize_mixed_plan_and_reload(model_type, tmp_path):
         assert routing.counts[b.index].sum() == windows.numel() * b.top_k
     top = {b.index: int(np.argmax(routing.counts[b.index])) for b in anatomy.blocks if b.is_moe}
 
-    policy = "uniform=4,experts=2,first=1:3,topk=1:8" + (",shared=8" if any(b.shared for b in anatomy.blocks) else "")
-    bits = assign_bits(parse_policy(policy), anatomy, Evidence(routing=routing))
+    bits = assign_bits(parse_policy(_policy(anatomy)), anatomy, Evidence(routing=routing))
     assert bits == _expected_bits(anatomy, top)
     specs = {name: QuantSpec(bits=b, group_size=16) for name, b in bits.items()}
 
@@ -208,6 +233,18 @@ def test_shapes_only_families_refuse_the_per_expert_view(model_type):
         unfuse_experts(model)
     assert FAMILIES[model_type].view_refusal in str(info.value)
     assert not any(isinstance(m, nn.Linear) and ".experts." in n for n, m in model.named_modules())
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t, spec in FAMILIES.items() if spec.refuse_when))
+def test_configs_the_driver_cannot_carry_are_refused(model_type):
+    spec, model = FAMILIES[model_type], _model(model_type)
+    assert spec.config_refusal(model.config) is None
+    for key, why in spec.refuse_when:
+        setattr(model.config, key, 1)
+        with pytest.raises(UnsupportedModelError, match="cannot be quantized") as info:
+            unfuse_experts(model)
+        assert why in str(info.value)
+        setattr(model.config, key, 0)
 
 
 # --- the table against the installed transformers ------------------------------------------------

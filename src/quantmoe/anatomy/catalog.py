@@ -64,6 +64,9 @@ class FamilyRow:
     expert_view: str
 
 
+_GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+
+
 def _names(kinds: tuple[str, ...]) -> str:
     return ", ".join(kinds)
 
@@ -75,7 +78,7 @@ def _blocks(spec: FamilySpec) -> str:
         "first_k_dense": f"first `{spec.moe_layers_key or 'first_k_dense_replace'}` blocks dense",
         "interval": "MoE every `moe_layer_interval` blocks from `moe_layer_start_index` to `moe_layer_end_index`",
         "listed": f"MoE blocks listed in `{spec.moe_layers_key}`",
-        "typed": f"MoE where `{spec.moe_layers_key}` says sparse",
+        "typed": f"MoE where `{spec.moe_layers_key}` says sparse (or moe)",
         "counted": f"MoE where `{spec.moe_layers_key}` > 1",
     }[spec.moe_layers]
     return rule
@@ -84,18 +87,34 @@ def _blocks(spec: FamilySpec) -> str:
 def _roles(spec: FamilySpec) -> str:
     parts = [f"attention `{spec.attention}` ({_names(spec.attention_linears)})"]
     parts += [f"{m.label} `{m.attr}` ({_names(m.linears)})" for m in spec.mixers]
-    parts.append(f"router `{spec.mlp}.{spec.router}`")
-    parts.append(f"routed experts `{spec.mlp}.{spec.experts}`")
+    parts.append(f"router `{spec.router}`")
+    parts.append(f"routed experts `{spec.experts}`")
+
+    def kinds(linears: tuple[str, ...]) -> str:  # named only where they are not gate_proj, up_proj, down_proj
+        return f" ({_names(linears)})" if linears != _GATE_UP_DOWN else ""
+
     if spec.shared_expert:
-        gate = f" + gate `{spec.shared_expert_gate}`" if spec.shared_expert_gate else ""
-        parts.append(f"shared expert `{spec.mlp}.{spec.shared_expert}`{gate}")
-    if spec.moe_layers != "all":
-        parts.append(f"dense MLP `{spec.mlp}` ({_blocks(spec)})")
+        gate = f" + gate `{spec.shared_expert_gate.rpartition('.')[2]}`" if spec.shared_expert_gate else ""
+        parts.append(f"shared expert `{spec.shared_expert}`{kinds(spec.shared_expert_linears)}{gate}")
+    dense = f"dense MLP `{spec.mlp}`{kinds(spec.mlp_linears)}"
+    if spec.sublayers:
+        parts.append(f"{dense}; one sublayer per block, at `{spec.mlp}`: a token mixer, a dense MLP or the MoE "
+                     f"({_blocks(spec)})")
+    elif spec.dense_beside_experts:
+        parts.append(f"{dense} beside the experts in every block")
+    elif spec.moe_layers != "all":
+        parts.append(f"{dense} ({_blocks(spec)})")
+    parts += [f"quantization refused when `{key}` is set: {why}" for key, why in spec.refuse_when]
     return "; ".join(parts)
 
 
 def _expert_view(spec: FamilySpec) -> str:
     layout = spec.expert_layout
+    if layout.stacked is not None:
+        return (f"{'/'.join(layout.stacked)} each (E * I, H), stacked by expert, down transposed -> 3 nn.Linear per "
+                "expert, act(gate) * up")
+    if not layout.has_gate:
+        return "up_proj/down_proj (E, I, H) and (E, H, I), no gate -> 2 nn.Linear per expert, act(up)"
     shape = "(E, H, 2I) and (E, I, H), transposed" if layout.transposed else "(E, 2I, H) and (E, H, I)"
     order = "gate/up interleaved" if layout.interleaved else "[gate; up]"
     bias = ", with biases" if layout.has_bias else ""

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantmoe.anatomy.expert_view import UNIT_KINDS, expert_unit_shapes, unit_shape
+from quantmoe.anatomy.expert_view import expert_unit_shapes, unit_kinds, unit_shape
 from quantmoe.anatomy.families import family_of
-from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec
+from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, module_at
 from quantmoe.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -123,13 +123,6 @@ def _units(
     return units
 
 
-def _child(parent: nn.Module, parent_name: str, attr: str, field: str) -> nn.Module:
-    child = getattr(parent, attr, None)
-    if child is None:
-        raise ValueError(f"`{parent_name}` has no `{attr}`; check `{field}` in this family's FamilySpec")
-    return child
-
-
 def _mixer(block: nn.Module, prefix: str, spec: FamilySpec) -> tuple[str, tuple[str, ...], str]:
     """(attribute, linears, FamilySpec field) of the token mixer `block` holds: the first of
     `attention`, then `mixers`, whose attribute exists and has every declared linear (Kimi-Linear's
@@ -137,11 +130,13 @@ def _mixer(block: nn.Module, prefix: str, spec: FamilySpec) -> tuple[str, tuple[
     candidates = [(spec.attention, spec.attention_linears, "attention_linears")]
     candidates += [(m.attr, m.linears, "mixers") for m in spec.mixers]
     for attr, linears, field in candidates:
-        module = getattr(block, attr, None)
+        module = module_at(block, attr)
         if module is not None and all(hasattr(module, kind) for kind in linears):
             return attr, linears, field
+    if spec.sublayers:  # this block's one sublayer is not a token mixer
+        return "", (), ""
     for attr, linears, field in candidates:  # present, but a declared linear is missing: name it
-        module = getattr(block, attr, None)
+        module = module_at(block, attr)
         if module is not None:
             missing = next(kind for kind in linears if not hasattr(module, kind))
             raise ValueError(f"`{prefix}.{attr}` has no `{missing}`; check `{field}` in the {spec.model_type} FamilySpec")
@@ -149,23 +144,33 @@ def _mixer(block: nn.Module, prefix: str, spec: FamilySpec) -> tuple[str, tuple[
     raise ValueError(f"`{prefix}` has none of {names}; check `attention` and `mixers` in the {spec.model_type} FamilySpec")
 
 
+def _path(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if path else prefix
+
+
 def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[BlockAnatomy, list[LinearUnit]]:
     config = model.config
     prefix = f"{spec.layers}.{index}"
     block = model.get_submodule(prefix)
     mixer, mixer_linears, mixer_field = _mixer(block, prefix, spec)
-    attn_name, mlp_name = f"{prefix}.{mixer}", f"{prefix}.{spec.mlp}"
-    attention = _units(getattr(block, mixer), attn_name, mixer_linears, "attention", index, mixer_field)
-    mlp = _child(block, prefix, spec.mlp, "mlp")
-    experts = getattr(mlp, spec.experts, None)
+    attn_name, mlp_name = f"{prefix}.{mixer}", _path(prefix, spec.mlp)
+    attention = _units(module_at(block, mixer), attn_name, mixer_linears, "attention", index, mixer_field) if mixer else []
+    experts = module_at(block, spec.experts)
     is_moe = experts is not None
     if is_moe != spec.is_moe_layer(config, index):
         raise ValueError(
             f"block {index} is {'MoE' if is_moe else 'dense'} in the model but not by the config; "
-            f"check `moe_layers` ({spec.moe_layers!r}) in the {spec.model_type} FamilySpec"
+            f"check `moe_layers` ({spec.moe_layers!r}) and `experts` in the {spec.model_type} FamilySpec"
         )
-    if not is_moe:
+    dense: list[LinearUnit] = []
+    mlp = module_at(block, spec.mlp)
+    # with sublayers, the block's one sublayer is a dense MLP only when it has the MLP's linears
+    has_mlp = not spec.sublayers or (not is_moe and all(hasattr(mlp, kind) for kind in spec.mlp_linears))
+    if has_mlp and (not is_moe or spec.dense_beside_experts):
+        if mlp is None:
+            raise ValueError(f"`{prefix}` has no `{spec.mlp}`; check `mlp` in the {spec.model_type} FamilySpec")
         dense = _units(mlp, mlp_name, spec.mlp_linears, "dense_mlp", index, "mlp_linears")
+    if not is_moe:
         anatomy = BlockAnatomy(
             index=index,
             is_moe=False,
@@ -183,8 +188,9 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
         )
         return anatomy, attention + dense
 
-    experts_name = f"{mlp_name}.{spec.experts}"
-    _child(mlp, mlp_name, spec.router, "router")
+    experts_name = f"{prefix}.{spec.experts}"
+    if module_at(block, spec.router) is None:
+        raise ValueError(f"`{prefix}` has no `{spec.router}`; check `router` in the {spec.model_type} FamilySpec")
     shapes = expert_unit_shapes(experts, spec.expert_layout, experts_name)
     if len(shapes) != spec.num_experts(config):
         raise ValueError(
@@ -195,32 +201,41 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
     for e, expert_shapes in enumerate(shapes):
         routed.append([
             LinearUnit(f"{experts_name}.{e}.{kind}", "routed_expert", index, e, kind, in_f, out_f, bias)
-            for kind, (out_f, in_f, bias) in zip(UNIT_KINDS, expert_shapes, strict=True)
+            for kind, (out_f, in_f, bias) in zip(unit_kinds(spec.expert_layout), expert_shapes, strict=True)
         ])  # fmt: skip
     shared: list[LinearUnit] = []
     shared_gate = None
-    if spec.shared_expert is not None and not hasattr(mlp, spec.shared_expert):
-        raise ValueError(f"`{mlp_name}` has no `{spec.shared_expert}`; check `shared_expert` in the FamilySpec")
-    shared_mod = getattr(mlp, spec.shared_expert) if spec.shared_expert is not None else None
+    shared_mod = None
+    if spec.shared_expert is not None:
+        parent_path, _, attr = spec.shared_expert.rpartition(".")
+        parent = module_at(block, parent_path)
+        if parent is None or not hasattr(parent, attr):
+            raise ValueError(f"`{prefix}` has no `{spec.shared_expert}`; check `shared_expert` in the FamilySpec")
+        shared_mod = getattr(parent, attr)
     if shared_mod is not None:  # None: this config has no shared expert (Command-MoE with num_shared_experts=0)
-        shared_name = f"{mlp_name}.{spec.shared_expert}"
-        shared = _units(shared_mod, shared_name, spec.mlp_linears, "shared_expert", index, "mlp_linears")
+        shared_name = f"{prefix}.{spec.shared_expert}"
+        shared = _units(shared_mod, shared_name, spec.shared_expert_linears, "shared_expert", index, "shared_linears")
     if spec.shared_expert_gate is not None and shared_mod is not None:
-        _child(mlp, mlp_name, spec.shared_expert_gate, "shared_expert_gate")
-        shared_gate = f"{mlp_name}.{spec.shared_expert_gate}"
-    # Sequential order: attention; every gate/up (routed, then shared: same input); every down.
-    units = attention + [u for ex in routed for u in ex[:2]] + shared[:2] + [ex[2] for ex in routed] + shared[2:]
+        if module_at(block, spec.shared_expert_gate) is None:
+            raise ValueError(
+                f"`{prefix}` has no `{spec.shared_expert_gate}`; check `shared_expert_gate` in the FamilySpec"
+            )
+        shared_gate = f"{prefix}.{spec.shared_expert_gate}"
+    # Sequential order: attention; every linear reading an MLP input (routed gate/up, shared and
+    # dense MLP: the same or another normed input); every output projection (down).
+    units = attention + [u for ex in routed for u in ex[:-1]] + shared[:-1] + dense[:-1]
+    units += [ex[-1] for ex in routed] + shared[-1:] + dense[-1:]
     anatomy = BlockAnatomy(
         index=index,
         is_moe=True,
         attention=tuple(u.name for u in attention),
-        router=f"{mlp_name}.{spec.router}",
+        router=f"{prefix}.{spec.router}",
         num_experts=len(routed),
         top_k=spec.top_k(config),
         experts=tuple(tuple(u.name for u in ex) for ex in routed),
         shared=tuple(u.name for u in shared),
         shared_gate=shared_gate,
-        dense_mlp=(),
+        dense_mlp=tuple(u.name for u in dense),
         module_name=prefix,
         experts_module=experts_name,
         mixer=mixer,
@@ -232,17 +247,16 @@ def _role_prefixes(spec: FamilySpec, blocks: tuple[BlockAnatomy, ...]) -> dict[s
     """Module name -> role; a parameter takes the role of its nearest listed ancestor module."""
     prefixes = {spec.embedding: "embedding", spec.lm_head: "lm_head"}
     for b in blocks:
-        mlp_name = f"{b.module_name}.{spec.mlp}"
         prefixes.update(dict.fromkeys(b.attention, "attention"))
+        if b.dense_mlp:
+            prefixes[_path(b.module_name, spec.mlp)] = "dense_mlp"
         if b.is_moe:
             prefixes[b.router] = "router"
             prefixes[b.experts_module] = "routed_expert"
             if b.shared:
-                prefixes[f"{mlp_name}.{spec.shared_expert}"] = "shared_expert"
+                prefixes[f"{b.module_name}.{spec.shared_expert}"] = "shared_expert"
             if b.shared_gate:
                 prefixes[b.shared_gate] = "shared_expert_gate"
-        else:
-            prefixes[mlp_name] = "dense_mlp"
     return prefixes
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from quantmoe.anatomy.families import family_of
-from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, UnsupportedModelError
+from quantmoe.anatomy.specs import ExpertLayout, FamilySpec, UnsupportedModelError, module_at
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,12 @@ GATE_UP, DOWN, GATE_UP_BIAS, DOWN_BIAS = "gate_up_proj", "down_proj", "gate_up_p
 UNIT_KINDS: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 EXPERT_INPUT_KINDS: tuple[str, str] = UNIT_KINDS[:2]  # read the expert's input itself (ExpertMLP.forward)
 EXPERT_HIDDEN_KIND: str = UNIT_KINDS[2]  # reads ExpertMLP.hidden of the expert's input
+UP = "up_proj"  # the fused up projection of experts without a gate (ExpertLayout.has_gate False)
+
+
+def unit_kinds(layout: ExpertLayout) -> tuple[str, ...]:
+    """The linears of one expert in the per-expert view: gate/up/down, or up/down without a gate."""
+    return UNIT_KINDS if layout.has_gate else UNIT_KINDS[1:]
 
 
 # --- activations (pure) -------------------------------------------------------------------
@@ -44,6 +50,10 @@ EXPERT_HIDDEN_KIND: str = UNIT_KINDS[2]  # reads ExpertMLP.hidden of the expert'
 
 def _glu(act_fn: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor) -> Tensor:
     return act_fn(gate) * up
+
+
+def _ungated(act_fn: Callable[[Tensor], Tensor], gate: None, up: Tensor) -> Tensor:
+    return act_fn(up)
 
 
 def _clamped_swiglu(alpha: float, limit: float, gate: Tensor, up: Tensor) -> Tensor:
@@ -54,9 +64,12 @@ def _clamped_swiglu(alpha: float, limit: float, gate: Tensor, up: Tensor) -> Ten
 
 
 def _activation(fused: nn.Module, layout: ExpertLayout) -> Callable[[Tensor, Tensor], Tensor]:
-    if layout.activation == "clamped_swiglu":
-        return partial(_clamped_swiglu, float(fused.alpha), float(fused.limit))
-    return partial(_glu, fused.act_fn)
+    if layout.activation == "clamped_swiglu":  # GPT-OSS: alpha, limit; MiniMax-M3: swiglu_alpha, swiglu_limit
+        alpha, limit = (getattr(fused, name, None) or getattr(fused, f"swiglu_{name}") for name in ("alpha", "limit"))
+        return partial(_clamped_swiglu, float(alpha), float(limit))
+    owner = fused if layout.stacked is None else module_at(fused, layout.stacked[0].rpartition(".")[0])
+    act_fn = getattr(owner, "act_fn", None) or owner.activation_fn  # DBRX's DbrxExpertGLU: activation_fn
+    return partial(_glu if layout.has_gate else _ungated, act_fn)
 
 
 # --- layout (pure) ------------------------------------------------------------------------
@@ -95,11 +108,12 @@ def _linear(weight: Tensor, bias: Tensor | None, requires_grad: bool) -> nn.Line
 
 
 class ExpertMLP(nn.Module):
-    """One routed expert as three nn.Linear: down(activation(gate(x), up(x)))."""
+    """One routed expert as three nn.Linear: down(activation(gate(x), up(x))); without a gate
+    (`gate_proj` None) two: down(activation(None, up(x)))."""
 
     def __init__(
         self,
-        gate_proj: nn.Module,
+        gate_proj: nn.Module | None,
         up_proj: nn.Module,
         down_proj: nn.Module,
         activation: Callable[[Tensor, Tensor], Tensor],
@@ -111,7 +125,8 @@ class ExpertMLP(nn.Module):
         self.activation = activation  # plain callable, not a submodule
 
     def hidden(self, x: Tensor) -> Tensor:  # (tokens, H) -> (tokens, I): what down_proj reads
-        return self.activation(self.gate_proj(x), self.up_proj(x))
+        gate = self.gate_proj(x) if self.gate_proj is not None else None
+        return self.activation(gate, self.up_proj(x))
 
     def forward(self, x: Tensor) -> Tensor:  # (tokens, H) -> (tokens, H)
         return self.down_proj(self.hidden(x))
@@ -153,13 +168,15 @@ class UnfusedExperts(nn.ModuleList):
         return routes
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        # hidden_states (T, H); top_k_index, top_k_weights (T, k)
+        # hidden_states (T, H) (or (B, S, H), DBRX: the output keeps the shape); top_k_index, top_k_weights (T, k)
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         final = torch.zeros_like(hidden_states)
         for e, token_idx, top_k_pos in self.routes(top_k_index):
             out = self[e](hidden_states[token_idx])
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+        return final.view(shape)
 
 
 # --- unfuse / fuse ------------------------------------------------------------------------
@@ -169,9 +186,8 @@ def experts_module_names(model: nn.Module, spec: FamilySpec) -> list[str]:
     """Names of the routed-experts modules (fused or not), in block order."""
     names = []
     for i, block in enumerate(model.get_submodule(spec.layers)):
-        mlp = getattr(block, spec.mlp, None)
-        if mlp is not None and getattr(mlp, spec.experts, None) is not None:
-            names.append(f"{spec.layers}.{i}.{spec.mlp}.{spec.experts}")
+        if module_at(block, spec.experts) is not None:
+            names.append(f"{spec.layers}.{i}.{spec.experts}")
     return names
 
 
@@ -192,8 +208,15 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
     Works on a fused or unfused experts module and reads shapes only (fine on `meta`).
     """
     if isinstance(experts, UnfusedExperts):
-        return [tuple(unit_shape(getattr(expert, kind)) for kind in UNIT_KINDS) for expert in experts]
-    gate_up, down = getattr(experts, GATE_UP, None), getattr(experts, DOWN, None)
+        return [tuple(unit_shape(getattr(expert, kind)) for kind in unit_kinds(experts.layout)) for expert in experts]
+    if layout.stacked is not None:
+        gate_w, num = module_at(experts, layout.stacked[0]), getattr(experts, "num_experts", None)
+        if not isinstance(gate_w, Tensor) or gate_w.dim() != 2 or not num:
+            raise ValueError(f"`{name}` has no 2D `{layout.stacked[0]}` or no `num_experts`; check `stacked` in "
+                             "the expert_layout of this family's FamilySpec (quantmoe/anatomy/specs.py)")
+        inter, hidden = int(gate_w.shape[0]) // int(num), int(gate_w.shape[1])  # (E * I, H)
+        return [((inter, hidden, False), (inter, hidden, False), (hidden, inter, False))] * int(num)
+    gate_up, down = getattr(experts, GATE_UP if layout.has_gate else UP, None), getattr(experts, DOWN, None)
     if not isinstance(gate_up, Tensor) or not isinstance(down, Tensor) or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(
             f"`{name}` has no 3D `{GATE_UP}` and `{DOWN}`; check `experts` and `expert_layout` "
@@ -201,12 +224,30 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
         )
     gu_out, gu_in = gate_up.shape[1:][::-1] if layout.transposed else gate_up.shape[1:]  # (2I, H)
     d_out, d_in = down.shape[1:][::-1] if layout.transposed else down.shape[1:]  # (H, I)
+    if not layout.has_gate:  # up_proj (E, I, H)
+        return [((int(gu_out), int(gu_in), layout.has_bias), (int(d_out), int(d_in), layout.has_bias))] * int(
+            gate_up.shape[0])
     gate = (int(gu_out) // 2, int(gu_in), layout.has_bias)
     return [(gate, gate, (int(d_out), int(d_in), layout.has_bias))] * int(gate_up.shape[0])
 
 
 def _expected_params(layout: ExpertLayout) -> set[str]:
+    if layout.stacked is not None:
+        return set(layout.stacked)
+    if not layout.has_gate:
+        return {UP, DOWN} | ({UP + "_bias", DOWN_BIAS} if layout.has_bias else set())
     return {GATE_UP, DOWN} | ({GATE_UP_BIAS, DOWN_BIAS} if layout.has_bias else set())
+
+
+def _set_param(module: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    owner, _, attr = dotted.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, attr, param)
+
+
+def _stacked_weights(params: dict[str, Tensor], layout: ExpertLayout, num: int) -> list[tuple[Tensor, ...]]:
+    """Per expert, (gate (I, H), up (I, H), down (H, I)) of a stacked layout: the rows of expert e."""
+    gate, up, down = (params[p].view(num, -1, params[p].shape[-1]) for p in layout.stacked)  # (E, I, H) each
+    return [(gate[e], up[e], down[e].T) for e in range(num)]
 
 
 @torch.no_grad()
@@ -218,10 +259,20 @@ def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts
             "check `expert_layout` in this family's FamilySpec (quantmoe/anatomy/specs.py)"
         )
     activation = _activation(fused, layout)
-    gate_up, down = params[GATE_UP], params[DOWN]
-    grad = gate_up.requires_grad
     experts = []
-    for e in range(gate_up.shape[0]):
+    if layout.stacked is not None:
+        grad = params[layout.stacked[0]].requires_grad
+        for weights in _stacked_weights(params, layout, int(fused.num_experts)):
+            experts.append(ExpertMLP(*(_linear(w, None, grad) for w in weights), activation=activation))
+    if not layout.has_gate:
+        up, down = params[UP], params[DOWN]
+        for e in range(up.shape[0]):
+            linears = (_linear(_as_linear(up[e], layout), None, up.requires_grad),
+                       _linear(_as_linear(down[e], layout), None, up.requires_grad))
+            experts.append(ExpertMLP(None, *linears, activation=activation))
+    gate_up, down = params.get(GATE_UP), params.get(DOWN)
+    for e in range(gate_up.shape[0] if layout.stacked is None and layout.has_gate else 0):
+        grad = gate_up.requires_grad
         gate_w, up_w = _split(_as_linear(gate_up[e], layout), layout)  # (I, H) each
         down_w = _as_linear(down[e], layout)  # (H, I)
         gate_b = up_b = down_b = None
@@ -231,7 +282,7 @@ def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts
         linears = (_linear(gate_w, gate_b, grad), _linear(up_w, up_b, grad), _linear(down_w, down_b, grad))
         experts.append(ExpertMLP(*linears, activation=activation))
     for pname, p in params.items():  # free the fused storage; shapes stay for checks at fuse time
-        setattr(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+        _set_param(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
     return UnfusedExperts(experts, layout, fused)
 
 
@@ -255,6 +306,11 @@ def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
     fused, layout = unfused._fused[0], unfused.layout
     gate_up, down, gate_up_b, down_b = [], [], [], []
     for e, expert in enumerate(unfused):
+        if not layout.has_gate:
+            (u, _), (d, _) = (_dense(getattr(expert, kind), f"{name}.{e}.{kind}", False) for kind in unit_kinds(layout))
+            gate_up.append(_as_linear(u, layout))
+            down.append(_as_linear(d, layout))
+            continue
         (g, gb), (u, ub), (d, db) = (
             _dense(getattr(expert, kind), f"{name}.{e}.{kind}", layout.has_bias) for kind in UNIT_KINDS
         )
@@ -263,18 +319,22 @@ def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
         if layout.has_bias:
             gate_up_b.append(_join(gb, ub, layout))
             down_b.append(db)
-    packed = {GATE_UP: gate_up, DOWN: down}
+    packed = {GATE_UP if layout.has_gate else UP: gate_up, DOWN: down}
     if layout.has_bias:
         packed |= {GATE_UP_BIAS: gate_up_b, DOWN_BIAS: down_b}
+    if layout.stacked is not None:  # gate_up holds [gate; up] per expert: cut it back, down goes back to (I, H)
+        gates, ups = zip(*(w.chunk(2, dim=0) for w in gate_up), strict=True)
+        packed = dict(zip(layout.stacked, (gates, ups, [d.T for d in down]), strict=True))
     for pname, tensors in packed.items():
-        old = getattr(fused, pname)
-        new = torch.stack(tensors).contiguous()
+        old = module_at(fused, pname)
+        new = torch.stack(tensors)
+        new = (new.flatten(0, 1) if layout.stacked is not None else new).contiguous()
         if new.shape != old.shape:
             raise ValueError(
                 f"`{name}.{pname}` would be packed as {tuple(new.shape)} but the model expects "
                 f"{tuple(old.shape)}; expert linears must keep the shapes unfuse_experts gave them"
             )
-        setattr(fused, pname, nn.Parameter(new, requires_grad=old.requires_grad))
+        _set_param(fused, pname, nn.Parameter(new, requires_grad=old.requires_grad))
     return fused
 
 
@@ -290,6 +350,12 @@ def unfuse_experts(model: nn.Module, only: Collection[str] | None = None) -> nn.
         raise UnsupportedModelError(
             f"{spec.model_type} ({spec.display_name}) has no per-expert view, so it cannot be quantized: "
             f"{spec.view_refusal}. `quantmoe inspect` and `quantmoe plan` still work from its shapes."
+        )
+    refusal = spec.config_refusal(model.config)
+    if refusal is not None:
+        raise UnsupportedModelError(
+            f"this {spec.model_type} ({spec.display_name}) config cannot be quantized: {refusal}. "
+            "`quantmoe inspect` and `quantmoe plan` still work from its shapes."
         )
     names = [n for n in experts_module_names(model, spec)
              if (only is None or n in only) and not isinstance(model.get_submodule(n), UnfusedExperts)]

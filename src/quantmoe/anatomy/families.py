@@ -25,99 +25,129 @@ _KIMI_DELTA_ATTENTION = Mixer("self_attn", ("q_proj", "k_proj", "v_proj", "b_pro
 _LIGHTNING = Mixer("self_attn", ("qkv_proj", "output_gate", "out_proj"), "lightning attention")
 _SHORT_CONV = Mixer("conv", ("in_proj", "out_proj"), "short convolution")
 _MAMBA = Mixer("mamba", ("in_proj", "out_proj"), "Mamba")
+_MAMBA2 = Mixer("mamba", ("in_proj", "out_proj"), "Mamba2")
+_GATE_UP_FUSED = ("input_linear", "output_linear")  # one linear computes [gate; up]
+_GRANITE_MOE = {"num_experts_key": "num_local_experts", "mlp": "block_sparse_moe", "router": "block_sparse_moe.router",
+                "experts": "block_sparse_moe.experts"}
 
 _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec("mixtral", "Mixtral", num_experts_key="num_local_experts"),
     FamilySpec("qwen2_moe", "Qwen2-MoE", num_experts_key="num_experts", moe_layers="sparse_step",
-               shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+               shared_expert="mlp.shared_expert", shared_expert_gate="mlp.shared_expert_gate"),
     FamilySpec("qwen3_moe", "Qwen3-MoE", num_experts_key="num_experts", moe_layers="sparse_step"),
     FamilySpec("deepseek_v3", "DeepSeek-V3", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
-               attention_linears=_MLA, shared_expert="shared_experts"),
+               attention_linears=_MLA, shared_expert="mlp.shared_experts"),
     FamilySpec("olmoe", "OLMoE", num_experts_key="num_experts"),
-    FamilySpec("gpt_oss", "GPT-OSS", num_experts_key="num_local_experts", router="router",
+    FamilySpec("minimax_m3_vl_text", "MiniMax-M3 (text)", num_experts_key="num_local_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", mlp_linears=("gate_up_proj", "down_proj"),
+               shared_expert="mlp.shared_experts", expert_layout=ExpertLayout(activation="clamped_swiglu")),
+    FamilySpec("gpt_oss", "GPT-OSS", num_experts_key="num_local_experts", router="mlp.router",
                expert_layout=ExpertLayout(transposed=True, interleaved=True, has_bias=True,
                                           activation="clamped_swiglu")),
     # --- same layout as the above, other names and layer rules ---
     FamilySpec("deepseek_v2", "DeepSeek-V2", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
-               attention_linears=_MLA, shared_expert="shared_experts"),
+               attention_linears=_MLA, shared_expert="mlp.shared_experts"),
     FamilySpec("deepseek_v32", "DeepSeek-V3.2", num_experts_key="n_routed_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
     FamilySpec("glm_moe_dsa", "GLM-5", num_experts_key="n_routed_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
     FamilySpec("glm4_moe", "GLM-4.5", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
-               shared_expert="shared_experts"),
+               shared_expert="mlp.shared_experts"),
     FamilySpec("glm4_moe_lite", "GLM-4.7-Flash", num_experts_key="n_routed_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", attention_linears=_MLA, shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA, shared_expert="mlp.shared_experts"),
     FamilySpec("dots1", "dots.llm1", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
-               shared_expert="shared_experts"),
+               shared_expert="mlp.shared_experts"),
     FamilySpec("ernie4_5_moe", "ERNIE-4.5-MoE", num_experts_key="moe_num_experts", top_k_key="moe_k",
-               moe_layers="interval", shared_expert="shared_experts"),
+               moe_layers="interval", shared_expert="mlp.shared_experts"),
     FamilySpec("hunyuan_v1_moe", "Hunyuan-A13B", num_experts_key="num_experts", top_k_key="moe_topk",
-               shared_expert="shared_mlp"),
-    FamilySpec("phimoe", "Phi-3.5-MoE", num_experts_key="num_local_experts", router="router"),
+               shared_expert="mlp.shared_mlp"),
+    FamilySpec("phimoe", "Phi-3.5-MoE", num_experts_key="num_local_experts", router="mlp.router"),
     FamilySpec("minimax_m2", "MiniMax-M2", num_experts_key="num_local_experts"),
     FamilySpec("flex_olmo", "FlexOlmo", num_experts_key="num_experts"),
-    FamilySpec("granitemoe", "Granite-MoE", num_experts_key="num_local_experts", mlp="block_sparse_moe",
-               router="router"),
-    FamilySpec("solar_open", "Solar-Open", num_experts_key="n_routed_experts", shared_expert="shared_experts"),
+    FamilySpec("granitemoe", "Granite-MoE", **_GRANITE_MOE),
+    # --- a shared MLP beside the MoE module on the decoder layer, gate and up fused in one linear ---
+    FamilySpec("granitemoeshared", "Granite-MoE-Shared", **_GRANITE_MOE, shared_expert="shared_mlp",
+               shared_linears=_GATE_UP_FUSED),
+    FamilySpec("granitemoe_swa", "Granite-MoE-SWA", **_GRANITE_MOE, shared_expert="shared_mlp",
+               shared_linears=_GATE_UP_FUSED),
+    FamilySpec("solar_open", "Solar-Open", num_experts_key="n_routed_experts", shared_expert="mlp.shared_experts"),
     FamilySpec("exaone_moe", "EXAONE-MoE", num_experts_key="num_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", shared_expert="mlp.shared_experts"),
     FamilySpec("mimo_v2_flash", "MiMo-V2-Flash", num_experts_key="n_routed_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types"),
     FamilySpec("hy_v3", "Hunyuan-V3", num_experts_key="num_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", shared_expert="mlp.shared_experts"),
     FamilySpec("laguna", "Laguna", num_experts_key="num_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", shared_expert="mlp.shared_experts"),
     FamilySpec("mellum", "Mellum", num_experts_key="num_local_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types"),
-    FamilySpec("kolibri1", "Kolibri-1", num_experts_key="num_local_experts", shared_expert="shared_experts"),
+    FamilySpec("kolibri1", "Kolibri-1", num_experts_key="num_local_experts", shared_expert="mlp.shared_experts"),
     FamilySpec("cohere2_moe", "Command-MoE", num_experts_key="num_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", shared_expert="mlp.shared_experts"),
     FamilySpec("axk1", "A.X-K1", num_experts_key="n_routed_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="shared_experts"),
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
     FamilySpec("afmoe", "AFMoE", num_experts_key="num_experts", moe_layers="first_k_dense",
-               moe_layers_key="num_dense_layers", attention_linears=_GATED_ATTENTION, router="router",
-               shared_expert="shared_experts"),
+               moe_layers_key="num_dense_layers", attention_linears=_GATED_ATTENTION, router="mlp.router",
+               shared_expert="mlp.shared_experts"),
     FamilySpec("beam", "Beam", num_experts_key="num_experts", moe_layers="typed", moe_layers_key="mlp_layer_types",
                attention_linears=_GATED_ATTENTION),
-    FamilySpec("aria_text", "Aria (text)", num_experts_key="moe_num_experts", top_k_key="moe_topk", router="router",
-               shared_expert="shared_experts", expert_layout=ExpertLayout(transposed=True)),
+    FamilySpec("aria_text", "Aria (text)", num_experts_key="moe_num_experts", top_k_key="moe_topk", router="mlp.router",
+               shared_expert="mlp.shared_experts", expert_layout=ExpertLayout(transposed=True)),
     FamilySpec("flint", "Flint", num_experts_key="num_experts", moe_layers="sparse_step",
-               shared_expert="shared_expert"),
+               shared_expert="mlp.shared_expert"),
+    # --- experts on the decoder layer beside a dense MLP that runs in every block, their outputs summed ---
+    FamilySpec("gemma4_text", "Gemma 4 (text)", num_experts_key="num_experts", top_k_key="top_k_experts",
+               router="router", experts="experts",
+               refuse_when=(("num_kv_shared_layers", "its last blocks reuse the keys and values of earlier blocks "
+                                                     "(KV sharing), which the block-by-block driver does not carry"),)),
+    # --- experts stacked as (E * I, H) matrices run by their own loop; attention and norms in one submodule ---
+    FamilySpec("dbrx", "DBRX", num_experts_key="ffn_config.moe_num_experts", top_k_key="ffn_config.moe_top_k",
+               layers="transformer.blocks", attention="norm_attn_norm.attn", attention_linears=("Wqkv", "out_proj"),
+               mlp="ffn", router="ffn.router", experts="ffn.experts", embedding="transformer.wte",
+               expert_layout=ExpertLayout(stacked=("mlp.w1", "mlp.v1", "mlp.w2"))),
+    # --- one sublayer per block (`mixer`: Mamba2, attention, a dense MLP or the MoE), experts without a gate ---
+    FamilySpec("nemotron_h", "Nemotron-H", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="layers_block_type", attention="mixer", mixers=(Mixer("mixer", ("in_proj", "out_proj"),
+                                                                                   "Mamba2"),),
+               mlp="mixer", mlp_linears=("up_proj", "down_proj"), router="mixer.gate", experts="mixer.experts",
+               shared_expert="mixer.shared_experts", embedding="model.embeddings", sublayers=True,
+               expert_layout=ExpertLayout(has_gate=False)),
     # --- shapes only: inspect and plan, no per-expert view (so no quantization) ---
     FamilySpec("llama4_text", "Llama 4", num_experts_key="num_local_experts", moe_layers="listed",
-               moe_layers_key="moe_layers", mlp="feed_forward", router="router", shared_expert="shared_expert",
+               moe_layers_key="moe_layers", mlp="feed_forward", router="feed_forward.router",
+               experts="feed_forward.experts", shared_expert="feed_forward.shared_expert",
                expert_layout=ExpertLayout(transposed=True),
                view_refusal="its experts (Llama4TextExperts) run every expert on every token in one batched matmul "
                             "over router-scaled inputs, not through a top-k dispatch, so there is no per-expert call "
                             "to replace or hook"),
     # --- hybrid token mixers (linear attention, Mamba) ---
     FamilySpec("qwen3_next", "Qwen3-Next", num_experts_key="num_experts", moe_layers="sparse_step",
-               mixers=(_GATED_DELTANET_QKVZ,), shared_expert="shared_expert",
-               shared_expert_gate="shared_expert_gate"),
+               mixers=(_GATED_DELTANET_QKVZ,), shared_expert="mlp.shared_expert",
+               shared_expert_gate="mlp.shared_expert_gate"),
     FamilySpec("qwen3_5_moe_text", "Qwen3.5-MoE (text)", num_experts_key="num_experts",
-               mixers=(_GATED_DELTANET_QKV,), shared_expert="shared_expert",
-               shared_expert_gate="shared_expert_gate"),
+               mixers=(_GATED_DELTANET_QKV,), shared_expert="mlp.shared_expert",
+               shared_expert_gate="mlp.shared_expert_gate"),
     FamilySpec("lara_mini", "Lara-Mini", num_experts_key="num_experts", mixers=(_GATED_DELTANET_QKV,),
-               shared_expert="shared_expert"),
+               shared_expert="mlp.shared_expert"),
     FamilySpec("kimi_linear", "Kimi-Linear", num_experts_key="num_local_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, mixers=(_KIMI_DELTA_ATTENTION,),
-               shared_expert="shared_experts"),
+               shared_expert="mlp.shared_experts"),
     FamilySpec("minimax", "MiniMax-Text-01", num_experts_key="num_local_experts", mixers=(_LIGHTNING,)),
     FamilySpec("lfm2_moe", "LFM2-MoE", num_experts_key="num_experts", moe_layers="first_k_dense",
                moe_layers_key="num_dense_layers", attention_linears=("q_proj", "k_proj", "v_proj", "out_proj"),
-               mixers=(_SHORT_CONV,), mlp="feed_forward", mlp_linears=("w1", "w3", "w2")),
+               mixers=(_SHORT_CONV,), mlp="feed_forward", router="feed_forward.gate", experts="feed_forward.experts",
+               mlp_linears=("w1", "w3", "w2")),
     FamilySpec("jamba", "Jamba", num_experts_key="num_experts", moe_layers="counted",
-               moe_layers_key="layers_num_experts", mlp="feed_forward", router="router", mixers=(_MAMBA,)),
+               moe_layers_key="layers_num_experts", mlp="feed_forward", router="feed_forward.router",
+               experts="feed_forward.experts", mixers=(_MAMBA,)),
+    FamilySpec("granitemoehybrid", "Granite-4.0-H", **_GRANITE_MOE, mixers=(_MAMBA2,), shared_expert="shared_mlp",
+               shared_linears=_GATE_UP_FUSED),
 )
 
 FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in _SPECS}
 
 _MULTIMODAL = "a multimodal config; quantize its text model ({text}) instead"
 
-_SHARED_BESIDE = ("its shared MLP `shared_mlp` sits on the decoder layer beside `block_sparse_moe` and fuses gate and "
-                  "up into one `input_linear`; FamilySpec finds shared experts inside the MoE module as gate/up/down "
-                  "linears")
 _HYPER = "several residual streams enter each block through hyper-connections (`attn_hc`, `ffn_hc`)"
 
 # model_type -> why quantmoe does not handle it (shown by family_of and in docs/families.md)
@@ -126,8 +156,6 @@ REFUSED: dict[str, str] = {
             "AXK2GatedRMSNorm, whose inputs have no calibration stage yet",
     "bailing_hybrid": "its linear-attention layers (BailingHybridDeltaAttention) compute the forget gate inside a "
                       "nested `forget_gate.f_proj` and gate the output with `g_proj`; no Mixer is declared for them yet",
-    "dbrx": "its experts (DbrxExperts / DbrxExpertGLU) store w1, v1, w2 as (E*I, H) matrices run by their own loop, "
-            "not transformers' fused-experts interface, so there is no per-expert view for them yet",
     "deepseek_v4": f"{_HYPER}, the output projection is grouped (`o_a_proj`, DeepseekV4GroupedLinear) and a hash router "
                    "picks the experts; none of these has a per-expert view or calibration stage yet",
     "doge": "its DogeCDMoE experts are retrieval-style embedding tables (`down_embed`, `up_embed`) picked by product "
@@ -136,11 +164,6 @@ REFUSED: dict[str, str] = {
     "dots3_note_text": "its attention adds a per-head output gate `g_proj` and a sparse-attention `indexer` beside "
                        "MLA; the gate's input has no calibration stage yet",
     "gemma4": _MULTIMODAL.format(text="gemma4_text"),
-    "gemma4_text": "its experts (`router`, `experts`) sit on the decoder layer and run beside the dense `mlp`, summed "
-                   "with it; FamilySpec expects the experts inside the block's MLP module",
-    "granitemoe_swa": f"with shared_intermediate_size > 0 {_SHARED_BESIDE}",
-    "granitemoehybrid": f"{_SHARED_BESIDE}; its Mamba2 layers are not declared as a Mixer either",
-    "granitemoeshared": _SHARED_BESIDE,
     "hy_v4": f"{_HYPER} (HYV4HyperConnection), which the block-by-block driver does not model",
     "inkling_text": "its shared experts are stored as 3D tensors (InklingSharedExperts) and its attention runs short "
                     "convolutions (`k_sconv`, `v_sconv`) on the projections",
@@ -154,10 +177,6 @@ REFUSED: dict[str, str] = {
     "llama4": _MULTIMODAL.format(text="llama4_text"),
     "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
                      "each block holds two attention and two MLP sublayers",
-    "minimax_m3_vl_text": "its shared MLP (MiniMaxM3VLDenseMLP) fuses gate and up into one `gate_up_proj` linear, and "
-                          "its attention carries a sparse block indexer",
-    "nemotron_h": "its experts have no gate (`up_proj` and `down_proj` with a relu2 activation, has_gate=False) and "
-                  "each sublayer is its own block whose `mixer` is a Mamba2 mixer, attention, an MLP or the MoE",
     "qwen3_5_moe": _MULTIMODAL.format(text="qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format(text="qwen4_exp_text"),
     "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "

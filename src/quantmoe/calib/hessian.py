@@ -125,7 +125,7 @@ class HessianCollector:
         hidden_keys = [k for keys in hiddens.values() for k in keys]
 
         def hook(module, args):
-            hidden, top_k_index, top_k_weights = args[0], args[1], args[2]
+            hidden, top_k_index, top_k_weights = args[0].reshape(-1, args[0].shape[-1]), args[1], args[2]
             routes = module.routes(top_k_index)
             counts = torch.zeros(target.num_experts, dtype=torch.long)
             for e, token_idx, _ in routes:

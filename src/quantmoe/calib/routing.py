@@ -63,22 +63,25 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
                     batch_size: int = 8) -> RoutingStats:
     """Run ``model`` over ``windows`` and count each router's top-k choices.
 
-    Routers in transformers 5 return ``(logits, top_k_weights, top_k_index)``.
+    They are read where the experts receive them: transformers 5 calls every experts module
+    as ``experts(hidden_states, top_k_index, top_k_weights)``, while routers differ in what
+    they return (``(logits, top_k_weights, top_k_index)`` mostly, DBRX's the logits alone).
     """
     blocks = [b for b in anatomy.blocks if b.is_moe]
     counts = {b.index: torch.zeros(b.num_experts, dtype=torch.long) for b in blocks}
     weights = {b.index: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
 
     def hook_for(block: int, num_experts: int):
-        def hook(_module, _inputs, outputs):
-            top_w, top_i = outputs[1].reshape(-1).double().cpu(), outputs[2].reshape(-1).cpu()
+        def hook(_module, args, kwargs):
+            top_i = (args[1] if len(args) > 1 else kwargs["top_k_index"]).reshape(-1).cpu()
+            top_w = (args[2] if len(args) > 2 else kwargs["top_k_weights"]).reshape(-1).double().cpu()
             counts[block] += torch.bincount(top_i, minlength=num_experts)
             weights[block].index_add_(0, top_i, top_w)
         return hook
 
     with removed_after() as handles:
-        handles.extend(model.get_submodule(b.router).register_forward_hook(hook_for(b.index, b.num_experts))
-                       for b in blocks)
+        handles.extend(model.get_submodule(b.experts_module).register_forward_pre_hook(
+            hook_for(b.index, b.num_experts), with_kwargs=True) for b in blocks)
         run_windows(model, windows, batch_size)
     return RoutingStats(tokens=int(windows.numel()), top_k={b.index: b.top_k for b in blocks},
                         counts={b: c.numpy() for b, c in counts.items()},

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy import describe
-from quantmoe.anatomy.expert_view import DOWN, GATE_UP, UNIT_KINDS, UnfusedExperts
+from quantmoe.anatomy.expert_view import DOWN, GATE_UP, UP, UnfusedExperts, unit_kinds
 
 _WEIGHT = ".weight"
 
@@ -55,10 +55,11 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
         return torch.arange(start, len(owner), dtype=torch.float64).reshape(shape)
 
     for name, module in experts.items():  # fused (E, [gate; up], ...) and (E, ...) as transformers holds them
-        count = len(module)
-        markers[f"{name}.{GATE_UP}"] = mark([f"{name}.{e}.{kind}" for e in range(count) for kind in UNIT_KINDS[:2]],
-                                            (count, 2, 1))
-        markers[f"{name}.{DOWN}"] = mark([f"{name}.{e}.{UNIT_KINDS[2]}" for e in range(count)], (count, 1, 1))
+        count, kinds = len(module), unit_kinds(module.layout)
+        reads = kinds[:-1]  # gate and up, or up alone (experts without a gate hold `up_proj`)
+        markers[f"{name}.{GATE_UP if len(reads) == 2 else UP}"] = mark(
+            [f"{name}.{e}.{kind}" for e in range(count) for kind in reads], (count, len(reads), 1))
+        markers[f"{name}.{DOWN}"] = mark([f"{name}.{e}.{kinds[-1]}" for e in range(count)], (count, 1, 1))
     keys = [k for k in model.state_dict() if not k.startswith(in_experts)]
     for key in keys:
         module_name, _, leaf = key.rpartition(".")

@@ -46,6 +46,7 @@ from quantmoe.anatomy import describe, unfuse_experts
 from quantmoe.atomic import current_umask
 from quantmoe.models import MARKED_MODEL_TYPE, MODEL_TYPE_KEY, read_model_config  # noqa: F401
 from quantmoe.quant.grid import QuantSpec
+from quantmoe.quant.lazy import rebuild_module
 from quantmoe.quant.qlinear import QuantLinear
 from quantmoe.safeout import (
     HOST_TAG,
@@ -312,13 +313,7 @@ def _materialize_meta_buffers(model: nn.Module, config) -> None:
         if isinstance(module, QuantLinear):
             module.reset_g_idx()
             continue
-        try:
-            fresh = type(module)(config=config)
-        except TypeError as err:
-            raise RuntimeError(f"cannot rebuild the non-saved buffers of {name} ({type(module).__name__}): "
-                               "its constructor does not take the model config") from err
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, fresh)
+        rebuild_module(model, name, module, config)
 
 
 def weight_files(qcfg: Mapping[str, Any]) -> dict[str, str]:

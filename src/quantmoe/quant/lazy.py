@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -117,13 +118,38 @@ def materialize_non_persistent_buffers(model: nn.Module, config, skip: tuple[typ
                 and getattr(module, b).is_meta]
         if not lost:
             continue
-        try:
-            fresh = type(module)(config=config)
-        except TypeError as err:
-            raise RuntimeError(f"cannot rebuild the non-saved buffers {lost} of {name} ({type(module).__name__}): "
-                               "its constructor does not take the model config") from err
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, fresh)
+        rebuild_module(model, name, module, config)
+
+
+def _buffers_by_initializer(model: nn.Module, module: nn.Module) -> bool:
+    """Fill `module`'s meta buffers as the model's own `_init_weights` does (Gemma 4's embedding
+    scale), on a stand-in whose parameters are on meta, so no loaded weight is touched."""
+    init_weights = getattr(model, "_init_weights", None)
+    if init_weights is None:
+        return False
+    stand_in = copy.copy(module)
+    stand_in._parameters = {k: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                            for k, p in module._parameters.items()}
+    stand_in._buffers = {k: torch.empty_like(b, device="cpu") if b is not None and b.is_meta else b
+                         for k, b in module._buffers.items()}
+    init_weights(stand_in)
+    for k, b in stand_in._buffers.items():
+        module._buffers[k] = b
+    return True
+
+
+def rebuild_module(model: nn.Module, name: str, module: nn.Module, config) -> None:
+    """Give `module` (at `name`) its non-saved buffers on the CPU: a fresh module built from the config
+    (rotary embeddings), or the buffers the model's initializer fills (modules not built from the config)."""
+    try:
+        fresh = type(module)(config=config)
+    except TypeError as err:
+        if _buffers_by_initializer(model, module):
+            return
+        raise RuntimeError(f"cannot rebuild the non-saved buffers of {name} ({type(module).__name__}): "
+                           "its constructor does not take the model config") from err
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, fresh)
 
 
 def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:

@@ -56,11 +56,11 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(frozenset({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa", "in_proj",
                      "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
-                     "g_a_proj", "b_proj", "qkv_proj", "output_gate"}), True),
+                     "g_a_proj", "b_proj", "qkv_proj", "output_gate", "Wqkv"}), True),
     Stage(frozenset({"q_b_proj", "kv_b_proj", "g_b_proj"}), False),
     Stage(frozenset({"o_proj", "out_proj"}), False),
-    Stage(frozenset({"gate_proj", "up_proj", "w1", "w3"}), True),
-    Stage(frozenset({"down_proj", "w2"}), False),
+    Stage(frozenset({"gate_proj", "up_proj", "w1", "w3", "input_linear", "gate_up_proj"}), True),  # [gate; up] fused
+    Stage(frozenset({"down_proj", "w2", "output_linear"}), False),
 )
 
 

@@ -250,10 +250,10 @@ def _rotate(model: nn.Module, spec: FamilySpec, anatomy: ModelAnatomy, Q: torch.
             elif kind in ATTENTION_WRITES:
                 _writes(model.get_submodule(u), u, spec, Q)
         mlp_reads = [ex[0] for ex in b.experts] + [ex[1] for ex in b.experts]
-        mlp_reads += list(b.shared[:2]) + list(b.dense_mlp[:2])
+        mlp_reads += list(b.shared[:-1]) + list(b.dense_mlp[:-1])
         mlp_reads += [n for n in (b.router, b.shared_gate) if n is not None]
         for name in mlp_reads:
             _reads(model.get_submodule(name), name, spec, Q, g_mlp)
-        for name in [ex[2] for ex in b.experts] + list(b.shared[2:]) + list(b.dense_mlp[2:]):
+        for name in [ex[2] for ex in b.experts] + list(b.shared[-1:]) + list(b.dense_mlp[-1:]):
             _writes(model.get_submodule(name), name, spec, Q)
     _reads(model.get_submodule(spec.lm_head), spec.lm_head, spec, Q, norm_scale(final_norm_name))
