@@ -91,6 +91,18 @@ def test_massive_routing_counts_routing_of_massive_tokens(model, anatomy, window
     assert no_hooks(model)
 
 
+@pytest.mark.parametrize("family", ["dbrx", "mixtral"])  # DBRX's router returns its logits alone
+def test_massive_routing_reads_the_choices_where_the_experts_get_them(family):
+    model = tiny_model(family)
+    anatomy = describe(model)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    routed = collect_routing(model, anatomy, ids)
+    everything = massive_routing(model, anatomy, ids, threshold=0.0)
+    moe = [b.index for b in anatomy.blocks if b.is_moe]
+    assert moe and all(np.array_equal(everything.scores[b], routed.counts[b]) for b in moe)
+    assert all(routed.counts[b].sum() == ids.numel() * anatomy.blocks[b].top_k for b in moe)
+
+
 def test_expert_scores_json_round_trip(tmp_path):
     scores = ExpertScores("massive", {3: np.array([1.0, 0.5])}, {"threshold": 1000.0})
     scores.save(tmp_path / "s.json")

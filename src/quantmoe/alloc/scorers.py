@@ -173,8 +173,10 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
                     batch_size: int = 8) -> ExpertScores:
     """Per expert, routing slots taken by tokens whose block input has any |h| >= threshold.
 
-    Routers in transformers 5 return ``(logits, top_k_weights, top_k_index)`` over the
-    block's tokens flattened in (batch, position) order.
+    The choices are read where the experts receive them, as ``collect_routing`` does: transformers 5
+    calls every experts module as ``experts(hidden_states, top_k_index, top_k_weights)`` over the
+    block's tokens flattened in (batch, position) order, while routers differ in what they return
+    (DBRX's returns the logits alone).
     """
     _check_weights(model, "massive-activation routing")
     blocks = [b for b in anatomy.blocks if b.is_moe]
@@ -191,9 +193,10 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
             stats["massive_tokens"] += int(masks[index].sum())
         return hook
 
-    def router_hook(b: BlockAnatomy):
-        def hook(_module, _inputs, outputs):
-            top_i = outputs[2].reshape(len(masks[b.index]), -1).cpu()  # (tokens, k)
+    def experts_hook(b: BlockAnatomy):
+        def hook(_module, args, kwargs):
+            top_i = (args[1] if len(args) > 1 else kwargs["top_k_index"])
+            top_i = top_i.reshape(len(masks[b.index]), -1).cpu()  # (tokens, k)
             counts[b.index] += np.bincount(top_i[masks[b.index]].reshape(-1).numpy(), minlength=b.num_experts)
         return hook
 
@@ -201,7 +204,8 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
         for b in blocks:
             handles.append(model.get_submodule(b.module_name).register_forward_pre_hook(block_hook(b.index),
                                                                                        with_kwargs=True))
-            handles.append(model.get_submodule(b.router).register_forward_hook(router_hook(b)))
+            handles.append(model.get_submodule(b.experts_module).register_forward_pre_hook(experts_hook(b),
+                                                                                         with_kwargs=True))
         run_windows(model, windows, batch_size)
     if stats["massive_tokens"] == 0:
         log.warning("no token reached |h| >= %g (largest |h| was %.1f): massive-activation scores are all zero",
