@@ -10,8 +10,9 @@ or as a YAML list (``- topk: {k: 30, bits: 4}``); see `quantmoe.alloc.presets.pa
 Rules (``[data]`` = needs evidence from the real model, see `Evidence`):
 
     uniform=BITS                 every linear
-    attention=BITS               "other block": attention + dense MLP of dense blocks (alias: other)
-    dense=BITS                   dense MLP of dense blocks only
+    attention=BITS               "other block": attention + dense MLPs (alias: other)
+    dense=BITS                   dense MLPs only: those of dense blocks, and one that runs beside
+                                 the experts in an MoE block (Gemma 4)
     shared=BITS                  shared experts
     experts=BITS                 routed experts (alias: routed)
     topk=K:BITS                  per MoE block, the K most frequently routed experts   [routing]
@@ -135,7 +136,7 @@ def _role_rule(name: str, roles: tuple[str, ...], doc: str) -> type[Rule]:
 
 Uniform = _role_rule("uniform", QUANTIZABLE_ROLES, "Every linear.")
 Attention = _role_rule("attention", ("attention", "dense_mlp"), "The paper's other_block: attention + dense MLP.")
-Dense = _role_rule("dense", ("dense_mlp",), "Dense MLP of dense blocks.")
+Dense = _role_rule("dense", ("dense_mlp",), "Dense MLPs (role dense_mlp: of dense blocks, or beside the experts).")
 Shared = _role_rule("shared", ("shared_expert",), "Shared experts.")
 Experts = _role_rule("experts", ("routed_expert",), "Routed experts.")
 
