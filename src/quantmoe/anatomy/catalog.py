@@ -119,7 +119,9 @@ def _expert_view(spec: FamilySpec) -> str:
     order = "gate/up interleaved" if layout.interleaved else "[gate; up]"
     bias = ", with biases" if layout.has_bias else ""
     act = "clamped SwiGLU" if layout.activation == "clamped_swiglu" else "act(gate) * up"
-    return f"gate_up_proj/down_proj {shape}, {order}{bias} -> 3 nn.Linear per expert, {act}"
+    scaled = ("; every expert runs on every token scaled by its router score (0 where not chosen): the view "
+              "dispatches each expert's routed tokens, scaled before the expert" if layout.scaled_input else "")
+    return f"gate_up_proj/down_proj {shape}, {order}{bias} -> 3 nn.Linear per expert, {act}{scaled}"
 
 
 def family_rows() -> list[FamilyRow]:
