@@ -131,7 +131,7 @@ class HessianCollector:
             for e, token_idx, _ in routes:
                 counts[e] = token_idx.numel()
             self.routed_tokens[target.module_name] += counts
-            if self.mode == "weighted":
+            if self.mode == "weighted" and not module.layout.scaled_input:  # Llama 4: the weight is in the rows
                 for e, token_idx, top_k_pos in routes:
                     self._expert_weights[(target.module_name, e)] = top_k_weights[token_idx, top_k_pos]
             if self.mode == "all":  # every expert sees every token: one statistic for all gate/up
