@@ -218,3 +218,37 @@ def test_sorted_dispatch_is_the_eager_loop_bit_for_bit(model_type):
         assert torch.equal(token_idx, tok) and torch.equal(top_k_pos, pos)
     with torch.no_grad():
         assert torch.equal(experts(hidden, top_k_index, weights), _one_hot_loop(experts, hidden, top_k_index, weights))
+
+
+def test_llama4_experts_see_their_routed_tokens_scaled_before_the_expert():
+    """Llama 4 runs every expert on every token times its router score (0 where not chosen); the view
+    runs each expert on its routed tokens only, scaled before the expert, and gives the same logits."""
+    model = tiny_model("llama4_text", num_experts_per_tok=2)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    unfuse_experts(model)
+    block = [b for b in describe(model).blocks if b.is_moe][-1]
+    experts = model.get_submodule(block.experts_module)
+    scores, seen, dispatched = [], {}, []
+    hooks = [model.get_submodule(block.router).register_forward_hook(lambda m, i, out: scores.append((i[0], *out))),
+             experts.register_forward_pre_hook(lambda m, args: dispatched.append(args))]
+    hooks += [model.get_submodule(block.experts[e][0]).register_forward_pre_hook(
+        lambda m, args, e=e: seen.__setitem__(e, args[0])) for e in range(block.num_experts)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            assert (model(input_ids=ids).logits - reference).abs().max() < TOL
+    finally:
+        for h in hooks:
+            h.remove()
+    ((hidden, router_scores, logits),), ((_, top_k_index, top_k_weights),) = scores, dispatched
+    chosen = logits.topk(2, dim=-1).indices  # (T, 2)
+    assert torch.equal(top_k_index, chosen) and torch.equal(top_k_weights, router_scores.gather(1, chosen))
+    assert int((router_scores > 0).sum()) == chosen.numel()  # the unchosen experts' scores are 0
+    for e, rows in seen.items():
+        token_idx, top_k_pos = (chosen == e).T.nonzero(as_tuple=True)[::-1]  # (top-k position, token) order
+        assert torch.equal(rows, hidden[token_idx] * router_scores[token_idx, e, None])
+        assert torch.equal(rows, experts.expert_input(hidden, token_idx, top_k_pos, top_k_weights))
+    assert sum(len(rows) for rows in seen.values()) == chosen.numel()
+    fuse_experts(model)
+    assert "forward" not in vars(model.get_submodule(block.module_name).feed_forward)

@@ -33,7 +33,7 @@ def _reference(model, block, batches, mode, kind):
     for hidden, top_k_index, top_k_weights in dispatched:
         for e in range(block.num_experts):
             pos, tok = torch.where((top_k_index == e).T)  # transformers' eager order
-            rows = hidden if mode == "all" else hidden[tok]
+            rows = hidden if mode == "all" else experts.expert_input(hidden, tok, pos, top_k_weights)
             if not len(rows):
                 continue
             seen = []
@@ -44,12 +44,14 @@ def _reference(model, block, batches, mode, kind):
             finally:
                 h.remove()
             stats.setdefault(e, InputStats(seen[0].shape[-1], torch.device("cpu")))
-            stats[e].add(seen[0], top_k_weights[tok, pos] if mode == "weighted" else None)
+            weighted = mode == "weighted" and not experts.layout.scaled_input  # Llama 4: the weight is in the rows
+            stats[e].add(seen[0], top_k_weights[tok, pos] if weighted else None)
     return stats
 
 
-# shared expert: none, before the routed ones, after them (routed down then recorded by its own hook)
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+# shared expert: none, before the routed ones, after them (routed down then recorded by its own hook);
+# Llama 4: each expert reads its rows scaled by the router weight
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "llama4_text"])
 @pytest.mark.parametrize("kind", ["gate_proj", "down_proj"])
 @pytest.mark.parametrize("mode", ["routed", "weighted", "all"])
 def test_expert_hessians_equal_per_expert_hooks(family, kind, mode):

@@ -138,7 +138,8 @@ def test_stream_identity_records_rotate_only_when_on():
 # families whose tiny models rotate with the same logits; every other family is refused (never silently wrong)
 ROTATABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "deepseek_v2", "glm4_moe",
              "glm4_moe_lite", "dots1", "ernie4_5_moe", "minimax_m2", "granitemoe", "solar_open", "exaone_moe",
-             "mimo_v2_flash", "hy_v3", "mellum", "aria_text", "flint", "granitemoe_swa", "granitemoeshared"}
+             "mimo_v2_flash", "hy_v3", "mellum", "aria_text", "flint", "granitemoe_swa", "granitemoeshared",
+             "llama4_text"}
 
 
 @pytest.mark.parametrize("family", sorted(f for f, s in FAMILIES.items() if s.view_refusal is None))

@@ -167,16 +167,43 @@ class UnfusedExperts(nn.ModuleList):
             start += count
         return routes
 
+    def expert_input(self, hidden_states: Tensor, token_idx: Tensor, top_k_pos: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The rows one expert reads: its tokens, times their router weight where the layout scales
+        the input (`ExpertLayout.scaled_input`, Llama 4). hidden_states (T, H) -> (tokens, H)."""
+        x = hidden_states[token_idx]
+        if self.layout.scaled_input:
+            x = x * top_k_weights[token_idx, top_k_pos, None].to(x.dtype)
+        return x
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         # hidden_states (T, H) (or (B, S, H), DBRX: the output keeps the shape); top_k_index, top_k_weights (T, k)
         shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, shape[-1])
         final = torch.zeros_like(hidden_states)
         for e, token_idx, top_k_pos in self.routes(top_k_index):
-            out = self[e](hidden_states[token_idx])
-            out = out * top_k_weights[token_idx, top_k_pos, None]
+            out = self[e](self.expert_input(hidden_states, token_idx, top_k_pos, top_k_weights))
+            if not self.layout.scaled_input:
+                out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final.view(shape)
+
+
+def scaled_input_dispatch(
+    router: nn.Module, experts: nn.Module, shared_expert: nn.Module | None, top_k: int, hidden_states: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The forward of a MoE module whose experts read router-scaled inputs (Llama4TextMoe), calling
+    the experts as a top-k dispatch: `experts(hidden, top_k_index, top_k_weights)`.
+
+    The router returns (scores, logits), both (T, E), scores the sigmoid of the top-k logits and 0
+    elsewhere; transformers feeds every expert every token times its score, and an unchosen expert
+    maps 0 to 0, so only the chosen experts contribute. Returns (out (T, H), logits) as the module does.
+    """
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, H)
+    scores, logits = router(hidden)  # (T, E) each
+    top_k_index = logits.topk(top_k, dim=-1).indices  # the router's own choice: topk of the same logits
+    routed = experts(hidden, top_k_index, scores.gather(1, top_k_index))
+    out = shared_expert(hidden) + routed if shared_expert is not None else routed
+    return out, logits
 
 
 # --- unfuse / fuse ------------------------------------------------------------------------
@@ -361,14 +388,29 @@ def unfuse_experts(model: nn.Module, only: Collection[str] | None = None) -> nn.
              if (only is None or n in only) and not isinstance(model.get_submodule(n), UnfusedExperts)]
     for name in names:
         model.set_submodule(name, _unfuse(model.get_submodule(name), spec.expert_layout, name))
+        if spec.expert_layout.scaled_input:
+            _dispatch_top_k(model, spec, name)
     logger.debug("unfused %d experts modules of %s", len(names), spec.model_type)
     return model
+
+
+def _dispatch_top_k(model: nn.Module, spec: FamilySpec, name: str) -> None:
+    """Make the MoE module holding the experts `name` call them as a top-k dispatch
+    (`scaled_input_dispatch`), with an instance `forward` that `fuse_experts` removes."""
+    block = model.get_submodule(name.removesuffix("." + spec.experts))
+    moe = module_at(block, spec.moe_module)
+    shared = module_at(block, spec.shared_expert) if spec.shared_expert else None
+    top_k = spec.top_k(model.config)
+    moe.forward = partial(scaled_input_dispatch, module_at(block, spec.router), module_at(block, spec.experts),
+                          shared, top_k)
 
 
 def fuse_experts(model: nn.Module) -> nn.Module:
     """Put every original fused experts module back, in place, with the per-expert weights packed in."""
     names = [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts)]
     for name in names:
+        if model.get_submodule(name).layout.scaled_input:  # the MoE module's own forward again
+            model.get_submodule(name.rpartition(".")[0]).__dict__.pop("forward", None)
         model.set_submodule(name, _fuse(model.get_submodule(name), name))
     logger.debug("fused %d experts modules", len(names))
     return model

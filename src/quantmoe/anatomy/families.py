@@ -112,14 +112,11 @@ _SPECS: tuple[FamilySpec, ...] = (
                mlp="mixer", mlp_linears=("up_proj", "down_proj"), router="mixer.gate", experts="mixer.experts",
                shared_expert="mixer.shared_experts", embedding="model.embeddings", sublayers=True,
                expert_layout=ExpertLayout(has_gate=False)),
-    # --- shapes only: inspect and plan, no per-expert view (so no quantization) ---
+    # --- experts reading router-scaled inputs (every expert on every token, unchosen ones scaled by 0) ---
     FamilySpec("llama4_text", "Llama 4", num_experts_key="num_local_experts", moe_layers="listed",
                moe_layers_key="moe_layers", mlp="feed_forward", router="feed_forward.router",
                experts="feed_forward.experts", shared_expert="feed_forward.shared_expert",
-               expert_layout=ExpertLayout(transposed=True),
-               view_refusal="its experts (Llama4TextExperts) run every expert on every token in one batched matmul "
-                            "over router-scaled inputs, not through a top-k dispatch, so there is no per-expert call "
-                            "to replace or hook"),
+               expert_layout=ExpertLayout(transposed=True, scaled_input=True)),
     # --- hybrid token mixers (linear attention, Mamba) ---
     FamilySpec("qwen3_next", "Qwen3-Next", num_experts_key="num_experts", moe_layers="sparse_step",
                mixers=(_GATED_DELTANET_QKVZ,), shared_expert="mlp.shared_expert",

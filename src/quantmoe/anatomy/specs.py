@@ -72,6 +72,12 @@ class ExpertLayout:
                  "clamped_swiglu" is GPT-OSS's (up.clamp(+-limit) + 1) * g * sigmoid(alpha * g),
                  g = gate.clamp(max=limit), reading `alpha` and `limit` (MiniMax-M3: `swiglu_alpha`,
                  `swiglu_limit`) from the experts module.
+    scaled_input: the router weight multiplies the expert's input, not its output (Llama 4). Such
+                 experts are called with every token for every expert, scaled by a router score that
+                 is 0 where the expert is not chosen, and the router returns (scores (T, E), logits).
+                 Without biases an expert maps 0 to 0, so the per-expert view's top-k dispatch (each
+                 expert on its routed tokens times their weight) is the same function; the view also
+                 makes the MoE module call the experts as a top-k dispatch (expert_view.py).
     """
 
     transposed: bool = False
@@ -80,8 +86,12 @@ class ExpertLayout:
     activation: Activation = "glu"
     stacked: tuple[str, str, str] | None = None
     has_gate: bool = True
+    scaled_input: bool = False
 
     def __post_init__(self) -> None:
+        if self.scaled_input and (self.has_bias or not self.has_gate or self.stacked is not None or self.activation != "glu"):
+            raise ValueError("check `scaled_input` in ExpertLayout: experts reading router-scaled inputs must map 0 "
+                             "to 0 (no biases, act_fn(gate) * up) and hold gate_up_proj/down_proj")
         if not self.has_gate and (self.interleaved or self.stacked is not None or self.activation != "glu"):
             raise ValueError("check `has_gate` in ExpertLayout: experts without a gate have no interleaved, stacked "
                              "or clamped layout")

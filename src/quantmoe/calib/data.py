@@ -16,7 +16,10 @@ class CalibrationConfig:
 
     ``moe_mode``: ``routed`` (each expert's Hessian from the tokens routed to it, the
     paper's), ``all`` (every expert sees every token; the block output still comes from
-    the routed experts only) or ``weighted`` (routed tokens weighted by their router weight).
+    the routed experts only) or ``weighted`` (routed tokens weighted by their router weight;
+    experts that read router-scaled inputs, Llama 4's, have it in their rows already, so there
+    ``weighted`` is ``routed``). In ``routed`` and ``weighted`` an expert's rows are what it reads:
+    Llama 4's scaled by the router weight; ``all`` gives every expert the unscaled tokens.
     Experts that see fewer than ``min_expert_tokens`` tokens fall back to RTN.
     """
 

@@ -131,7 +131,7 @@ class HessianCollector:
             for e, token_idx, _ in routes:
                 counts[e] = token_idx.numel()
             self.routed_tokens[target.module_name] += counts
-            if self.mode == "weighted":
+            if self.mode == "weighted" and not module.layout.scaled_input:  # Llama 4: the weight is in the rows
                 for e, token_idx, top_k_pos in routes:
                     self._expert_weights[(target.module_name, e)] = top_k_weights[token_idx, top_k_pos]
             if self.mode == "all":  # every expert sees every token: one statistic for all gate/up
@@ -141,15 +141,18 @@ class HessianCollector:
                     for k in input_keys[1:]:
                         self.stats[k] = self.stats[input_keys[0]]
             else:
-                for e, token_idx, _ in routes:
+                for e, token_idx, top_k_pos in routes:
+                    x = module.expert_input(hidden, token_idx, top_k_pos, top_k_weights)  # Llama 4: router-scaled
                     for k in inputs.get(e, ()):
-                        self._add(k, hidden[token_idx], self._expert_weights.get((target.module_name, e)))
+                        self._add(k, x, self._expert_weights.get((target.module_name, e)))
             self._pending.difference_update(input_keys)
             here = bool(hidden_keys) and self.stop_early and self._pending <= set(hidden_keys)
             if here:
-                for e, token_idx, _ in routes:
+                for e, token_idx, top_k_pos in routes:
                     if hiddens.get(e):
-                        x = module[e].hidden(hidden if token_idx is None else hidden[token_idx])
+                        x = hidden if token_idx is None else module.expert_input(hidden, token_idx, top_k_pos,
+                                                                                 top_k_weights)
+                        x = module[e].hidden(x)
                         for k in hiddens[e]:
                             self._add(k, x, self._expert_weights.get((target.module_name, e)))
             elif self.mode == "all" and hidden_keys:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantmoe.anatomy import ModelAnatomy
+from quantmoe.anatomy import ModelAnatomy, family_of, per_expert_view
 from quantmoe.atomic import atomic_write_text
 from quantmoe.calib.data import run_windows
 from quantmoe.hooks import removed_after
@@ -66,6 +67,8 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
     They are read where the experts receive them: transformers 5 calls every experts module
     as ``experts(hidden_states, top_k_index, top_k_weights)``, while routers differ in what
     they return (``(logits, top_k_weights, top_k_index)`` mostly, DBRX's the logits alone).
+    Experts that read router-scaled inputs (Llama 4) are called that way only in the per-expert
+    view, so a fused model of such a family is read through it.
     """
     blocks = [b for b in anatomy.blocks if b.is_moe]
     counts = {b.index: torch.zeros(b.num_experts, dtype=torch.long) for b in blocks}
@@ -79,7 +82,8 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
             weights[block].index_add_(0, top_i, top_w)
         return hook
 
-    with removed_after() as handles:
+    view = per_expert_view(model) if family_of(model).expert_layout.scaled_input else nullcontext()
+    with view, removed_after() as handles:
         handles.extend(model.get_submodule(b.experts_module).register_forward_pre_hook(
             hook_for(b.index, b.num_experts), with_kwargs=True) for b in blocks)
         run_windows(model, windows, batch_size)
