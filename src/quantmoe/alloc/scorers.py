@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantmoe.anatomy import BlockAnatomy, ModelAnatomy, per_expert_view
+from quantmoe.anatomy import BlockAnatomy, ModelAnatomy, family_of, per_expert_view
 from quantmoe.atomic import atomic_write_text
 from quantmoe.calib.data import run_windows
 from quantmoe.hooks import removed_after
@@ -176,7 +177,8 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
     The choices are read where the experts receive them, as ``collect_routing`` does: transformers 5
     calls every experts module as ``experts(hidden_states, top_k_index, top_k_weights)`` over the
     block's tokens flattened in (batch, position) order, while routers differ in what they return
-    (DBRX's returns the logits alone).
+    (DBRX's returns the logits alone). Experts that read router-scaled inputs (Llama 4) are called
+    that way only in the per-expert view, so a fused model of such a family is read through it.
     """
     _check_weights(model, "massive-activation routing")
     blocks = [b for b in anatomy.blocks if b.is_moe]
@@ -200,7 +202,8 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
             counts[b.index] += np.bincount(top_i[masks[b.index]].reshape(-1).numpy(), minlength=b.num_experts)
         return hook
 
-    with removed_after() as handles:
+    view = per_expert_view(model) if family_of(model).expert_layout.scaled_input else nullcontext()
+    with view, removed_after() as handles:
         for b in blocks:
             handles.append(model.get_submodule(b.module_name).register_forward_pre_hook(block_hook(b.index),
                                                                                        with_kwargs=True))
