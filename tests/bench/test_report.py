@@ -108,8 +108,8 @@ def test_pareto_front_known_answers():
     assert pareto_front([(2.0, 0.5), (2.0, 0.5)]) == (0,)  # identical points: the first
 
 
-def _table_rows(md: str, model: str) -> dict[str, dict[str, str]]:
-    section = md.split(f"## {model}\n", 1)[1].split("\n## ", 1)[0].split("### All runs\n", 1)[1].split("\n### ", 1)[0]
+def _table_rows(md: str, model: str, heading: str = "All runs") -> dict[str, dict[str, str]]:
+    section = md.split(f"## {model}\n", 1)[1].split("\n## ", 1)[0].split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split(" | ")]
     return {cells[0]: dict(zip(head, cells)) for cells in
@@ -151,8 +151,15 @@ def test_report_files_numbers_and_pareto(built):
         note = next(line for line in md.split(f"## {model}\n", 1)[1].splitlines() if line.startswith("The Pareto"))
         assert all(run in note for run in MIXED_PARETO) and "uniform" not in note
         # serves: the engines that load the export of every seed's plan
-        assert rows["uniform 2-bit"]["serves"] == "gptqmodel" and rows["solver 2.5"]["serves"] == "none"
-        assert rows["full precision (reference)"]["serves"] == "-"
+        cost = _table_rows(md, model, "Cost, serving and plans")
+        assert set(cost) == set(rows)
+        assert cost["uniform 2-bit"]["serves"] == "gptqmodel" and cost["solver 2.5"]["serves"] == "none"
+        assert cost["full precision (reference)"]["serves"] == "-"
+        for run in RUNS:
+            mine = [r for r in records if r.model == model and r.run == run]
+            assert cost[run]["peak RSS MB"] == f"{max(r.peak_rss_mb for r in mine):.0f}"
+            assert cost[run]["quantize s"] == f"{statistics.mean(r.quant_seconds for r in mine):.1f}"
+            assert cost[run]["eff. bits"] == rows[run]["eff. bits"]
     assert "task mean" in _table_rows(md, "deepseek-s")["solver 2.5"]  # only the model with lm-eval tasks
     assert "task mean" not in _table_rows(md, "mixtral-s")["solver 2.5"]
     assert "calibration seeds: 0, 1, 2" in md and "torch=2.13.0" in md and "num_windows=8" in md
@@ -352,6 +359,8 @@ window.addEventListener("load", () => {
   const out = {images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
                overflow: cells.filter(c => c.scrollWidth > c.clientWidth).map(c => c.textContent),
                wrapped: [...document.querySelectorAll("td")].filter(c => !oneLine(c)).map(c => c.textContent),
+               wide: [...document.querySelectorAll(".scroll")].filter(d => d.scrollWidth > d.clientWidth)
+                       .map(d => d.querySelector("th").textContent),
                headings: document.querySelectorAll("h1, h2").length,
                height: document.documentElement.scrollHeight};
   const pre = document.createElement("pre"); pre.id = "qmoe-check"; pre.textContent = JSON.stringify(out);
@@ -381,6 +390,7 @@ def test_html_report_renders_in_headless_chromium(built, tmp_path):
     check = json.loads(found.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
     assert len(check["images"]) == html.count("<img ") and all(check["images"])  # every image loads
     assert check["overflow"] == [] and check["wrapped"] == []  # no cell overflows, "57.97 ± 0.08" on one line
+    assert check["wide"] == []  # every table fits the 1400-px page: none hides columns behind a scroll bar
     assert check["headings"] == 1 + 2 + 1 and check["height"] > 1000  # title, two models, "How this was made"
 
 

@@ -92,8 +92,8 @@ def _inline(text: str) -> str:
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 88rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
 .scroll { overflow-x: auto; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.85rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.4rem; text-align: left; }
 td { white-space: nowrap; }
 th { background: #f3f3f3; vertical-align: bottom; }
 tr:nth-child(even) td { background: #fafafa; }

@@ -106,29 +106,44 @@ def _serves(agg: Aggregate) -> str:
     return ", ".join(ok) or "none"
 
 
-def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Aggregate],
-           links: Mapping[str, str] | None = None) -> Table:
-    rows_in = ([ref] if ref else []) + sorted(quant, key=lambda a: (-a.average_bits, a.run))
+def _rows_in(ref: Aggregate | None, quant: Sequence[Aggregate]) -> list[Aggregate]:
+    return ([ref] if ref else []) + sorted(quant, key=lambda a: (-a.average_bits, a.run))
+
+
+def _label(a: Aggregate, ref: Aggregate | None) -> str:
+    return f"{a.run} (reference)" if a is ref else a.run
+
+
+def _table(ref: Aggregate | None, quant: Sequence[Aggregate], front: Sequence[Aggregate]) -> Table:
+    """Quality of every run (its cost, serving engines and plan file are in `_cost_table`, so that each
+    table fits a 1400-px page with three seeds' "mean ± std" cells on one line)."""
+    rows_in = _rows_in(ref, quant)
     metrics = [(k, t, f) for k, t, f, _ in METRICS if any(k in a.mean for a in rows_in)]
     tasks = sorted({k for a in rows_in for k in a.mean if k.startswith("task:")})
     head = ["run", "avg bits", "eff. bits", "seeds", *(t for _, t, _ in metrics),
-            *(t.removeprefix("task:") for t in tasks), "Pareto", "quantize s", "peak RSS MB", "size MB", "serves",
-            "plan"]
+            *(t.removeprefix("task:") for t in tasks), "Pareto"]
     if "ppl" in head:
         head.insert(head.index("ppl") + 1, "ppl vs full")
     rows = []
     for a in rows_in:
         ppl = "reference" if a is ref else (f"{100 * (a.mean['ppl'] / ref.mean['ppl'] - 1):+.1f}%"
                                             if ref and "ppl" in a.mean and "ppl" in ref.mean else "-")
-        size = f"{a.checkpoint_bytes / 1e6:.2f}" if a.checkpoint_bytes else "-"
         cells = [_fmt(a, k, f) for k, _, f in metrics]
         if "ppl" in head:
             cells.insert([k for k, _, _ in metrics].index("ppl") + 1, ppl)
-        rows.append((f"{a.run} (reference)" if a is ref else a.run, f"{a.average_bits:.3f}",
-                     f"{a.effective_bits:.3f}", str(a.n), *cells,
-                     *(_fmt(a, t, "{:.3f}") for t in tasks), "✓" if any(a is f for f in front) else "",
-                     f"{a.quant_seconds:.1f}", f"{a.peak_rss_mb:.0f}", size, _serves(a), (links or {}).get(a.run, "-")))
+        rows.append((_label(a, ref), f"{a.average_bits:.3f}", f"{a.effective_bits:.3f}", str(a.n), *cells,
+                     *(_fmt(a, t, "{:.3f}") for t in tasks), "✓" if any(a is f for f in front) else ""))
     return Table(tuple(head), tuple(rows))
+
+
+def _cost_table(ref: Aggregate | None, quant: Sequence[Aggregate], links: Mapping[str, str] | None = None) -> Table:
+    """Per run: quantization time, peak RSS, checkpoint size, the engines that serve it and its plan file."""
+    rows = []
+    for a in _rows_in(ref, quant):
+        size = f"{a.checkpoint_bytes / 1e6:.2f}" if a.checkpoint_bytes else "-"
+        rows.append((_label(a, ref), f"{a.effective_bits:.3f}", f"{a.quant_seconds:.1f}", f"{a.peak_rss_mb:.0f}",
+                     size, _serves(a), (links or {}).get(a.run, "-")))
+    return Table(("run", "eff. bits", "quantize s", "peak RSS MB", "size MB", "serves", "plan"), tuple(rows))
 
 
 def _series(ref: Aggregate | None, quant: Sequence[Aggregate], bits: str = "average_bits",
@@ -298,10 +313,14 @@ def _model_section(model: str, aggs: Sequence[Aggregate], routing: Any, out: Pat
                   + ("full precision is the reference row (one run: it calibrates nothing). " if ref else
                      "no full-precision run is stored. ")
                   + f"Pareto (✓): no other run has at most its bits and lower {metric_name}; KL is to the "
-                  "full-precision model's next-token distribution on the same windows. Serves: the engines that "
-                  "load the run's GPTQ export (`quantmoe export --target ENGINE`; `quantmoe plan` gives the "
-                  "reasons for the others)."),
-        _table(ref, quant, front, _plan_files(aggs, out, slug, store_dir))]
+                  "full-precision model's next-token distribution on the same windows."),
+        _table(ref, quant, front),
+        Heading(3, "Cost, serving and plans"),
+        Paragraph("Quantize s: the mean over seeds; peak RSS: the largest. Serves: the engines that load the "
+                  "run's GPTQ export (`quantmoe export --target ENGINE`; `quantmoe plan` gives the reasons for the "
+                  "others). Plan: the run's plan file (one per seed where the seeds' plans differ) and its "
+                  "checkpoints where the sweep kept them, to quantize or serve it again."),
+        _cost_table(ref, quant, _plan_files(aggs, out, slug, store_dir))]
     series = _series(ref, quant)
     if series:
         name = f"quality-{slug}.png"
