@@ -3,6 +3,14 @@ calibration windows, same threads, each tool in its own subprocess.
 
     .venv/bin/python benches/bench_vs_gptqmodel.py                      # mixtral-s, 4 bits
     .venv/bin/python benches/bench_vs_gptqmodel.py --model deepseek-s --bits 2
+    .venv/bin/python benches/bench_vs_gptqmodel.py --random-qwen3-experts 64 --quantmoe-stream --expert-cache-mb 0
+
+The last one is the memory comparison (docs/quantization.md, "Memory"): a random Qwen3-MoE with
+64 experts (hidden 256, 4 layers, expert intermediate 512, top-8; written once by bench_scale.py
+under .cache/bench/scale/), quantmoe run as a user after the lowest peak would run it:
+``quantize --stream --dtype float32 --expert-cache-mb 0`` (one block in memory; no down-input
+cache), with the default ``--expert-batch-mb`` (batched expert GPTQ in chunks of a 64 MB working
+set); --expert-batch-mb 0 is one batch over all of a block's experts, as before.
 
 Per tool: wall time of the quantization call alone (``api.quantize`` / ``model.quantize``)
 and of the whole subprocess (imports, loading, export of the dequantized weights), its peak
@@ -56,6 +64,9 @@ class ToolRun:
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mixtral-s", help="embedded model name (mixtral-s, deepseek-s) or local folder")
+    p.add_argument("--random-qwen3-experts", type=int, default=None, metavar="N",
+                   help="instead of --model: a random Qwen3-MoE with N experts (bench_scale.py's writer, hidden 256, "
+                        "4 layers, expert intermediate 512, top-8, bf16 on disk) under .cache/bench/scale/")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--damp", type=float, default=0.01)
@@ -67,6 +78,13 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--eval-len", type=int, default=256, help="test window length")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many test windows")
     p.add_argument("--tools", default="quantmoe,gptqmodel", help="comma-separated, run in this order")
+    p.add_argument("--quantmoe-stream", action="store_true",
+                   help="quantmoe quantizes block by block from the model's files (quantize --stream --dtype float32)")
+    p.add_argument("--expert-batch-mb", type=float, default=None,
+                   help="quantmoe's GPTQ working-set budget per batch of experts (default: quantmoe's own)")
+    p.add_argument("--expert-cache-mb", type=float, default=None,
+                   help="quantmoe's budget for the experts' down inputs kept for a block's final pass "
+                        "(default: quantmoe's own)")
     p.add_argument("--gptqmodel-gar", action="store_true", help="GPTQModel's default group-aware reordering")
     p.add_argument("--gptqmodel-offload", action="store_true", help="GPTQModel's default offload_to_disk")
     p.add_argument("--gptqmodel-verify-reload", action="store_true",
@@ -102,13 +120,21 @@ def run_tool(tool: str, cmd: list[str], log_path: Path, threads: int) -> ToolRun
     return run
 
 
-def load_into(fp_model: torch.nn.Module, weights_path: Path) -> tuple[torch.nn.Module, dict[str, list[str]]]:
-    """A copy of ``fp_model`` with every linear found in ``weights_path`` replaced; coverage report."""
+def dequant_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every dequantized weight a runner wrote to ``folder`` (one dequant.safetensors, or one per block)."""
     from safetensors.torch import load_file
 
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("dequant*.safetensors")):
+        weights.update(load_file(str(path)))
+    return weights
+
+
+def load_into(fp_model: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, dict[str, list[str]]]:
+    """A copy of ``fp_model`` with every linear found in ``folder``'s dequantized weights replaced; coverage."""
     from quantmoe.anatomy import describe, per_expert_view
 
-    weights = load_file(str(weights_path))
+    weights = dequant_weights(folder)
     model = copy.deepcopy(fp_model)
     units = [u.name for u in describe(model).units]
     with per_expert_view(model), torch.no_grad():
@@ -116,7 +142,7 @@ def load_into(fp_model: torch.nn.Module, weights_path: Path) -> tuple[torch.nn.M
             if name in weights:
                 linear = model.get_submodule(name)
                 if tuple(weights[name].shape) != tuple(linear.weight.shape):
-                    raise ValueError(f"{weights_path}: {name} has shape {tuple(weights[name].shape)}, "
+                    raise ValueError(f"{folder}: {name} has shape {tuple(weights[name].shape)}, "
                                      f"the model's is {tuple(linear.weight.shape)}")
                 linear.weight.copy_(weights[name])
     coverage = {"missing": [n for n in units if n not in weights],
@@ -124,12 +150,10 @@ def load_into(fp_model: torch.nn.Module, weights_path: Path) -> tuple[torch.nn.M
     return model.eval(), coverage
 
 
-def max_levels(weights_path: Path, group_size: int) -> int:
+def max_levels(folder: Path, group_size: int) -> int:
     """Most distinct values in one (row, group) over all weights: <= 2**bits if really quantized."""
-    from safetensors.torch import load_file
-
     most = 0
-    for w in load_file(str(weights_path)).values():  # (out, in)
+    for w in dequant_weights(folder).values():  # (out, in)
         out_f, in_f = w.shape
         pad = (-in_f) % group_size
         g = torch.nn.functional.pad(w, (0, pad), value=float("nan")).reshape(out_f, -1, group_size)
@@ -143,9 +167,7 @@ def same_fraction(a: Path, b: Path, prefix: str) -> float | None:
     """Fraction of equal weight entries between two tools on the linears named ``prefix``* (block 0
     attention sees identical inputs in both tools: a check that the GPTQ settings match). rtol 1e-3
     absorbs GPTQModel's float16 scales (quantmoe keeps the model's float32)."""
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(str(a)), load_file(str(b))
+    wa, wb = dequant_weights(a), dequant_weights(b)
     names = [n for n in wa if n.startswith(prefix) and n in wb]
     if not names:
         return None
@@ -165,6 +187,16 @@ def _git_revision() -> str:
     return head + (" + uncommitted changes in src/" if dirty else "")
 
 
+def random_qwen3(experts: int) -> str:
+    """The folder of a random Qwen3-MoE with ``experts`` experts (written once by bench_scale.py)."""
+    import bench_scale
+
+    size = argparse.Namespace(hidden=256, layers=4, experts=experts, moe_intermediate=512)
+    folder = ROOT / ".cache" / "bench" / "scale" / f"qwen3moe-h256-l4-e{experts}-i512"
+    bench_scale.generate(folder, size)
+    return str(folder)
+
+
 def main() -> int:
     args = _parse()
     print("command: " + shlex.join([sys.executable, *sys.argv]), flush=True)
@@ -182,7 +214,7 @@ def main() -> int:
     unknown = set(tools) - {"quantmoe", "gptqmodel"}
     if unknown:
         raise SystemExit(f"check --tools: {', '.join(sorted(unknown))} is not quantmoe or gptqmodel")
-    model_path = resolve_model(args.model)
+    model_path = random_qwen3(args.random_qwen3_experts) if args.random_qwen3_experts else resolve_model(args.model)
     name = Path(model_path).name
     work = Path(args.work) if args.work else ROOT / ".cache" / "bench" / "runs" / f"{name}-w{args.bits}"
     work.mkdir(parents=True, exist_ok=True)
@@ -207,6 +239,9 @@ def main() -> int:
         if tool == "quantmoe":
             cmd = [sys.executable, str(BENCHES / "_quantmoe_runner.py"), *common, "--out", str(out),
                    "--seed", str(args.seed)]
+            cmd += ["--stream"] if args.quantmoe_stream else []
+            cmd += ["--expert-batch-mb", str(args.expert_batch_mb)] if args.expert_batch_mb is not None else []
+            cmd += ["--expert-cache-mb", str(args.expert_cache_mb)] if args.expert_cache_mb is not None else []
         else:
             cmd = [str(gptq_python), str(BENCHES / "_gptqmodel_runner.py"), *common, "--out", str(out)]
             cmd += ["--act-group-aware"] if args.gptqmodel_gar else []
@@ -214,6 +249,8 @@ def main() -> int:
             cmd += ["--fallback-tokens", "-1"] if args.gptqmodel_fallback_default else []
             cmd += ["--verify-reload"] if args.gptqmodel_verify_reload else []
         (out / "result.json").unlink(missing_ok=True)
+        for old in out.glob("dequant*.safetensors"):
+            old.unlink()
         out.mkdir(parents=True, exist_ok=True)
         runs[tool] = run_tool(tool, cmd, work / f"{tool}.log", args.threads)
         if runs[tool].returncode == 0:
@@ -226,10 +263,9 @@ def main() -> int:
     base = evaluate(fp_model, test, ref)
     evals, coverage, levels = {}, {}, {}
     for tool in results:
-        weights_path = work / tool / "dequant.safetensors"
-        qmodel, coverage[tool] = load_into(fp_model, weights_path)
+        qmodel, coverage[tool] = load_into(fp_model, work / tool)
         evals[tool] = evaluate(qmodel, test, ref)
-        levels[tool] = max_levels(weights_path, args.group_size)
+        levels[tool] = max_levels(work / tool, args.group_size)
         del qmodel
 
     print()
@@ -257,8 +293,7 @@ def main() -> int:
         q, g = results["quantmoe"], results["gptqmodel"]
         print(f"speed ratio GPTQModel / quantmoe: quantize step {g['quant_seconds'] / q['quant_seconds']:.2f}x, "
               f"whole process {runs['gptqmodel'].wall_seconds / runs['quantmoe'].wall_seconds:.2f}x")
-        agree = same_fraction(work / "quantmoe" / "dequant.safetensors", work / "gptqmodel" / "dequant.safetensors",
-                              "model.layers.0.self_attn.")
+        agree = same_fraction(work / "quantmoe", work / "gptqmodel", "model.layers.0.self_attn.")
         if agree is not None:
             print(f"block-0 attention weights equal in both tools (same inputs): {100 * agree:.2f}% of entries")
     print("1-min load average before/after each tool (2 cores): "

@@ -212,15 +212,27 @@ def test_later_pass_shortcuts_change_nothing(family, mode, attention, monkeypatc
     assert all(torch.equal(fast_state[k], slow_state[k]) for k in fast_state)
 
 
-def test_expert_cache_off_gives_the_same_model_and_negative_is_an_error():
-    states = []
-    for cache_mb in (2048, 0):
+def test_expert_cache_off_or_partial_gives_the_same_model_and_negative_is_an_error(monkeypatch):
+    import quantmoe.quant.pipeline as pipeline
+
+    cached, real = [], pipeline.FrozenOutputs
+
+    def frozen(module, *a, **k):
+        cached.append(k.get("method") == "hidden")
+        return real(module, *a, **k)
+
+    monkeypatch.setattr(pipeline, "FrozenOutputs", frozen)
+    states, counts = [], []
+    for cache_mb in (2048, 0.05, 0):  # tiny mixtral (0.09 MB of down inputs per block): all, half, none
         model = tiny_model("mixtral")
         specs = Plan.uniform(4, group_size=16).resolve(describe(model))
+        cached.clear()
         quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1, batch_size=3),
                        GPTQConfig(expert_cache_mb=cache_mb), progress=False)
         states.append(model.state_dict())
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+        counts.append(sum(cached))
+    assert counts[0] > counts[1] > counts[2] == 0
+    assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in states[0])
     with pytest.raises(ValueError, match="expert_cache_mb"):
         GPTQConfig(expert_cache_mb=-1)
 
@@ -262,28 +274,42 @@ def test_every_block_gets_its_own_mask_and_positions(family):
 
 
 def test_experts_in_chunks_give_the_same_model(monkeypatch):
+    import quantmoe.calib.hessian as hessian
     import quantmoe.quant.pipeline as pipeline
 
-    calls = []
-    real = pipeline.gptq_quantize_batched
+    calls, collectors = [], []
+    real, real_init = pipeline.gptq_quantize_batched, hessian.HessianCollector.__init__
 
     def spy(W, *a, **k):
         calls.append(W.shape[0])
         return real(W, *a, **k)
 
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        collectors.append(self)
+
     monkeypatch.setattr(pipeline, "gptq_quantize_batched", spy)
+    monkeypatch.setattr(hessian.HessianCollector, "__init__", init)
     base = tiny_model("olmoe")  # 8 experts per block
     specs = Plan.uniform(4, group_size=16).resolve(describe(base))
-    models = []
-    for chunk in (0, 3):
+    expert = next(u for u in describe(base).units if u.expert is not None and u.kind == "down_proj")
+    two = 2.5 * pipeline.gptq_working_set((expert.out_features, expert.in_features)) / 2**20  # 2 down_proj
+    settings = {"all": GPTQConfig(expert_batch_mb=0), "count": GPTQConfig(expert_chunk=3, expert_batch_mb=0),
+                "budget": GPTQConfig(expert_batch_mb=two), "one": GPTQConfig(expert_batch_mb=1e-6)}
+    models, batches = {}, {}
+    for label, gptq in settings.items():
         model = copy.deepcopy(base)
         calls.clear()
-        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1),
-                       GPTQConfig(expert_chunk=chunk), progress=False)
-        models.append((model, list(calls)))
-    (whole, whole_calls), (chunked, chunked_calls) = models
-    assert max(whole_calls) == 8 and max(chunked_calls) == 3 and 2 in chunked_calls
-    state, other = whole.state_dict(), chunked.state_dict()
-    assert all(torch.equal(state[k], other[k]) for k in state)
+        collectors.clear()
+        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1), gptq, progress=False)
+        models[label], batches[label] = model.state_dict(), list(calls)
+        assert collectors and all(not c.stats for c in collectors)  # every statistic freed once used
+    assert max(batches["all"]) == 8 and max(batches["count"]) == 3 and 2 in batches["count"]
+    assert 2 in batches["budget"] and max(batches["budget"]) <= 4 and not batches["one"]
+    for label in ("count", "budget", "one"):
+        assert models[label].keys() == models["all"].keys()
+        assert all(torch.equal(models["all"][k], models[label][k]) for k in models["all"]), label
     with pytest.raises(ValueError, match="expert_chunk"):
         GPTQConfig(expert_chunk=-1)
+    with pytest.raises(ValueError, match="expert_batch_mb"):
+        GPTQConfig(expert_batch_mb=-1)

@@ -166,3 +166,13 @@ def test_the_descent_stops_at_a_sweep_that_changes_nothing(monkeypatch):
     sweeps = (len(calls) - 96) / 96  # GPTQ's loop rounds each of the 96 columns once, then one per sweep
     assert 1 < sweeps < 200
     assert gptq_quantize(W, H, spec, refine=200).loss == gptq_quantize(W, H, spec, refine=int(sweeps)).loss
+
+
+def test_refinement_counts_in_the_expert_batch_budget():
+    from quantmoe.quant.pipeline import expert_chunks, gptq_working_set
+
+    shape = (256, 512)
+    assert gptq_working_set(shape, refine=True) > gptq_working_set(shape)
+    budget = 8 * gptq_working_set(shape) / 2**20  # eight plain experts
+    assert expert_chunks(64, shape, GPTQConfig(expert_batch_mb=budget)) == 8
+    assert expert_chunks(64, shape, GPTQConfig(expert_batch_mb=budget, refine=2)) < 8

@@ -15,6 +15,7 @@ import quantmoe
 from quantmoe.anatomy import describe, tiny_model
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.quant.checkpoint import save_quantized
+from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.lazy import CheckpointFilesError, LazyCheckpoint, checkpoint_files
 from quantmoe.quant.pipeline import quantize_model
 from quantmoe.quant.plan import Plan
@@ -228,3 +229,21 @@ def test_cli_reports_a_missing_shard_without_traceback_and_load_checks_each_shar
     out.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match=out.name):
         quantmoe.load(tmp_path / "q")
+
+
+def test_resume_accepts_other_memory_settings_but_not_other_gptq_settings(tmp_path):
+    from quantmoe.quant.pipeline import GPTQConfig
+    from quantmoe.quant.stream import _prepare_work, _run_identity
+
+    windows, specs = _windows(), {"m.q_proj": QuantSpec(4)}
+    first = _run_identity("src", specs, CALIB, GPTQConfig(), torch.float32, windows)
+    work = tmp_path / "work"
+    assert _prepare_work(work, first, resume=False) == 0
+    stored = json.loads((work / "run.json").read_text())
+    stored["gptq"].update(expert_cache_mb=2048, expert_chunk=0)  # as folders written before recorded them
+    (work / "run.json").write_text(json.dumps(stored))
+    leaner = GPTQConfig(expert_cache_mb=0, expert_chunk=2, expert_batch_mb=8)
+    assert _prepare_work(work, _run_identity("src", specs, CALIB, leaner, torch.float32, windows), resume=True) == 0
+    for other in (GPTQConfig(damp=0.1), GPTQConfig(refine=2), GPTQConfig(act_order="desc")):
+        with pytest.raises(ResumeError, match="gptq differ"):
+            _prepare_work(work, _run_identity("src", specs, CALIB, other, torch.float32, windows), resume=True)

@@ -90,6 +90,9 @@ class HessianCollector:
         self.mode = mode
         self.stats: dict[str, InputStats] = {}
         self.key_of = {u.name: input_key(u) for u in self.units}
+        self._readers: dict[str, set[str]] = {}  # input key -> units not yet released
+        for name, key in self.key_of.items():
+            self._readers.setdefault(key, set()).add(name)
         self.routed_tokens: dict[str, torch.Tensor] = {t.module_name: torch.zeros(t.num_experts, dtype=torch.long)
                                                        for t in experts}
         self._experts = list(experts)
@@ -217,17 +220,32 @@ class HessianCollector:
         self._suspended.clear()
         self._expert_weights.clear()
 
-    def hessian(self, unit: LinearUnit) -> tuple[torch.Tensor, int]:
-        """(H, tokens seen) of a unit's input; zero tokens gives an all-zero H.
+    def tokens(self, unit: LinearUnit) -> int:
+        """Calibration tokens a unit's input saw (0 if none).
 
         Non-finite inputs make x x^T non-finite, so one check here names the unit they reached.
         """
         stats = self.stats.get(self.key_of[unit.name])
         if stats is None:
-            dev = next(self.model.get_submodule(unit.name).buffers(), None)
-            device = dev.device if dev is not None else next(self.model.parameters()).device
-            return torch.zeros(unit.in_features, unit.in_features, device=device), 0
+            return 0
         if not torch.isfinite(stats.xtx).all():
             raise ValueError(f"NaN/Inf calibration activations reach {unit.name}: check the model's weights "
                              "and dtype (float16 overflow?) before quantizing")
-        return stats.hessian(), stats.tokens
+        return stats.tokens
+
+    def hessian(self, unit: LinearUnit) -> tuple[torch.Tensor, int]:
+        """(H, tokens seen) of a unit's input; zero tokens gives an all-zero H."""
+        tokens = self.tokens(unit)
+        stats = self.stats.get(self.key_of[unit.name])
+        if stats is None:
+            dev = next(self.model.get_submodule(unit.name).buffers(), None)
+            device = dev.device if dev is not None else next(self.model.parameters()).device
+            return torch.zeros(unit.in_features, unit.in_features, device=device), 0
+        return stats.hessian(), tokens
+
+    def release(self, unit: LinearUnit) -> None:
+        """``unit`` needs its statistics no more: they are freed once every unit reading them is released."""
+        key = self.key_of[unit.name]
+        self._readers[key].discard(unit.name)
+        if not self._readers[key]:
+            self.stats.pop(key, None)

@@ -138,8 +138,9 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
-                      static_groups=args.static_groups, expert_chunk=args.expert_chunk, rotate=args.rotate,
-                      refine=args.refine)
+                      static_groups=args.static_groups, expert_chunk=args.expert_chunk,
+                      expert_batch_mb=args.expert_batch_mb, expert_cache_mb=args.expert_cache_mb,
+                      rotate=args.rotate, refine=args.refine)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stream or args.resume:
@@ -227,8 +228,15 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=128,
                    help="GPTQ columns per lazy-update block (speed; see docs/quantization.md)")
     p.add_argument("--expert-chunk", type=int, default=0,
-                   help="at most this many experts per batched GPTQ call (0 = all of a block's at once); "
+                   help="at most this many experts per batched GPTQ call (0 = no cap but --expert-batch-mb's); "
                         "lowers peak memory, same result")
+    p.add_argument("--expert-batch-mb", type=float, default=64, metavar="MB",
+                   help="float32 working set of one batched expert GPTQ call (default 64): experts are batched in "
+                        "chunks that fit, at least one; 0 = all of a block's experts at once. Same result")
+    p.add_argument("--expert-cache-mb", type=float, default=2048, metavar="MB",
+                   help="memory for the routed experts' down inputs kept from the down stage for a block's final "
+                        "pass (default 2048; as many experts as fit; 0 = off: lower peak memory, the final pass "
+                        "recomputes their gate/up). Same result")
     p.add_argument("--rotate", action="store_true",
                    help="rotate the residual stream by a random Hadamard matrix folded into the weights before "
                         "quantizing (same outputs in full precision, no runtime change; RMSNorm pre-norm families; "

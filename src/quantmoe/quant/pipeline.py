@@ -76,9 +76,12 @@ class GPTQConfig:
     # device memory a block may use to keep its routed experts' down inputs from the down stage's
     # pass for its final pass (which then skips their gate/up); 0 turns it off
     expert_cache_mb: float = 2048
-    # at most this many experts per batched GPTQ call (0 = all of a block's at once): bounds the
-    # float32 working set (weights, Hessians, inverses) of the batch at some speed
+    # at most this many experts per batched GPTQ call (0 = no cap but expert_batch_mb's)
     expert_chunk: int = 0
+    # float32 working set of one batched expert GPTQ call (weights, Hessians, their inverses and
+    # factors, codes): experts are batched in chunks that fit (at least one); 0 = all at once.
+    # The same result bit for bit; on CPU chunks of a few experts are also faster (cache)
+    expert_batch_mb: float = 64
     # rotate the residual stream by a random Hadamard matrix (seed 0) folded into the weights
     # before calibration (quant/rotate.py): the same model, other weights; recorded with the run
     rotate: bool = False
@@ -98,6 +101,8 @@ class GPTQConfig:
             raise ValueError(f"check `block_size`: {self.block_size!r} is not a positive number of columns")
         if self.expert_chunk < 0:
             raise ValueError(f"check `expert_chunk`: {self.expert_chunk} must be >= 0 (0 = all experts at once)")
+        if self.expert_batch_mb < 0:
+            raise ValueError(f"check `expert_batch_mb`: {self.expert_batch_mb} must be >= 0 (0 = all experts at once)")
         if self.expert_cache_mb < 0:
             raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
 
@@ -300,8 +305,9 @@ def _first_frozen_stage(units: Sequence[LinearUnit]) -> int:
 def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUnit], attention: str,
                   inputs: list[tuple[tuple, dict]], calib: CalibrationConfig, gptq: GPTQConfig) -> BlockReplay:
     """The attention from the stage after its linears (its tail: the linear alone in its last
-    stage, o_proj); each routed expert's down input from the stage after gate/up, within
-    ``gptq.expert_cache_mb`` (not in the ``all`` MoE mode: experts also run on every token there)."""
+    stage, o_proj); each routed expert's down input from the stage after gate/up, for as many
+    experts as fit in ``gptq.expert_cache_mb`` at their average share of the routed tokens (not in
+    the ``all`` MoE mode: experts also run on every token there)."""
     parts = []
     module = getattr(block, attention, None)
     if module is not None:
@@ -316,9 +322,10 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
         hidden = max(u.out_features for u in readers)
         tokens = sum(args[0].shape[:-1].numel() for args, _ in inputs)
         size_mb = info.top_k * tokens * hidden * inputs[0][0][0].element_size() / 2**20
-        if size_mb <= gptq.expert_cache_mb:
-            first = _first_frozen_stage(readers)
-            parts += [(FrozenOutputs(expert, method="hidden"), first) for expert in experts]
+        experts = list(experts)
+        fits = len(experts) if size_mb <= gptq.expert_cache_mb else int(gptq.expert_cache_mb / size_mb * len(experts))
+        first = _first_frozen_stage(readers)
+        parts += [(FrozenOutputs(expert, method="hidden"), first) for expert in experts[:fits]]
     return BlockReplay(parts)
 
 
@@ -483,11 +490,36 @@ def _quantize_shared(model: nn.Module, units: Sequence[LinearUnit], specs: Mappi
     fallbacks += [u.name for u in units if reports[u.name].method == "rtn-fallback"]
 
 
+GPTQ_COPIES = 6  # float32 copies of W and of H that a batched GPTQ call holds at its peak (measured, CPU)
+
+
+REFINE_COPIES = 3  # refinement adds the unquantized W and H, the error and its product with H (gptq.refine_codes)
+
+
+def gptq_working_set(shape: Sequence[int], refine: bool = False) -> int:
+    """Bytes one linear of weight ``shape`` (out, in) adds to a batched GPTQ call: ``GPTQ_COPIES``
+    float32 copies of its weight and of its Hessian (inputs, the float32 copies, scales, zeros,
+    codes, the damped Hessian's factors and inverse), ``REFINE_COPIES`` more with refinement."""
+    out_features, in_features = shape
+    return (GPTQ_COPIES + (REFINE_COPIES if refine else 0)) * 4 * in_features * (out_features + in_features)
+
+
+def expert_chunks(n: int, shape: Sequence[int], gptq: GPTQConfig) -> int:
+    """Experts per batched GPTQ call for ``n`` experts of weight ``shape``: within ``gptq.expert_chunk``
+    and ``gptq.expert_batch_mb``, at least one."""
+    step = min(n, gptq.expert_chunk or n)
+    if gptq.expert_batch_mb:
+        step = min(step, max(1, int(gptq.expert_batch_mb * 2**20 // gptq_working_set(shape, gptq.refine > 0))))
+    return step
+
+
 def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
                     collector: HessianCollector, calib: CalibrationConfig, gptq: GPTQConfig,
                     reports: dict[str, UnitReport], fallbacks: list[str], staged: dict[str, QuantLinear]) -> None:
-    """GPTQ (batched over experts of equal shape and settings) or RTN for each unit of a stage."""
-    batches: dict[tuple, list[tuple[LinearUnit, torch.Tensor, int]]] = defaultdict(list)
+    """GPTQ (batched over experts of equal shape and settings, in chunks) or RTN for each unit of a
+    stage. A chunk's Hessians are built when it runs; an input's statistics are freed once the
+    last unit reading it is quantized."""
+    batches: dict[tuple, list[tuple[LinearUnit, int]]] = defaultdict(list)
     for unit in units:
         spec = specs[unit.name]
         linear = model.get_submodule(unit.name)
@@ -495,7 +527,7 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
             _stage(model, unit.name, QuantLinear.from_float(linear, spec), staged)
             reports[unit.name] = UnitReport(spec.bits, spec.group_size, spec.symmetric, "rtn", 0)
             continue
-        H, tokens = collector.hessian(unit)
+        tokens = collector.tokens(unit)
         if tokens == 0 or (unit.expert is not None and tokens < calib.min_expert_tokens):
             # never GPTQ on an empty Hessian: it would zero the weights
             _stage(model, unit.name, QuantLinear.from_float(linear, spec), staged)
@@ -503,29 +535,32 @@ def _quantize_units(model: nn.Module, units: Sequence[LinearUnit], specs: Mappin
             reports[unit.name] = UnitReport(spec.bits, spec.group_size, spec.symmetric, "rtn-fallback", tokens,
                                             note=note)
             fallbacks.append(unit.name)
+            collector.release(unit)
             continue
         key = (unit.kind, spec, tuple(linear.weight.shape), unit.expert is not None)
-        batches[key].append((unit, H, tokens))
+        batches[key].append((unit, tokens))
     chunked = []
-    for (_, spec, _, is_expert), items in batches.items():
-        step = gptq.expert_chunk if is_expert and gptq.expert_chunk else len(items)
+    for (_, spec, shape, is_expert), items in batches.items():
+        step = expert_chunks(len(items), shape, gptq) if is_expert else len(items)
         chunked += [(spec, is_expert, items[i:i + step]) for i in range(0, len(items), step)]
     for spec, is_expert, items in chunked:
-        linears = [model.get_submodule(u.name) for u, _, _ in items]
+        linears = [model.get_submodule(u.name) for u, _ in items]
         weights = [linear.weight for linear in linears]
         if is_expert and len(items) > 1 and gptq.batch_experts:
-            results = gptq_quantize_batched(torch.stack(weights), torch.stack([H for _, H, _ in items]), spec,
+            results = gptq_quantize_batched(torch.stack(weights),
+                                            torch.stack([collector.hessian(u)[0] for u, _ in items]), spec,
                                             damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,
                                             static_groups=gptq.static_groups, refine=gptq.refine,
-                                            names=[u.name for u, _, _ in items])
+                                            names=[u.name for u, _ in items])
         else:
-            results = [gptq_quantize(w, H, spec, damp=gptq.damp, block_size=gptq.block_size,
+            results = [gptq_quantize(w, collector.hessian(u)[0], spec, damp=gptq.damp, block_size=gptq.block_size,
                                      act_order=gptq.act_order, static_groups=gptq.static_groups,
                                      refine=gptq.refine, name=u.name)
-                       for w, (u, H, _) in zip(weights, items)]
+                       for w, (u, _) in zip(weights, items)]
         qlinears = QuantLinear.from_results(linears, results)
-        for (unit, _, tokens), result, qlinear in zip(items, results, qlinears):
+        for (unit, tokens), result, qlinear in zip(items, results, qlinears):
             _stage(model, unit.name, qlinear, staged, weight=result.Q)
+            collector.release(unit)
             method = "rtn-fallback" if result.fallback else "gptq"
             if result.fallback:
                 fallbacks.append(unit.name)

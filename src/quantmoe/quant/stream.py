@@ -191,11 +191,21 @@ def _maybe_pause(index: int) -> None:
         signal.pause()
 
 
+# GPTQConfig fields that set memory use only (the result is the same bit for bit: tests/quant/test_pipeline.py):
+# a resumed run may change them
+MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb")
+
+
+def _gptq_identity(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The GPTQ settings a resumed run must share: all but the memory-only ones; rotate and refine only when
+    on, as work folders from before them recorded neither."""
+    return {k: v for k, v in settings.items() if k not in MEMORY_ONLY and (k not in ("rotate", "refine") or v)}
+
+
 def _run_identity(source: str, specs: Mapping[str, QuantSpec], calib: CalibrationConfig, gptq: GPTQConfig,
                   dtype: torch.dtype, windows: torch.Tensor) -> dict[str, Any]:
-    settings = {k: v for k, v in gptq.to_dict().items() if k not in ("rotate", "refine") or v}  # folders from before them
     return {"source": source, "dtype": str(dtype).removeprefix("torch."), "calibration": asdict(calib),
-            "gptq": settings, "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "gptq": _gptq_identity(gptq.to_dict()), "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
             "modules": {n: asdict(s) for n, s in sorted(specs.items())}}
 
 
@@ -210,6 +220,8 @@ def _prepare_work(work: Path, identity: dict[str, Any], resume: bool) -> int:
         except (OSError, ValueError) as err:
             raise ResumeError(f"{work / RUN_NAME} is missing or unreadable: {work} is not a resumable run; "
                               "delete it to start over") from err
+        if isinstance(stored.get("gptq"), dict):  # folders that recorded the memory-only settings too
+            stored["gptq"] = _gptq_identity(stored["gptq"])
         changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
         if changed:
             raise ResumeError(f"--resume: {work} was started with other settings ({', '.join(changed)} differ); "
