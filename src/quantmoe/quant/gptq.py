@@ -118,6 +118,13 @@ def act_order_mode(value: str | bool) -> str:
                      "(or a bool: false is none, true is desc)")
 
 
+def refine_sweeps(value: int) -> int:
+    """A ``refine`` setting checked: a number of coordinate-descent sweeps >= 0 (0 = plain GPTQ)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"check `refine`: {value!r} is not a number of sweeps >= 0 (0 = plain GPTQ)")
+    return value
+
+
 def act_order_record(value: str | bool) -> bool | str:
     """How identities and metadata record an act-order setting: false/true for none/desc (as before
     the modes existed, so stored keys do not change), the mode's name otherwise ("gar")."""
@@ -276,8 +283,7 @@ def _hinv(H: torch.Tensor, damp: float, names: Sequence[str],
 def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_size: int,
           act_order: str, static_groups: bool, refine: int, names: Sequence[str]) -> list[GPTQResult]:
     _check_inputs(W, H, spec, block_size, names)
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"{names[0]}: check `refine`: {refine!r} is not a number of sweeps >= 0")
+    refine_sweeps(refine)
     dtype, maxq = W.dtype, spec.maxq
     E, out, n = W.shape
     W = W.float().clone()  # (E, out, in)

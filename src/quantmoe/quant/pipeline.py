@@ -33,7 +33,13 @@ from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
 from quantmoe.hooks import removed_after
-from quantmoe.quant.gptq import act_order_mode, act_order_record, gptq_quantize, gptq_quantize_batched
+from quantmoe.quant.gptq import (
+    act_order_mode,
+    act_order_record,
+    gptq_quantize,
+    gptq_quantize_batched,
+    refine_sweeps,
+)
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.qlinear import QuantLinear
 from quantmoe.quant.replay import BlockReplay, FrozenOutputs
@@ -91,8 +97,7 @@ class GPTQConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "act_order", act_order_mode(self.act_order))
-        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
-            raise ValueError(f"check `refine`: {self.refine!r} is not a number of sweeps >= 0 (0 = plain GPTQ)")
+        refine_sweeps(self.refine)
         if self.method not in METHODS:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
