@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantmoe.anatomy import BlockAnatomy, ModelAnatomy, family_of, per_expert_view
+from quantmoe.anatomy import BlockAnatomy, ModelAnatomy, per_expert_view
 from quantmoe.atomic import atomic_write_text
 from quantmoe.calib.data import run_windows
+from quantmoe.calib.routing import experts_call_view, top_k_of
 from quantmoe.hooks import removed_after
 
 log = logging.getLogger(__name__)
@@ -197,13 +197,11 @@ def massive_routing(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tens
 
     def experts_hook(b: BlockAnatomy):
         def hook(_module, args, kwargs):
-            top_i = (args[1] if len(args) > 1 else kwargs["top_k_index"])
-            top_i = top_i.reshape(len(masks[b.index]), -1).cpu()  # (tokens, k)
+            top_i = top_k_of(args, kwargs)[0].reshape(len(masks[b.index]), -1).cpu()  # (tokens, k)
             counts[b.index] += np.bincount(top_i[masks[b.index]].reshape(-1).numpy(), minlength=b.num_experts)
         return hook
 
-    view = per_expert_view(model) if family_of(model).expert_layout.scaled_input else nullcontext()
-    with view, removed_after() as handles:
+    with experts_call_view(model), removed_after() as handles:
         for b in blocks:
             handles.append(model.get_submodule(b.module_name).register_forward_pre_hook(block_hook(b.index),
                                                                                        with_kwargs=True))

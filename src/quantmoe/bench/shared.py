@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantmoe.anatomy import ModelAnatomy, describe, family_of, per_expert_view
+from quantmoe.anatomy import ModelAnatomy, describe
 from quantmoe.bench.sweep import ModelSpec, SweepConfig
 from quantmoe.quant.plan import Plan
 
@@ -118,13 +117,9 @@ class ModelContext:
 
         missing = [n for n in needs if n not in self._evidence]
         if missing:
-            # experts reading router-scaled inputs (Llama 4) take the top-k call, which the routing
-            # scorers hook, only in the per-expert view
-            scaled = family_of(self.model).expert_layout.scaled_input
-            with per_expert_view(self.model) if scaled else nullcontext():
-                found = gather_evidence(missing, self.model, self.tokenizer, self.anatomy, self.statistics_config(),
-                                        model_name=self.spec.name, cache_dir=self.cache_dir.parent,
-                                        fingerprint=self.sha256)
+            found = gather_evidence(missing, self.model, self.tokenizer, self.anatomy, self.statistics_config(),
+                                    model_name=self.spec.name, cache_dir=self.cache_dir.parent,
+                                    fingerprint=self.sha256)
             self._evidence.update({n: getattr(found, n) for n in missing})
         return Evidence(**{n: self._evidence[n] for n in needs})
 

@@ -59,6 +59,20 @@ class RoutingStats:
         atomic_write_text(path, self.to_json())
 
 
+def experts_call_view(model: torch.nn.Module):
+    """The context where every experts module of ``model`` takes the call
+    ``experts(hidden_states, top_k_index, top_k_weights)`` that routing readers hook: the model as it
+    is, or its per-expert view for experts that read router-scaled inputs (Llama 4's run every expert
+    on every token and take that call only in the view)."""
+    return per_expert_view(model) if family_of(model).expert_layout.scaled_input else nullcontext()
+
+
+def top_k_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index, top_k_weights) of an experts call seen by a forward pre-hook with kwargs."""
+    return (args[1] if len(args) > 1 else kwargs["top_k_index"],
+            args[2] if len(args) > 2 else kwargs["top_k_weights"])
+
+
 @torch.no_grad()
 def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor,
                     batch_size: int = 8) -> RoutingStats:
@@ -76,14 +90,13 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
 
     def hook_for(block: int, num_experts: int):
         def hook(_module, args, kwargs):
-            top_i = (args[1] if len(args) > 1 else kwargs["top_k_index"]).reshape(-1).cpu()
-            top_w = (args[2] if len(args) > 2 else kwargs["top_k_weights"]).reshape(-1).double().cpu()
+            top_i, top_w = top_k_of(args, kwargs)
+            top_i, top_w = top_i.reshape(-1).cpu(), top_w.reshape(-1).double().cpu()
             counts[block] += torch.bincount(top_i, minlength=num_experts)
             weights[block].index_add_(0, top_i, top_w)
         return hook
 
-    view = per_expert_view(model) if family_of(model).expert_layout.scaled_input else nullcontext()
-    with view, removed_after() as handles:
+    with experts_call_view(model), removed_after() as handles:
         handles.extend(model.get_submodule(b.experts_module).register_forward_pre_hook(
             hook_for(b.index, b.num_experts), with_kwargs=True) for b in blocks)
         run_windows(model, windows, batch_size)
