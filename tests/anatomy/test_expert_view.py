@@ -252,3 +252,18 @@ def test_llama4_experts_see_their_routed_tokens_scaled_before_the_expert():
     assert sum(len(rows) for rows in seen.values()) == chosen.numel()
     fuse_experts(model)
     assert "forward" not in vars(model.get_submodule(block.module_name).feed_forward)
+
+
+@pytest.mark.parametrize("kwargs, setting", [
+    (dict(has_gate=False, has_bias=True), "has_gate"),  # the gate-less view packs no biases
+    (dict(has_gate=False, interleaved=True), "has_gate"),
+    (dict(stacked=("w1", "v1", "w2"), has_bias=True), "stacked"),
+    (dict(stacked=("w1", "w2")), "stacked"),
+    (dict(scaled_input=True, has_bias=True), "scaled_input"),  # 0 must map to 0
+    (dict(scaled_input=True, has_gate=False), "scaled_input"),
+])
+def test_expert_layouts_the_view_cannot_carry_are_refused(kwargs, setting):
+    from quantmoe.anatomy.specs import ExpertLayout
+
+    with pytest.raises(ValueError, match=f"check `{setting}` in ExpertLayout"):
+        ExpertLayout(**kwargs)

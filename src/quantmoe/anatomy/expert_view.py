@@ -261,8 +261,8 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
 def _expected_params(layout: ExpertLayout) -> set[str]:
     if layout.stacked is not None:
         return set(layout.stacked)
-    if not layout.has_gate:
-        return {UP, DOWN} | ({UP + "_bias", DOWN_BIAS} if layout.has_bias else set())
+    if not layout.has_gate:  # never biased (ExpertLayout refuses it)
+        return {UP, DOWN}
     return {GATE_UP, DOWN} | ({GATE_UP_BIAS, DOWN_BIAS} if layout.has_bias else set())
 
 
@@ -291,23 +291,24 @@ def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts
         grad = params[layout.stacked[0]].requires_grad
         for weights in _stacked_weights(params, layout, int(fused.num_experts)):
             experts.append(ExpertMLP(*(_linear(w, None, grad) for w in weights), activation=activation))
-    if not layout.has_gate:
+    elif not layout.has_gate:
         up, down = params[UP], params[DOWN]
         for e in range(up.shape[0]):
             linears = (_linear(_as_linear(up[e], layout), None, up.requires_grad),
                        _linear(_as_linear(down[e], layout), None, up.requires_grad))
             experts.append(ExpertMLP(None, *linears, activation=activation))
-    gate_up, down = params.get(GATE_UP), params.get(DOWN)
-    for e in range(gate_up.shape[0] if layout.stacked is None and layout.has_gate else 0):
+    else:
+        gate_up, down = params[GATE_UP], params[DOWN]
         grad = gate_up.requires_grad
-        gate_w, up_w = _split(_as_linear(gate_up[e], layout), layout)  # (I, H) each
-        down_w = _as_linear(down[e], layout)  # (H, I)
-        gate_b = up_b = down_b = None
-        if layout.has_bias:
-            gate_b, up_b = _split(params[GATE_UP_BIAS][e], layout)
-            down_b = params[DOWN_BIAS][e]
-        linears = (_linear(gate_w, gate_b, grad), _linear(up_w, up_b, grad), _linear(down_w, down_b, grad))
-        experts.append(ExpertMLP(*linears, activation=activation))
+        for e in range(gate_up.shape[0]):
+            gate_w, up_w = _split(_as_linear(gate_up[e], layout), layout)  # (I, H) each
+            down_w = _as_linear(down[e], layout)  # (H, I)
+            gate_b = up_b = down_b = None
+            if layout.has_bias:
+                gate_b, up_b = _split(params[GATE_UP_BIAS][e], layout)
+                down_b = params[DOWN_BIAS][e]
+            linears = (_linear(gate_w, gate_b, grad), _linear(up_w, up_b, grad), _linear(down_w, down_b, grad))
+            experts.append(ExpertMLP(*linears, activation=activation))
     for pname, p in params.items():  # free the fused storage; shapes stay for checks at fuse time
         _set_param(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
     return UnfusedExperts(experts, layout, fused)

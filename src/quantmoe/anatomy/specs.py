@@ -92,9 +92,10 @@ class ExpertLayout:
         if self.scaled_input and (self.has_bias or not self.has_gate or self.stacked is not None or self.activation != "glu"):
             raise ValueError("check `scaled_input` in ExpertLayout: experts reading router-scaled inputs must map 0 "
                              "to 0 (no biases, act_fn(gate) * up) and hold gate_up_proj/down_proj")
-        if not self.has_gate and (self.interleaved or self.stacked is not None or self.activation != "glu"):
-            raise ValueError("check `has_gate` in ExpertLayout: experts without a gate have no interleaved, stacked "
-                             "or clamped layout")
+        if not self.has_gate and (self.interleaved or self.has_bias or self.stacked is not None
+                                  or self.activation != "glu"):
+            raise ValueError("check `has_gate` in ExpertLayout: experts without a gate have no interleaved, biased, "
+                             "stacked or clamped layout")
         if self.stacked is not None and (len(self.stacked) != 3 or self.transposed or self.interleaved
                                          or self.has_bias or self.activation != "glu"):
             raise ValueError("check `stacked` in ExpertLayout: it names the (gate, up, down) parameters of a "
