@@ -143,6 +143,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/quant/test_checkpoint_kill.py",),
     ),
     Mutation(
+        "refine-takes-any-scale",
+        "refinement never raises the layer loss (here: a group's new scale is taken even where it raises it)",
+        (Patch("quant/gptq.py", "            better = (curv > 0) & (0.5 * d * d * curv - d * slope < 0)\n",
+               "            better = curv > 0\n"),),
+        ("tests/quant/test_refine.py::test_a_scale_step_that_rounding_makes_worse_is_not_taken",
+         "tests/quant/test_refine.py::test_more_sweeps_never_raise_the_loss"),
+    ),
+    Mutation(
+        "refine-unstorable-scales",
+        "refined scales are storable, so the GPTQ export is exact (here: not rounded to float16/bfloat16)",
+        (Patch("quant/gptq.py", "new = scale_in_dtype(round_scale(old + slope / curv.clamp_min(1e-30)), dtype)",
+               "new = old + slope / curv.clamp_min(1e-30)"),),
+        ("tests/quant/test_refine.py", "tests/export/test_gptq_format.py"),
+    ),
+    Mutation(
+        "refine-touches-fallbacks",
+        "an expert that fell back to RTN is not refined (here: every expert is)",
+        (Patch("quant/gptq.py", "        idx = (~failed).nonzero().flatten()\n",
+               "        idx = torch.arange(E, device=W.device)\n"),),
+        ("tests/quant/test_refine.py::test_an_expert_without_tokens_stays_round_to_nearest",),
+    ),
+    Mutation(
         "stream-eval-keeps-blocks",
         "streaming evaluation holds one block's weights at a time (here: each block stays loaded)",
         (Patch("eval/stream.py", "        del block\n        lazy.release_block(i)\n", "        del block\n"),),

@@ -176,3 +176,18 @@ def test_refinement_counts_in_the_expert_batch_budget():
     budget = 8 * gptq_working_set(shape) / 2**20  # eight plain experts
     assert expert_chunks(64, shape, GPTQConfig(expert_batch_mb=budget)) == 8
     assert expert_chunks(64, shape, GPTQConfig(expert_batch_mb=budget, refine=2)) < 8
+
+
+def test_a_scale_step_that_rounding_makes_worse_is_not_taken():
+    """Double rounding (float16, then bfloat16 ties-to-even) can land the optimal scale on the farther
+    storable value; the step is taken only where it lowers the loss, so the scale stays."""
+    a = torch.tensor([1.0, -1.0, 2.0, -2.0])  # codes - zero
+    best = 1.00390625 + 1e-4  # just above the bfloat16 midpoint of 1.0 and 1.0078125
+    kept = 1.0078125  # the storable scale nearest to it
+    assert scale_in_dtype(round_scale(torch.tensor(best)), torch.bfloat16).item() == 1.0  # the farther one
+    W = (best * a)[None, None]  # (1, 1, 4): zero loss at the best scale
+    C, Z = (a + 8)[None, None].clone(), torch.full((1, 1, 4), 8.0)
+    S = torch.full((1, 1, 4), kept)
+    loss = refine_codes(W, torch.eye(4)[None], C, S, Z, maxq=15, sweeps=1, group_size=4, dtype=torch.bfloat16)
+    assert torch.equal(S, torch.full((1, 1, 4), kept)) and torch.equal(C[0, 0], a + 8)
+    assert float(loss) == pytest.approx(0.5 * (best - kept) ** 2 * 10, rel=1e-3)
