@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 
 from quantmoe.bench.report import build_report, pareto_front
@@ -330,6 +331,8 @@ def test_quality_labels_do_not_overlap():
     texts = [t for t in ax.texts if t.get_text() in labels or t.get_text().isdigit()]
     assert len(texts) == len(labels)
     assert plots.overlapping_labels(fig, texts) == []
+    x, y = np.array(bits), np.array(kl)
+    assert plots.labels_over_points(fig, ax, texts, x, y) == []  # nor covers another run's marker
     plt.close(fig)
     # the same labels written at their points do overlap: the test above can fail
     fig, ax = plt.subplots(figsize=(11.0, 4.6))
@@ -337,6 +340,7 @@ def test_quality_labels_do_not_overlap():
     ax.plot(bits, kl, "o")
     raw = [ax.text(b, k, label, fontsize=8) for b, k, label in zip(bits, kl, labels)]
     assert plots.overlapping_labels(fig, raw)
+    assert plots.labels_over_points(fig, ax, raw, x, y)
     plt.close(fig)
 
 

@@ -57,6 +57,21 @@ def overlapping_labels(fig, texts: Sequence[Any]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
 
 
+def labels_over_points(fig, ax, texts: Sequence[Any], xs: np.ndarray, ys: np.ndarray,
+                       radius_px: float = 4.0) -> list[tuple[int, int]]:
+    """Pairs (text i, point j != i) where label i's drawn box covers point j's marker (after layout)."""
+    renderer = fig.canvas.get_renderer()
+    points = ax.transData.transform(np.column_stack([xs, ys]))  # (n, 2) pixels
+    hits = []
+    for i, t in enumerate(texts):
+        box = t.get_window_extent(renderer).expanded(1.0, 1.0)
+        for j, (px, py) in enumerate(points):
+            if j != i and box.x0 - radius_px <= px <= box.x1 + radius_px and \
+                    box.y0 - radius_px <= py <= box.y1 + radius_px:
+                hits.append((i, j))
+    return hits
+
+
 def _place_labels(fig, ax, texts: list[Any], xs: np.ndarray, ys: np.ndarray) -> None:
     """Move the point labels apart (adjustText) with a thin line back to their point."""
     from adjustText import adjust_text
@@ -68,7 +83,8 @@ def _place_labels(fig, ax, texts: list[Any], xs: np.ndarray, ys: np.ndarray) -> 
 
 
 def _numbered(ax, texts: list[Any], labels: Sequence[str]) -> list[Any]:
-    """Fallback when names still collide: each point gets its number; the key lists the names."""
+    """Fallback when names still collide (with each other or with another point): each point gets its
+    number; the key lists the names."""
     for n, t in enumerate(texts, 1):
         t.set_text(str(n))
     key = "\n".join(f"{n}  {label}" for n, label in enumerate(labels, 1))
@@ -112,7 +128,7 @@ def quality_figure(model: str, series: Sequence[Series]):
     fig.suptitle(model, fontsize=12)
     for ax, texts, x, y, labels in panels:
         _place_labels(fig, ax, texts, x, y)
-        if overlapping_labels(fig, texts):
+        if overlapping_labels(fig, texts) or labels_over_points(fig, ax, texts, x, y):
             _place_labels(fig, ax, _numbered(ax, texts, labels), x, y)
     return fig
 
