@@ -62,6 +62,9 @@ def main() -> None:
                     help="GPTQ act-order of every plan but the reference (uniform 4-bit g128 stays plain)")
     ap.add_argument("--refine", type=int, default=0,
                     help="GPTQ refinement sweeps of every plan but the reference, and of the damage measurement")
+    ap.add_argument("--tune-steps", type=int, default=0,
+                    help="block-output scale tuning steps of every plan but the reference (not of the damage table)")
+    ap.add_argument("--tune-lr", type=float, default=0.005)
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     args = ap.parse_args()
     print("command:", " ".join(sys.argv), flush=True)
@@ -78,9 +81,11 @@ def main() -> None:
     ref = reference_logprobs(fp, windows)
     calib = CalibrationConfig(num_windows=args.calib_windows)
 
-    def run(plan: Plan, act_order: str = args.act_order, refine: int = args.refine) -> tuple[float, float, float, float]:
+    def run(plan: Plan, act_order: str = args.act_order, refine: int = args.refine,
+            tune: int = args.tune_steps) -> tuple[float, float, float, float]:
         model = copy.deepcopy(fp)
-        api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order, refine=refine), progress=False)
+        api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order, refine=refine, tune_steps=tune,
+                                                         tune_lr=args.tune_lr), progress=False)
         dequantize_in_place(model)
         res = evaluate(model, windows, ref)
         stats = bit_stats(plan.resolve(anatomy), anatomy.units)
@@ -91,14 +96,14 @@ def main() -> None:
              f"GPTQ calibrated on {args.calib_windows} windows; solver damage ({args.metric}) on "
              f"{args.damage_windows} windows, granularity {args.granularity}, menu of {len(menu)} choices "
              f"(widths {args.widths}, groups {args.group_sizes}, grids {args.grids}, clips {args.clips}); "
-             f"act-order {args.act_order}, refine {args.refine} (the uniform 4-bit g128 reference: plain GPTQ, "
-             f"act-order none, refine 0).", "",
+             f"act-order {args.act_order}, refine {args.refine}, block tuning {args.tune_steps} steps (the uniform "
+             f"4-bit g128 reference: plain GPTQ, act-order none, refine 0, no tuning).", "",
              "| plan | eff. bits | avg bits | KL | ppl | KL / uniform 4-bit g128 |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     reference = None
     for name, plan in (("uniform 4-bit g128", Plan.uniform(4)), ("uniform 4-bit g128 hmse", Plan.uniform(4, clip="hmse")),
                        ("uniform 3-bit g128 hmse", Plan.uniform(3, clip="hmse"))):
-        eff, avg, kl, ppl = (run(plan, "none", 0) if reference is None else run(plan))
+        eff, avg, kl, ppl = (run(plan, "none", 0, 0) if reference is None else run(plan))
         reference = reference or kl
         lines.append(f"| {name} | {eff:.3f} | {avg:.3f} | {kl:.4f} | {ppl:.2f} | {kl / reference:.2f}x |")
         print(lines[-1], flush=True)

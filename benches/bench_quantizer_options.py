@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--act-order", nargs="+", default=["none"], choices=ACT_ORDERS, help="GPTQ column orders")
     ap.add_argument("--refine", type=int, nargs="+", default=[0],
                     help="sweeps of coordinate descent on GPTQ's codes (0 = plain GPTQ)")
+    ap.add_argument("--tune-steps", type=int, nargs="+", default=[0],
+                    help="Adam steps of block-output scale tuning after GPTQ (0 = none)")
+    ap.add_argument("--tune-lr", type=float, default=0.005)
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -58,21 +61,23 @@ def main() -> None:
     group = args.group_size or None
     print(f"{args.model} ({args.dtype}), GPTQ g{group or 'channel'} {'asym' if args.asym else 'sym'}, "
           f"{args.calib_windows} calibration windows, KL on {len(windows)} test windows of 256 tokens")
-    print(f"{'bits':>4} {'clip':>5} {'act':>5} {'refine':>6} {'eff.bits':>8} {'KL':>8} {'ppl':>8} {'KL/first':>8} {'time s':>7}")
+    print(f"{'bits':>4} {'clip':>5} {'act':>5} {'refine':>6} {'tune':>5} {'eff.bits':>8} {'KL':>8} {'ppl':>8} {'KL/first':>8} {'time s':>7}")
     for bits in args.bits:
         base_kl = None
-        for clip, act_order, refine in itertools.product(args.clip, args.act_order, args.refine):
+        for clip, act_order, refine, tune in itertools.product(args.clip, args.act_order, args.refine,
+                                                               args.tune_steps):
             plan = Plan.uniform(bits, group_size=group, symmetric=not args.asym, clip=clip)
             model = copy.deepcopy(fp)
             t0 = time.perf_counter()
-            api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order, refine=refine), progress=False)
+            api.quantize(model, tok, plan, calib, GPTQConfig(act_order=act_order, refine=refine, tune_steps=tune,
+                                                                     tune_lr=args.tune_lr), progress=False)
             took = time.perf_counter() - t0
             dequantize_in_place(model)
             res = evaluate(model, windows, ref)
             eff = bit_stats(plan.resolve(anatomy), anatomy.units).effective_bits
             base_kl = res.kl_mean if base_kl is None else base_kl
             ratio = f"{res.kl_mean / base_kl:.3f}" if base_kl else "-"
-            print(f"{bits:>4} {clip:>5} {act_order:>5} {refine:>6} {eff:>8.3f} {res.kl_mean:>8.4f} {res.ppl:>8.2f} {ratio:>8} "
+            print(f"{bits:>4} {clip:>5} {act_order:>5} {refine:>6} {tune:>5} {eff:>8.3f} {res.kl_mean:>8.4f} {res.ppl:>8.2f} {ratio:>8} "
                   f"{took:>7.1f}", flush=True)
             del model
 

@@ -165,6 +165,26 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/quant/test_refine.py::test_an_expert_without_tokens_stays_round_to_nearest",),
     ),
     Mutation(
+        "tune-keeps-any-scales",
+        "block tuning never raises a block's output loss (here: the tuned scales are kept even where it rises)",
+        (Patch("quant/blocktune.py", "kept = \"after\" in locals() and after < before",
+               "kept = \"after\" in locals()"),),
+        ("tests/quant/test_blocktune.py::test_a_tuning_that_does_not_lower_the_loss_is_dropped",),
+    ),
+    Mutation(
+        "tune-unstorable-scales",
+        "tuned scales are storable (here: not rounded to float16), so the checkpoint computes what was tuned",
+        (Patch("quant/blocktune.py", "scale_in_dtype(round_scale(m.scale().detach()), m.dtype)",
+               "m.scale().detach()"),),
+        ("tests/quant/test_blocktune.py::test_tuning_lowers_the_output_loss_and_keeps_codes_and_zero_points",),
+    ),
+    Mutation(
+        "tune-targets-from-quantized-inputs",
+        "block tuning's targets are the full-precision model's outputs (here: the fp block on the quantized inputs)",
+        (Patch("quant/pipeline.py", "            references = targets\n", ""),),
+        ("tests/quant/test_blocktune.py::test_targets_are_the_full_precision_models_own_hidden_states",),
+    ),
+    Mutation(
         "stream-eval-keeps-blocks",
         "streaming evaluation holds one block's weights at a time (here: each block stays loaded)",
         (Patch("eval/stream.py", "        del block\n        lazy.release_block(i)\n", "        del block\n"),),

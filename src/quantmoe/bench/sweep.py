@@ -62,6 +62,8 @@ class QuantizerSettings:
     static_groups: bool = False  # GPTQ group scale/zero from the unquantized weight
     rotate: bool = False  # residual-stream rotation folded into the weights first (quant/rotate.py)
     refine: int = 0  # sweeps of coordinate descent on GPTQ's codes (quant/gptq.py refine_codes)
+    tune_steps: int = 0  # Adam steps of block-output scale tuning (quant/blocktune.py)
+    tune_lr: float = 0.005
 
     def __post_init__(self) -> None:
         from quantmoe.quant.gptq import act_order_record
@@ -76,14 +78,15 @@ class QuantizerSettings:
         from quantmoe.quant.pipeline import GPTQConfig
 
         return GPTQConfig(method=self.method, damp=self.damp, act_order=self.act_order, block_size=self.block_size,
-                          static_groups=self.static_groups, rotate=self.rotate, refine=self.refine)
+                          static_groups=self.static_groups, rotate=self.rotate, refine=self.refine,
+                          tune_steps=self.tune_steps, tune_lr=self.tune_lr)
 
     def identity(self) -> dict[str, Any]:
         """What these settings compute: settings added after the first stores count only when not at their
         default, so that rows stored before them keep their keys."""
         out = asdict(self)
         for key, default in (("block_size", 128), ("static_groups", False), ("clip", "none"), ("rotate", False),
-                             ("refine", 0)):
+                             ("refine", 0), ("tune_steps", 0), ("tune_lr", 0.005)):
             if out[key] == default:
                 del out[key]
         return out

@@ -62,6 +62,8 @@ class QuantizerSection(_Section):
     static_groups: bool = False
     rotate: bool = False
     refine: int = Field(0, ge=0)
+    tune_steps: int = Field(0, ge=0)
+    tune_lr: float = Field(0.005, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
     moe_mode: Literal["routed", "all", "weighted"] = "routed"
     min_expert_tokens: int = Field(16, ge=0)

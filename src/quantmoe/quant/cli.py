@@ -140,7 +140,7 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
                       static_groups=args.static_groups, expert_chunk=args.expert_chunk,
                       expert_batch_mb=args.expert_batch_mb, expert_cache_mb=args.expert_cache_mb,
-                      rotate=args.rotate, refine=args.refine)
+                      rotate=args.rotate, refine=args.refine, tune_steps=args.tune_steps, tune_lr=args.tune_lr)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stream or args.resume:
@@ -244,6 +244,11 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", type=int, default=0, metavar="SWEEPS",
                    help="after GPTQ, this many sweeps of coordinate descent on the codes (same grid, same export, "
                         "lower layer loss; 0 = plain GPTQ; see docs/quantization.md)")
+    p.add_argument("--tune-steps", type=int, default=0, metavar="STEPS",
+                   help="after GPTQ, this many Adam steps tuning each block's group scales against the full-precision "
+                        "block's output (same codes, same export; 0 = off; see docs/quantization.md)")
+    p.add_argument("--tune-lr", type=float, default=0.005, metavar="LR",
+                   help="learning rate of --tune-steps on the log-scales")
     p.add_argument("--calib", default="calibration", help="embedded split name or a local text file")
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")

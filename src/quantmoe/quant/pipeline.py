@@ -21,7 +21,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
 from quantmoe.hooks import removed_after
+from quantmoe.quant.blocktune import tune_block_scales, tune_steps
 from quantmoe.quant.gptq import (
     act_order_mode,
     act_order_record,
@@ -94,10 +96,17 @@ class GPTQConfig:
     # sweeps of coordinate descent on the codes after GPTQ (gptq.refine_codes): the same grid, a lower
     # layer loss; 0 = plain GPTQ
     refine: int = 0
+    # Adam steps tuning each block's group scales against the full-precision block's output after
+    # GPTQ (quant/blocktune.py), at learning rate tune_lr on the log-scales; 0 = off
+    tune_steps: int = 0
+    tune_lr: float = 0.005
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "act_order", act_order_mode(self.act_order))
         refine_sweeps(self.refine)
+        tune_steps(self.tune_steps)
+        if not 0 < self.tune_lr < 1:
+            raise ValueError(f"check `tune_lr`: {self.tune_lr} must be in (0, 1) (Adam's step on the log-scales)")
         if self.method not in METHODS:
             raise ValueError(f"check `method`: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0 <= self.damp < 1:
@@ -127,6 +136,7 @@ class UnitReport:
     loss: float | None = None
     damp: float | None = None
     note: str | None = None
+    tuned: bool | None = None  # block tuning's scales kept (None: no tuning)
 
 
 @dataclass(frozen=True)
@@ -164,7 +174,12 @@ class BlockIO:
     def load_block(self, model: nn.Module, index: int, device: torch.device) -> nn.Module:
         return model.get_submodule(family_of(model).layers)[index].to(device)
 
-    def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport) -> None:
+    def restored_references(self) -> list[torch.Tensor] | None:
+        """The full-precision model's hidden states leaving the last finished block (block tuning)."""
+        return None
+
+    def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport,
+                   references: Sequence[torch.Tensor] | None = None) -> None:
         """The block is quantized (its ``QuantLinear``s installed); ``outputs`` enter the next block."""
 
     def release_block(self, model: nn.Module, index: int, home: torch.device) -> None:
@@ -322,7 +337,7 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
         last = [u.name.removeprefix(prefix) for u in mine if stage_of(u) == first - 1]
         parts.append((FrozenOutputs(module, tail=last[0] if len(last) == 1 and "." not in last[0] else None), first))
     readers = [u for u in units if u.expert is not None and u.kind in EXPERT_INPUT_KINDS]
-    if info.is_moe and readers and calib.moe_mode != "all":
+    if info.is_moe and readers and calib.moe_mode != "all" and not gptq.tune_steps:  # tuned: no final replay
         experts = block.get_submodule(info.experts_module.removeprefix(info.module_name + "."))
         hidden = max(u.out_features for u in readers)
         tokens = sum(args[0].shape[:-1].numel() for args, _ in inputs)
@@ -370,6 +385,8 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     if parallel is not None:
         if type(io) is not BlockIO:
             raise ValueError("streamed quantization (--stream/--resume) runs in one process: drop torchrun")
+        if gptq.tune_steps:
+            raise ValueError("block tuning (--tune-steps) runs in one process: drop torchrun or --tune-steps")
         windows = parallel.share(windows)
     family = family_of(model)
     if gptq.rotate:
@@ -398,6 +415,14 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         if len(restored) != len(inputs):
             raise ValueError(f"{len(restored)} stored calibration batches, expected {len(inputs)}")
         inputs = [((h.to(device),) + args[1:], kwargs) for h, (args, kwargs) in zip(restored, inputs)]
+    # block tuning's targets come from the full-precision model's own hidden states, carried beside
+    references = None
+    if gptq.tune_steps:
+        references = io.restored_references() if restored is not None else [args[0] for args, _ in inputs]
+        if references is None or len(references) != len(inputs):
+            raise ValueError("this work folder holds no full-precision hidden states for block tuning: it was "
+                             "started without --tune-steps; start it again without --resume")
+        references = [r.to(device) for r in references]
     reports: dict[str, UnitReport] = {}
     expert_tokens: dict[int, tuple[int, ...]] = {}
     fallbacks: list[str] = []
@@ -419,6 +444,9 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
         experts = [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)] if block_info.is_moe else []
         experts_module_of = {u.name: block_info.experts_module if u.expert is not None else None for u in units}
         staged: dict[str, QuantLinear] = {}  # computed as dense stand-ins until the block is done
+        targets = None
+        if references is not None:  # the full-precision block's outputs, before any of its linears change
+            targets = _run_block(block, [((r,) + args[1:], kwargs) for r, (args, kwargs) in zip(references, inputs)])
         replay = _block_replay(block, block_info, units, block_info.mixer, inputs, calib, gptq)
         for stage_index in range(len(STAGES)):
             stage_units = [u for u in units if stage_of(u) == stage_index and not specs[u.name].keep]
@@ -438,9 +466,16 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                                  parallel, f"block {block_info.index} stage {stage_index}")
             if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
                 expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
+        if targets is not None and staged:
+            tuned = tune_block_scales(model, staged, inputs, targets, gptq.tune_steps, gptq.tune_lr, block=block)
+            for u in units:
+                if u.name in staged:
+                    reports[u.name] = replace(reports[u.name], tuned=tuned.kept)
+            log.info("block %d tuned: output loss %.4g -> %.4g%s", block_info.index, tuned.loss_before,
+                     tuned.loss_after, "" if tuned.kept else " (not lower: GPTQ's scales kept)")
         t_final = time.perf_counter()
-        with replay.stage(len(STAGES)):
-            outputs = _run_block(block, inputs, replay)
+        with replay.stage(len(STAGES)) if targets is None else nullcontext():  # tuned: nothing to replay
+            outputs = _run_block(block, inputs, replay if targets is None else None)
         t_final = time.perf_counter() - t_final
         for out in outputs:
             if not torch.isfinite(out).all():
@@ -453,10 +488,12 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             inputs = [((out,) + args[1:], kwargs)
                       for out, (args, kwargs) in zip(outputs, layer_inputs[block_info.index + 1])]
         block_seconds.append(time.perf_counter() - t0)
+        if targets is not None:
+            references = targets
         io.block_done(model, block_info.index, outputs,
                       BlockReport(block_info.index, {u.name: reports[u.name] for u in units},
                                   expert_tokens.get(block_info.index), tuple(fallbacks[n_fallbacks:]),
-                                  block_seconds[-1], t_final))
+                                  block_seconds[-1], t_final), references)
         del outputs, block
         io.release_block(model, block_info.index, home)
         bar.set_postfix(block=block_info.index, s=f"{block_seconds[-1]:.1f}")

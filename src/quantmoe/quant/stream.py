@@ -8,7 +8,8 @@ work folder next to the output, ``.<out>.work/``::
     outside.safetensors      embeddings, final norm, LM head (written first)
     block-00003.safetensors  block 3 quantized (packed codes, scales, norms, router)
     block-00003.json         its report entries, peak host RSS and device memory
-    hidden.safetensors       the calibration hidden states leaving the last finished block
+    hidden.safetensors       the calibration hidden states leaving the last finished block (and, with
+                             block tuning, the full-precision model's)
     progress.json            the last finished block: written last, the one commit point
 
 Every file is written atomically (temporary name, fsync, rename). After a crash or a kill -9,
@@ -134,11 +135,18 @@ class StreamIO(BlockIO):
         if self.lazy is not None:
             self.lazy.release_outside()
 
-    def restored_hidden(self) -> list[torch.Tensor] | None:
+    def _restored(self, key: str) -> list[torch.Tensor] | None:
         if self.first_block == 0:
             return None
         state = load_file(str(self.work / HIDDEN_NAME))
-        return [state[f"batch.{i}"] for i in range(len(state))]
+        found = [state[f"{key}.{i}"] for i in range(len(state)) if f"{key}.{i}" in state]
+        return found or None
+
+    def restored_hidden(self) -> list[torch.Tensor] | None:
+        return self._restored("batch")
+
+    def restored_references(self) -> list[torch.Tensor] | None:
+        return self._restored("reference")
 
     def load_block(self, model: nn.Module, index: int, device: torch.device) -> nn.Module:
         self._peak = PeakMemory().__enter__()
@@ -147,13 +155,15 @@ class StreamIO(BlockIO):
         self.max_loaded_blocks = max(self.max_loaded_blocks, self._loaded_blocks(model))
         return block.to(device)
 
-    def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport) -> None:
+    def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport,
+                   references: Sequence[torch.Tensor] | None = None) -> None:
         family = family_of(model)
         block = model.get_submodule(family.layers)[index]
         _save(_state(block, f"{family.layers}.{index}."), self.work / f"block-{index:05d}.safetensors")
         t_spill = time.perf_counter()
-        _save({f"batch.{i}": out.detach().to("cpu").contiguous() for i, out in enumerate(outputs)},
-              self.work / HIDDEN_NAME, {"block": str(index)})
+        spill = {f"batch.{i}": out.detach().to("cpu").contiguous() for i, out in enumerate(outputs)}
+        spill |= {f"reference.{i}": r.detach().to("cpu").contiguous() for i, r in enumerate(references or ())}
+        _save(spill, self.work / HIDDEN_NAME, {"block": str(index)})
         t_spill = time.perf_counter() - t_spill
         peak = self._peak
         if peak is not None:
@@ -197,9 +207,11 @@ MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb")
 
 
 def _gptq_identity(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The GPTQ settings a resumed run must share: all but the memory-only ones; rotate and refine only when
-    on, as work folders from before them recorded neither."""
-    return {k: v for k, v in settings.items() if k not in MEMORY_ONLY and (k not in ("rotate", "refine") or v)}
+    """The GPTQ settings a resumed run must share: all but the memory-only ones; rotate, refine and block
+    tuning only when on, as work folders from before them recorded none of them."""
+    tuned = bool(settings.get("tune_steps"))
+    return {k: v for k, v in settings.items() if k not in MEMORY_ONLY and (k not in ("rotate", "refine", "tune_steps")
+                                                                            or v) and (k != "tune_lr" or tuned)}
 
 
 def _run_identity(source: str, specs: Mapping[str, QuantSpec], calib: CalibrationConfig, gptq: GPTQConfig,
@@ -246,6 +258,8 @@ class MemoryNeed:
     activations: int  # calibration hidden states entering and leaving a block
     hessians: int  # float32 Hessians of the largest stage (one per distinct input)
     gptq: int  # float32 working copies of the largest stage's weights (W, codes, Q)
+    tuning: int = 0  # block tuning: float32 codes, weights and their gradients of the largest block
+
 
     @property
     def floor(self) -> int:
@@ -254,11 +268,12 @@ class MemoryNeed:
 
     @property
     def total(self) -> int:
-        return self.block + self.activations + self.hessians + self.gptq
+        return self.block + self.activations + self.hessians + self.gptq + self.tuning
 
 
-def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype) -> MemoryNeed:
-    """Estimated from shapes alone (works on a ``meta`` skeleton)."""
+def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, tuned: bool = False) -> MemoryNeed:
+    """Estimated from shapes alone (works on a ``meta`` skeleton); ``tuned``: with block tuning, which
+    also carries the full-precision model's hidden states and the block's outputs on them."""
     from collections import defaultdict
 
     from quantmoe.quant.pipeline import _input_key, stage_of
@@ -269,7 +284,7 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype) 
     blocks = model.get_submodule(family.layers)
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * size
     hidden = int(model.config.hidden_size)
-    activations = 2 * calib.num_windows * calib.seq_len * hidden * size
+    activations = (4 if tuned else 2) * calib.num_windows * calib.seq_len * hidden * size
     inputs: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
     weights: dict[tuple[int, int], int] = defaultdict(int)
     for u in anatomy.units:
@@ -277,7 +292,8 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype) 
         weights[(u.block, stage_of(u))] += u.numel
     hessians = max((sum(n * n * 4 for n in d.values()) for d in inputs.values()), default=0)
     gptq = 3 * 4 * max(weights.values(), default=0)
-    return MemoryNeed(block, activations, hessians, gptq)
+    quantized = max(sum(u.numel for u in anatomy.units if u.block == b.index) for b in anatomy.blocks)
+    return MemoryNeed(block, activations, hessians, gptq, 3 * 4 * quantized if tuned else 0)
 
 
 def check_memory(need: MemoryNeed, limit: int | None) -> None:
@@ -332,7 +348,7 @@ def quantize_stream(source: str | Path | nn.Module, out: str | Path, specs: Mapp
                               attn_implementation=attn_implementation)
         model, name = lazy.model, str(source)
     dtype = next(model.parameters()).dtype
-    check_memory(memory_need(model, calib, dtype), max_memory)
+    check_memory(memory_need(model, calib, dtype, tuned=bool(gptq.tune_steps)), max_memory)
     identity = _run_identity(name, specs, calib, gptq, dtype, windows)
     work = work_folder(out)
     first = _prepare_work(work, identity, resume)
