@@ -217,3 +217,16 @@ def test_targets_are_the_full_precision_models_own_hidden_states(monkeypatch):
     assert len(seen) == blocks >= 2
     for i in range(blocks - 1):  # the last entry has the final norm applied
         torch.testing.assert_close(seen[i], hidden[i + 1], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_is_refused_before_any_work(monkeypatch):
+    from quantmoe.quant import distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Parallel(0, 2))
+    model = tiny_model("mixtral").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="drop torchrun or --tune-steps"):
+        quantize_model(model, Plan.uniform(3).resolve(describe(model)), _windows(model), CALIB,
+                       GPTQConfig(tune_steps=5), progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
