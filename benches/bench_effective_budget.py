@@ -12,7 +12,7 @@ effective bits on the embedded models).
 
     .venv/bin/python benches/bench_effective_budget.py --model mixtral-s --targets 2.5 3.0 3.5
     .venv/bin/python benches/bench_effective_budget.py --model deepseek-s --targets 3.0 --metric kfac \
-        --act-order desc --refine 4 --damage-windows 64     # the strongest settings measured so far
+        --act-order desc --refine 4 --damage-windows 64 --tune-steps 100    # the strongest settings measured so far
 """
 
 from __future__ import annotations

@@ -211,12 +211,20 @@ def test_targets_are_the_full_precision_models_own_hidden_states(monkeypatch):
     monkeypatch.setattr(pipeline, "tune_block_scales", recording)
     model, _, windows, _ = _quantized("mixtral", 2)
     fp = tiny_model("mixtral").eval()
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in fp.model.layers]
     with torch.no_grad():
-        hidden = fp(windows, output_hidden_states=True).hidden_states  # embeddings, then each block's output
+        for i in range(0, len(windows), CALIB.batch_size):  # the driver's batches
+            fp(windows[i:i + CALIB.batch_size])
+    for h in hooks:
+        h.remove()
     blocks = fp.config.num_hidden_layers
     assert len(seen) == blocks >= 2
-    for i in range(blocks - 1):  # the last entry has the final norm applied
-        torch.testing.assert_close(seen[i], hidden[i + 1], rtol=1e-4, atol=1e-5)
+    batches = len(windows) // CALIB.batch_size
+    for i in range(blocks):  # each block's output of every batch, batch-major as the hooks saw them
+        expected = torch.cat([outputs[b * blocks + i] for b in range(batches)])
+        torch.testing.assert_close(seen[i], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_torchrun_is_refused_before_any_work(monkeypatch):
