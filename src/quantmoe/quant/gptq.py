@@ -279,6 +279,9 @@ def _hinv(H: torch.Tensor, damp: float, names: Sequence[str],
     return Hinv, used, pending | skip
 
 
+SUB_BLOCK = 16  # columns updated one by one inside a block; the rest of the block takes one matmul per SUB_BLOCK
+
+
 @torch.no_grad()
 def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_size: int,
           act_order: str, static_groups: bool, refine: int, names: Sequence[str]) -> list[GPTQResult]:
@@ -331,12 +334,16 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float, block_
             if not static:  # the group starting at column i1 + a, as updated by the earlier blocks
                 S1[..., a:b], Z1[..., a:b] = _qparams(W[..., i1 + a:i1 + b], spec, dtype,
                                                        importance[:, i1 + a:i1 + b])  # (E, out, 1)
-            for i in range(a, b):
-                w, s, z = W1[..., i], S1[..., i], Z1[..., i]  # (E, out)
-                q = quantize(w, s, z, maxq)  # (E, out)
-                C1[..., i] = q
-                torch.div(w - dequantize(q, s, z), Hinv1[:, i, i, None], out=Err1[..., i])  # Err (E, out)
-                W1[..., i:] -= Err1[..., i, None] * Hinv1[:, None, i, i:]
+            for c in range(a, b, SUB_BLOCK):  # columns c..d one by one, the rest of the block by one matmul
+                d = min(c + SUB_BLOCK, b)
+                for i in range(c, d):
+                    w, s, z = W1[..., i], S1[..., i], Z1[..., i]  # (E, out)
+                    q = quantize(w, s, z, maxq)  # (E, out)
+                    C1[..., i] = q
+                    torch.div(w - dequantize(q, s, z), Hinv1[:, i, i, None], out=Err1[..., i])  # Err (E, out)
+                    W1[..., i:d] -= Err1[..., i, None] * Hinv1[:, None, i, i:d]
+                if d < i2 - i1:
+                    W1[..., d:] -= Err1[..., c:d] @ Hinv1[:, c:d, d:]
         losses += Err1.square().sum(dim=-1) / 2
         W[..., i2:] -= Err1 @ Hinv[:, i1:i2, i2:]  # lazy update of the later blocks
     if act_order != "none":
