@@ -89,11 +89,6 @@ class _ScaledCodes(nn.Module):
         return F.linear(x, self.weight_for(self.scale()), self.bias)
 
 
-def _install(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def _block_loss(block: nn.Module, inputs: Sequence[tuple[tuple, dict]], targets: Sequence[torch.Tensor],
                 batches: Sequence[int]) -> torch.Tensor:
     total = torch.zeros((), device=targets[0].device)
@@ -124,7 +119,7 @@ def tune_block_scales(root: nn.Module, staged: Mapping[str, nn.Module], inputs: 
             continue  # a non-contiguous group assignment: not the stored layout, left alone
         tunable[name] = _ScaledCodes(qlinear._cached_codes(), qlinear.scales, qlinear.in_features,
                                      None if qlinear.bias is None else qlinear.bias.detach(), qlinear.scales.dtype)
-        _install(root, name, tunable[name])
+        root.set_submodule(name, tunable[name])
     try:
         with torch.no_grad():
             before = _block_loss(block, inputs, targets, every).item()
@@ -146,6 +141,6 @@ def tune_block_scales(root: nn.Module, staged: Mapping[str, nn.Module], inputs: 
             if kept and name in tunable:
                 with torch.no_grad():
                     qlinear.scales.copy_(tuned[name].to(qlinear.scales.dtype))
-            _install(root, name, qlinear.dense())
+            root.set_submodule(name, qlinear.dense())
     log.debug("block tuning: loss %.4g -> %.4g (%s)", before, after, "kept" if kept else "GPTQ's scales kept")
     return TuneResult(before, after, kept, steps)

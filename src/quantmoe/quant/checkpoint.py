@@ -369,8 +369,7 @@ def quantized_skeleton(config, qcfg: Mapping[str, Any], trust_remote_code: bool 
         unit = anatomy.unit(name)
         shell = QuantLinear(unit.in_features, unit.out_features, spec.bits, spec.group_size or unit.in_features,
                             bias=unit.has_bias, dtype=dtype, device="meta")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, shell)
+        model.set_submodule(name, shell)
     return model
 
 

@@ -148,8 +148,7 @@ def rebuild_module(model: nn.Module, name: str, module: nn.Module, config) -> No
             return
         raise RuntimeError(f"cannot rebuild the non-saved buffers of {name} ({type(module).__name__}): "
                            "its constructor does not take the model config") from err
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, fresh)
+    model.set_submodule(name, fresh)
 
 
 def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:

@@ -288,11 +288,6 @@ def capture_layer_inputs(model: nn.Module, blocks: Sequence[nn.Module], windows:
     return captured
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]],
                replay: BlockReplay | None = None) -> list[torch.Tensor]:
     outs = []
@@ -482,7 +477,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                 raise ValueError(f"block {block_info.index} produced NaN/Inf after quantization")
         del replay  # what it kept (the block's device memory) goes before the next block arrives
         for name, qlinear in staged.items():
-            _replace(model, name, qlinear)
+            model.set_submodule(name, qlinear)
         if block_info.index + 1 < len(layer_inputs):  # the next block's own mask and positions
             layer_inputs[block_info.index] = []
             inputs = [((out,) + args[1:], kwargs)
@@ -512,7 +507,7 @@ def _stage(model: nn.Module, name: str, qlinear: QuantLinear, staged: dict[str, 
     """Put the dense stand-in of ``qlinear`` (its dequantized ``weight``, if at hand) in place; the
     driver installs ``qlinear`` once the block is done."""
     staged[name] = qlinear
-    _replace(model, name, qlinear.dense(weight))
+    model.set_submodule(name, qlinear.dense(weight))
 
 
 def _quantize_shared(model: nn.Module, units: Sequence[LinearUnit], specs: Mapping[str, QuantSpec],
