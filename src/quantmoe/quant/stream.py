@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from quantmoe.anatomy import ModelAnatomy, describe, family_of
@@ -136,11 +136,12 @@ class StreamIO(BlockIO):
             self.lazy.release_outside()
 
     def _restored(self, key: str) -> list[torch.Tensor] | None:
+        """The spilled tensors ``key.0``, ``key.1``, ... (only those are read from the file)."""
         if self.first_block == 0:
             return None
-        state = load_file(str(self.work / HIDDEN_NAME))
-        found = [state[f"{key}.{i}"] for i in range(len(state)) if f"{key}.{i}" in state]
-        return found or None
+        with safe_open(str(self.work / HIDDEN_NAME), framework="pt") as fh:
+            count = sum(name.startswith(f"{key}.") for name in fh.keys())
+            return [fh.get_tensor(f"{key}.{i}") for i in range(count)] or None
 
     def restored_hidden(self) -> list[torch.Tensor] | None:
         return self._restored("batch")
