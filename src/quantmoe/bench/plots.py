@@ -64,7 +64,7 @@ def labels_over_points(fig, ax, texts: Sequence[Any], xs: np.ndarray, ys: np.nda
     points = ax.transData.transform(np.column_stack([xs, ys]))  # (n, 2) pixels
     hits = []
     for i, t in enumerate(texts):
-        box = t.get_window_extent(renderer).expanded(1.0, 1.0)
+        box = t.get_window_extent(renderer)
         for j, (px, py) in enumerate(points):
             if j != i and box.x0 - radius_px <= px <= box.x1 + radius_px and \
                     box.y0 - radius_px <= py <= box.y1 + radius_px:

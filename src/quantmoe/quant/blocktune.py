@@ -115,11 +115,13 @@ def tune_block_scales(root: nn.Module, staged: Mapping[str, nn.Module], inputs: 
     every = list(range(len(inputs)))
     tunable: dict[str, _ScaledCodes] = {}
     for name, qlinear in staged.items():
-        if qlinear._cached_codes().dim() != 3:
+        codes = qlinear._cached_codes()
+        if codes.dim() != 3:
             continue  # a non-contiguous group assignment: not the stored layout, left alone
-        tunable[name] = _ScaledCodes(qlinear._cached_codes(), qlinear.scales, qlinear.in_features,
+        tunable[name] = _ScaledCodes(codes, qlinear.scales, qlinear.in_features,
                                      None if qlinear.bias is None else qlinear.bias.detach(), qlinear.scales.dtype)
         root.set_submodule(name, tunable[name])
+    after: float | None = None  # set once the tuned scales are measured
     try:
         with torch.no_grad():
             before = _block_loss(block, inputs, targets, every).item()
@@ -136,11 +138,10 @@ def tune_block_scales(root: nn.Module, staged: Mapping[str, nn.Module], inputs: 
                 m.fixed = tuned[name]
             after = _block_loss(block, inputs, targets, every).item()
     finally:
-        kept = "after" in locals() and after < before
+        kept = after is not None and after < before
         for name, qlinear in staged.items():
             if kept and name in tunable:
                 with torch.no_grad():
                     qlinear.scales.copy_(tuned[name].to(qlinear.scales.dtype))
             root.set_submodule(name, qlinear.dense())
-    log.debug("block tuning: loss %.4g -> %.4g (%s)", before, after, "kept" if kept else "GPTQ's scales kept")
     return TuneResult(before, after, kept, steps)

@@ -21,7 +21,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -468,9 +467,10 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                     reports[u.name] = replace(reports[u.name], tuned=tuned.kept)
             log.info("block %d tuned: output loss %.4g -> %.4g%s", block_info.index, tuned.loss_before,
                      tuned.loss_after, "" if tuned.kept else " (not lower: GPTQ's scales kept)")
+            replay = BlockReplay()  # what it kept predates the tuned scales
         t_final = time.perf_counter()
-        with replay.stage(len(STAGES)) if targets is None else nullcontext():  # tuned: nothing to replay
-            outputs = _run_block(block, inputs, replay if targets is None else None)
+        with replay.stage(len(STAGES)):
+            outputs = _run_block(block, inputs, replay)
         t_final = time.perf_counter() - t_final
         for out in outputs:
             if not torch.isfinite(out).all():
