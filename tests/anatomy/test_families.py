@@ -137,8 +137,9 @@ def test_inspect_roles(model_type):
         assert any({anatomy.unit(n).kind for n in b.attention} == set(m.linears)
                    for b in anatomy.blocks for m in spec.mixers)
 
-    # every other nn.Linear is a router, a shared-expert gate, the lm_head, or a documented
-    # full-precision part of a token mixer (Mamba x_proj/dt_proj, KDA forget gate, indexers)
+    # every other nn.Linear is a router, a shared-expert gate, the lm_head, a documented
+    # full-precision part of a token mixer (Mamba x_proj/dt_proj, indexers) or the small gate
+    # inside a norm (A.X-K2's AXK2GatedRMSNorm), counted as the role "norm"
     if spec.view_refusal is not None:
         return
     unfused = unfuse_experts(copy.deepcopy(model))
@@ -146,6 +147,7 @@ def test_inspect_roles(model_type):
     allowed = [spec.lm_head] + [b.router for b in anatomy.blocks if b.router]
     allowed += [b.shared_gate for b in anatomy.blocks if b.shared_gate]
     allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks if b.mixer]
+    allowed += [name for name, module in unfused.named_modules() if "norm" in type(module).__name__.lower()]
     for name, module in unfused.named_modules():
         if isinstance(module, nn.Linear) and name not in units:
             assert _under(name, allowed), f"{name} is neither a quantizable unit nor a documented full-precision part"

@@ -27,7 +27,7 @@ from torch import nn
 
 from quantmoe.anatomy.expert_view import expert_unit_shapes, unit_kinds, unit_shape
 from quantmoe.anatomy.families import family_of
-from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, module_at
+from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, has_path, module_at
 from quantmoe.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -110,12 +110,13 @@ class ModelAnatomy:
 def _units(
     parent: nn.Module, parent_name: str, kinds: tuple[str, ...], role: str, block: int, field: str
 ) -> list[LinearUnit]:
-    """Units for the linears `kinds` of `parent`; a kind that transformers set to None is skipped."""
+    """Units for the linears `kinds` of `parent` (a kind may be a dotted path into a submodule:
+    Kimi-Linear's `forget_gate.f_a_proj`); a kind that transformers set to None is skipped."""
     units = []
     for kind in kinds:
-        if not hasattr(parent, kind):
+        if not has_path(parent, kind):
             raise ValueError(f"`{parent_name}` has no `{kind}`; check `{field}` in this family's FamilySpec")
-        linear = getattr(parent, kind)
+        linear = module_at(parent, kind)
         if linear is None:
             continue
         out_f, in_f, has_bias = unit_shape(linear)
@@ -131,14 +132,14 @@ def _mixer(block: nn.Module, prefix: str, spec: FamilySpec) -> tuple[str, tuple[
     candidates += [(m.attr, m.linears, "mixers") for m in spec.mixers]
     for attr, linears, field in candidates:
         module = module_at(block, attr)
-        if module is not None and all(hasattr(module, kind) for kind in linears):
+        if module is not None and all(has_path(module, kind) for kind in linears):
             return attr, linears, field
     if spec.sublayers:  # this block's one sublayer is not a token mixer
         return "", (), ""
     for attr, linears, field in candidates:  # present, but a declared linear is missing: name it
         module = module_at(block, attr)
         if module is not None:
-            missing = next(kind for kind in linears if not hasattr(module, kind))
+            missing = next(kind for kind in linears if not has_path(module, kind))
             raise ValueError(f"`{prefix}.{attr}` has no `{missing}`; check `{field}` in the {spec.model_type} FamilySpec")
     names = ", ".join([spec.attention, *(m.attr for m in spec.mixers)])
     raise ValueError(f"`{prefix}` has none of {names}; check `attention` and `mixers` in the {spec.model_type} FamilySpec")
@@ -165,7 +166,7 @@ def _describe_block(model: nn.Module, spec: FamilySpec, index: int) -> tuple[Blo
     dense: list[LinearUnit] = []
     mlp = module_at(block, spec.mlp)
     # with sublayers, the block's one sublayer is a dense MLP only when it has the MLP's linears
-    has_mlp = not spec.sublayers or (not is_moe and all(hasattr(mlp, kind) for kind in spec.mlp_linears))
+    has_mlp = not spec.sublayers or (not is_moe and all(has_path(mlp, kind) for kind in spec.mlp_linears))
     if has_mlp and (not is_moe or spec.dense_beside_experts):
         if mlp is None:
             raise ValueError(f"`{prefix}` has no `{spec.mlp}`; check `mlp` in the {spec.model_type} FamilySpec")
@@ -260,6 +261,20 @@ def _role_prefixes(spec: FamilySpec, blocks: tuple[BlockAnatomy, ...]) -> dict[s
     return prefixes
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def _inside_norm(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether module `name` is a norm or inside one (a gated norm's own small MLP)."""
+    while True:
+        if _is_norm(modules[name]):
+            return True
+        if not name:
+            return False
+        name = name.rpartition(".")[0]
+
+
 def _role_params(model: nn.Module, spec: FamilySpec, blocks: tuple[BlockAnatomy, ...]) -> dict[str, int]:
     prefixes = _role_prefixes(spec, blocks)
     modules = dict(model.named_modules())
@@ -270,8 +285,9 @@ def _role_params(model: nn.Module, spec: FamilySpec, blocks: tuple[BlockAnatomy,
             name = name.rpartition(".")[0]
         if name:
             role = prefixes[name]
-        else:  # not under a listed module: norms (RMSNorm, q_a_layernorm, ...) or other (GPT-OSS sinks)
-            role = "norm" if "norm" in type(modules[owner]).__name__.lower() else "other"
+        else:  # not under a listed module: norms (RMSNorm, q_a_layernorm, the low-rank gate inside
+            # A.X-K2's AXK2GatedRMSNorm, ...) or other (GPT-OSS sinks)
+            role = "norm" if _inside_norm(owner, modules) else "other"
         counts[role] += param.numel()
     return counts
 

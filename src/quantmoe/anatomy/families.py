@@ -15,13 +15,18 @@ from quantmoe.anatomy.specs import DOCS_HINT, ExpertLayout, FamilySpec, Mixer, U
 
 _MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _MLA_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")  # always a low-rank query
+# MLA with a per-head sigmoid gate on the attention output (`g_proj`, reading the block input)
+_MLA_HEAD_GATED = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "g_proj", "o_proj")
 _GATED_ATTENTION = ("q_proj", "k_proj", "v_proj", "gate_proj", "o_proj")  # a sigmoid gate on the attention output
 _GATED_DELTANET_QKVZ = Mixer("linear_attn", ("in_proj_qkvz", "in_proj_ba", "out_proj"), "linear attention")
 _GATED_DELTANET_QKV = Mixer("linear_attn", ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"),
                             "linear attention")
-# KDA's low-rank forget gate (`forget_gate.f_a_proj/f_b_proj`) stays in full precision, role "other"
-_KIMI_DELTA_ATTENTION = Mixer("self_attn", ("q_proj", "k_proj", "v_proj", "b_proj", "g_a_proj", "g_b_proj", "o_proj"),
-                              "linear attention (KDA)")
+# KDA: linear attention with a low-rank forget gate inside a submodule (dotted linear names)
+_KIMI_DELTA_ATTENTION = Mixer("self_attn", ("q_proj", "k_proj", "v_proj", "forget_gate.f_a_proj", "forget_gate.f_b_proj",
+                                            "b_proj", "g_a_proj", "g_b_proj", "o_proj"), "linear attention (KDA)")
+# Ling 3's KDA: a full-rank forget gate and output gate
+_BAILING_DELTA_ATTENTION = Mixer("self_attn", ("q_proj", "k_proj", "v_proj", "forget_gate.f_proj", "b_proj", "g_proj",
+                                               "o_proj"), "linear attention (KDA)")
 _LIGHTNING = Mixer("self_attn", ("qkv_proj", "output_gate", "out_proj"), "lightning attention")
 _SHORT_CONV = Mixer("conv", ("in_proj", "out_proj"), "short convolution")
 _MAMBA = Mixer("mamba", ("in_proj", "out_proj"), "Mamba")
@@ -51,6 +56,8 @@ _SPECS: tuple[FamilySpec, ...] = (
                moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
     FamilySpec("glm_moe_dsa", "GLM-5", num_experts_key="n_routed_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
+    FamilySpec("dots3_note_text", "dots.note3 (text)", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_HEAD_GATED, shared_expert="mlp.shared_experts"),
     FamilySpec("glm4_moe", "GLM-4.5", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
                shared_expert="mlp.shared_experts"),
     FamilySpec("glm4_moe_lite", "GLM-4.7-Flash", num_experts_key="n_routed_experts", moe_layers="typed",
@@ -86,6 +93,11 @@ _SPECS: tuple[FamilySpec, ...] = (
                moe_layers_key="mlp_layer_types", shared_expert="mlp.shared_experts"),
     FamilySpec("axk1", "A.X-K1", num_experts_key="n_routed_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
+    # MLA whose query and output gate come from one projection of the normed and raw query latent
+    FamilySpec("axk2", "A.X-K2", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types",
+               attention_linears=("q_a_proj", "q_gate_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+               shared_expert="mlp.shared_experts"),
     FamilySpec("afmoe", "AFMoE", num_experts_key="num_experts", moe_layers="first_k_dense",
                moe_layers_key="num_dense_layers", attention_linears=_GATED_ATTENTION, router="mlp.router",
                shared_expert="mlp.shared_experts"),
@@ -129,6 +141,9 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec("kimi_linear", "Kimi-Linear", num_experts_key="num_local_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, mixers=(_KIMI_DELTA_ATTENTION,),
                shared_expert="mlp.shared_experts"),
+    FamilySpec("bailing_hybrid", "Ling 3 (Bailing-Hybrid)", num_experts_key="num_local_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_HEAD_GATED, mixers=(_BAILING_DELTA_ATTENTION,),
+               shared_expert="mlp.shared_experts"),
     FamilySpec("minimax", "MiniMax-Text-01", num_experts_key="num_local_experts", mixers=(_LIGHTNING,)),
     FamilySpec("lfm2_moe", "LFM2-MoE", num_experts_key="num_experts", moe_layers="first_k_dense",
                moe_layers_key="num_dense_layers", attention_linears=("q_proj", "k_proj", "v_proj", "out_proj"),
@@ -149,17 +164,11 @@ _HYPER = "several residual streams enter each block through hyper-connections (`
 
 # model_type -> why quantmoe does not handle it (shown by family_of and in docs/families.md)
 REFUSED: dict[str, str] = {
-    "axk2": "its attention adds a gated query projection `q_gate_proj` and a sparse-attention `indexer` normalised by "
-            "AXK2GatedRMSNorm, whose inputs have no calibration stage yet",
-    "bailing_hybrid": "its linear-attention layers (BailingHybridDeltaAttention) compute the forget gate inside a "
-                      "nested `forget_gate.f_proj` and gate the output with `g_proj`; no Mixer is declared for them yet",
     "deepseek_v4": f"{_HYPER}, the output projection is grouped (`o_a_proj`, DeepseekV4GroupedLinear) and a hash router "
                    "picks the experts; none of these has a per-expert view or calibration stage yet",
     "doge": "its DogeCDMoE experts are retrieval-style embedding tables (`down_embed`, `up_embed`) picked by product "
             "keys, not gated MLPs",
     "dots3_note": _MULTIMODAL.format(text="dots3_note_text"),
-    "dots3_note_text": "its attention adds a per-head output gate `g_proj` and a sparse-attention `indexer` beside "
-                       "MLA; the gate's input has no calibration stage yet",
     "gemma4": _MULTIMODAL.format(text="gemma4_text"),
     "hy_v4": f"{_HYPER} (HYV4HyperConnection), which the block-by-block driver does not model",
     "inkling_text": "its shared experts are stored as 3D tensors (InklingSharedExperts) and its attention runs short "

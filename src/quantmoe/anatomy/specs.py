@@ -52,6 +52,17 @@ def module_at(block: Any, path: str) -> Any:
     return module
 
 
+def has_path(block: Any, path: str) -> bool:
+    """Whether every step of the dotted `path` exists as an attribute from `block` (a last step set
+    to None counts: transformers sets a linear a config does not use to None)."""
+    module = block
+    for step in filter(None, path.split(".")):
+        if module is None or not hasattr(module, step):
+            return False
+        module = getattr(module, step)
+    return True
+
+
 class UnsupportedModelError(ValueError):
     """The model's `config.model_type` has no entry in `FAMILIES`."""
 

@@ -59,12 +59,14 @@ class Stage:
 # The paper's sequential order inside a block, as data. MLA's q_b/kv_b read different inputs.
 # Linear-attention and Mamba mixers (anatomy `Mixer`s) read the block input in their in_proj*
 # and write it back through out_proj, like q/k/v and o_proj. A gated attention's gate_proj
-# shares its kind with the MLP's and is calibrated in the MLP's gate/up pass.
+# shares its kind with the MLP's and is calibrated in the MLP's gate/up pass. Output gates (`g_proj`)
+# and forget gates (`f_proj`, the low-rank `f_a_proj` -> `f_b_proj`) read the block input too; A.X-K2's
+# `q_gate_proj` reads the query latent, like q_b_proj.
 STAGES: tuple[Stage, ...] = (
     Stage(frozenset({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa", "in_proj",
                      "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
-                     "g_a_proj", "b_proj", "qkv_proj", "output_gate", "Wqkv"}), True),
-    Stage(frozenset({"q_b_proj", "kv_b_proj", "g_b_proj"}), False),
+                     "g_a_proj", "b_proj", "qkv_proj", "output_gate", "Wqkv", "g_proj", "f_proj", "f_a_proj"}), True),
+    Stage(frozenset({"q_b_proj", "kv_b_proj", "g_b_proj", "f_b_proj", "q_gate_proj"}), False),
     Stage(frozenset({"o_proj", "out_proj"}), False),
     Stage(frozenset({"gate_proj", "up_proj", "w1", "w3", "input_linear", "gate_up_proj"}), True),  # [gate; up] fused
     Stage(frozenset({"down_proj", "w2", "output_linear"}), False),
@@ -198,8 +200,11 @@ class QuantReport:
 
 
 def stage_of_kind(kind: str) -> int:
+    """The calibration stage of a linear kind; a dotted kind (`forget_gate.f_proj`, a linear inside a
+    submodule of the mixer) is staged by its own name, the last step."""
+    name = kind.rpartition(".")[2]
     for i, stage in enumerate(STAGES):
-        if kind in stage.kinds:
+        if name in stage.kinds:
             return i
     raise ValueError(f"linear kind {kind!r} has no calibration stage: add it to quantmoe.quant.pipeline.STAGES")
 
