@@ -49,6 +49,9 @@ def _parse() -> argparse.Namespace:
 
 
 def main() -> int:
+    from quantmoe.allocator import tune_malloc
+
+    tune_malloc()  # as the quantmoe command does (QUANTMOE_MALLOC=default turns it off)
     args = _parse()
     import numpy as np
     import torch

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantmoe.allocator import ARENAS, TOP_PAD_BYTES
+
 BENCHES = Path(__file__).resolve().parent
 ROOT = BENCHES.parent
 sys.path.insert(0, str(BENCHES))
@@ -91,6 +93,11 @@ def _parse() -> argparse.Namespace:
                    help="also save GPTQModel's checkpoint, reload it and check the exported weights match")
     p.add_argument("--gptqmodel-fallback-default", action="store_true",
                    help="GPTQModel's default RTN fallback threshold (0.5%% of calibration tokens)")
+    p.add_argument("--gptqmodel-malloc-tuned", action="store_true",
+                   help="give GPTQModel's process the glibc malloc settings quantmoe applies to itself "
+                        "(MALLOC_ARENA_MAX=1, MALLOC_TOP_PAD_=64 MB; quantmoe/allocator.py)")
+    p.add_argument("--quantmoe-malloc-default", action="store_true",
+                   help="quantmoe with glibc's default malloc settings (QUANTMOE_MALLOC=default)")
     p.add_argument("--work", default=None, help="work folder (default .cache/bench/runs/MODEL-wBITS)")
     return p.parse_args()
 
@@ -102,13 +109,15 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_tool(tool: str, cmd: list[str], log_path: Path, threads: int) -> ToolRun:
-    """Run one runner; wall time and peak RSS of that child alone (os.wait4)."""
-    print(f"[{tool}] {shlex.join(cmd)}", flush=True)
+def run_tool(tool: str, cmd: list[str], log_path: Path, threads: int, env: dict[str, str] | None = None) -> ToolRun:
+    """Run one runner (``env``: extra environment); wall time and peak RSS of that child alone (os.wait4)."""
+    env = env or {}
+    print(f"[{tool}] {shlex.join([*(f'{k}={v}' for k, v in env.items()), *cmd])}", flush=True)
     load_before = os.getloadavg()[0]
     with log_path.open("w") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads), cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_child_env(threads), **env},
+                                cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -252,7 +261,12 @@ def main() -> int:
         for old in out.glob("dequant*.safetensors"):
             old.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        runs[tool] = run_tool(tool, cmd, work / f"{tool}.log", args.threads)
+        env = {}
+        if tool == "quantmoe" and args.quantmoe_malloc_default:
+            env = {"QUANTMOE_MALLOC": "default"}
+        if tool == "gptqmodel" and args.gptqmodel_malloc_tuned:
+            env = {"MALLOC_ARENA_MAX": str(ARENAS), "MALLOC_TOP_PAD_": str(TOP_PAD_BYTES)}
+        runs[tool] = run_tool(tool, cmd, work / f"{tool}.log", args.threads, env)
         if runs[tool].returncode == 0:
             results[tool] = json.loads((out / "result.json").read_text())
 

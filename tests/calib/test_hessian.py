@@ -133,3 +133,25 @@ def test_weighted_hessian_is_2_over_sum_w_xt_diag_w_x(kind):
     torch.testing.assert_close(H.double(), expected, rtol=1e-5, atol=1e-6)
     # the unweighted H of the same rows is another matrix: the check above sees the weights
     assert not torch.allclose(H.double(), 2 / len(w) * X.T @ X, rtol=1e-3)
+
+
+@pytest.mark.parametrize("features", [255, 256, 300, 512])
+def test_wide_inputs_accumulate_the_upper_triangle_and_mirror_it(features):
+    """From TRIANGLE_MIN_FEATURES on only the upper block triangle of x^T x is accumulated (the
+    rest stays zero), and hessian() is the full, exactly symmetric 2/n x^T x (float64 reference)."""
+    from quantmoe.calib.hessian import TRIANGLE_MIN_FEATURES
+
+    g = torch.Generator().manual_seed(features)
+    stats = InputStats(features, torch.device("cpu"))
+    batches = [torch.randn(n, features, generator=g) for n in (37, 64, 5)]
+    weights = [torch.rand(n, generator=g) for n in (37, 64, 5)]
+    for x, w in zip(batches, weights):
+        stats.add(x, w)
+    reference = sum((x.double() * w.double().unsqueeze(-1)).T @ x.double() for x, w in zip(batches, weights))
+    reference *= 2.0 / float(sum(w.double().sum() for w in weights))
+    h = stats.hessian()
+    if features >= TRIANGLE_MIN_FEATURES:
+        assert torch.equal(h, h.T)
+    torch.testing.assert_close(h.double(), reference, rtol=1e-5, atol=1e-5)
+    below_panels = stats.xtx[features // 2:, : features // 4]  # below the diagonal blocks
+    assert (below_panels == 0).all() == (features >= TRIANGLE_MIN_FEATURES)

@@ -21,14 +21,28 @@ from torch import nn
 
 from quantmoe.anatomy import LinearUnit
 from quantmoe.anatomy.expert_view import EXPERT_HIDDEN_KIND, EXPERT_INPUT_KINDS
+from quantmoe.finite import all_finite
 from quantmoe.hooks import removed_after
 
 log = logging.getLogger(__name__)
 
 
+# From this many input features on, x^T x is accumulated as its upper block triangle (see InputStats)
+TRIANGLE_MIN_FEATURES = 256
+TRIANGLE_PANELS = 4
+
+
 @dataclass
 class InputStats:
-    """Running sum of x x^T for one input (shared by the linears that read the same input)."""
+    """Running sum of x x^T for one input (shared by the linears that read the same input).
+
+    x^T x is symmetric, and torch has no symmetric rank-k update (BLAS syrk). For inputs of
+    ``TRIANGLE_MIN_FEATURES`` features or more the sum is kept as its upper block triangle: the
+    columns are cut into ``TRIANGLE_PANELS`` panels and panel i adds x_i^T x[:, i:] to its row of
+    blocks (10 of 16 blocks: 0.62x the multiply-adds). ``hessian()`` mirrors the upper triangle,
+    so H is exactly symmetric; each entry is the same dot product as in a full x^T x, summed in
+    another blocking (float rounding). ``xtx`` below the diagonal blocks stays zero.
+    """
 
     in_features: int
     device: torch.device
@@ -39,6 +53,10 @@ class InputStats:
     def __post_init__(self) -> None:
         self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
 
+    @property
+    def triangular(self) -> bool:
+        return self.in_features >= TRIANGLE_MIN_FEATURES
+
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
         if weights is not None:
@@ -48,10 +66,20 @@ class InputStats:
         else:
             self.weight_sum += x.shape[0]
         self.tokens += x.shape[0]
-        self.xtx.addmm_(x.T, x)
+        if not self.triangular:
+            self.xtx.addmm_(x.T, x)
+            return
+        n = self.in_features
+        edges = [n * i // TRIANGLE_PANELS for i in range(TRIANGLE_PANELS + 1)]
+        for lo, hi in zip(edges, edges[1:]):
+            self.xtx[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
 
     def hessian(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.weight_sum, 1e-12))
+        xtx = self.xtx
+        if self.triangular:
+            xtx = xtx.triu()
+            xtx += xtx.triu(1).T
+        return xtx * (2.0 / max(self.weight_sum, 1e-12))
 
 
 @dataclass(frozen=True)
@@ -228,7 +256,7 @@ class HessianCollector:
         stats = self.stats.get(self.key_of[unit.name])
         if stats is None:
             return 0
-        if not torch.isfinite(stats.xtx).all():
+        if not all_finite(stats.xtx):
             raise ValueError(f"NaN/Inf calibration activations reach {unit.name}: check the model's weights "
                              "and dtype (float16 overflow?) before quantizing")
         return stats.tokens

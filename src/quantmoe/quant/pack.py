@@ -54,6 +54,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = c.shape[-1]
     c = torch.nn.functional.pad(c, (0, packed_words(n, bits) // unit_words * unit_codes - n))
     c = c.reshape(*c.shape[:-1], -1, unit_codes)  # (..., units, unit_codes)
+    if unit_words == 1:  # whole codes per word: one broadcast shift; their bits are disjoint, so sum = or
+        shifts = torch.arange(0, _WORD, bits, dtype=torch.int64, device=c.device)
+        words = (c << shifts).sum(-1)
+        return torch.where(words >= 2**31, words - 2**_WORD, words).to(torch.int32).contiguous()
     words = torch.zeros(*c.shape[:-1], unit_words + 1, dtype=torch.int64, device=c.device)
     for j in range(unit_codes):
         k, s = divmod(j * bits, _WORD)

@@ -32,6 +32,7 @@ from quantmoe.anatomy import BlockAnatomy, LinearUnit, ModelAnatomy, describe, f
 from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
+from quantmoe.finite import all_finite
 from quantmoe.hooks import removed_after
 from quantmoe.quant.blocktune import tune_block_scales, tune_steps
 from quantmoe.quant.gptq import (
@@ -351,7 +352,7 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
 def check_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Every floating tensor (routers, norms, embeddings, not only linears) finite, or a clear error."""
     for name, t in tensors:
-        if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
+        if t.is_floating_point() and not t.is_meta and not all_finite(t):
             raise ValueError(f"the model's tensor {name} has {int((~torch.isfinite(t)).sum()):,} NaN/Inf values: "
                              "the checkpoint is corrupt or was saved after a diverged training run; quantization "
                              "needs finite weights")
@@ -478,7 +479,7 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             outputs = _run_block(block, inputs, replay)
         t_final = time.perf_counter() - t_final
         for out in outputs:
-            if not torch.isfinite(out).all():
+            if not all_finite(out):
                 raise ValueError(f"block {block_info.index} produced NaN/Inf after quantization")
         del replay  # what it kept (the block's device memory) goes before the next block arrives
         for name, qlinear in staged.items():
