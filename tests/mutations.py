@@ -208,6 +208,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/eval/test_stream_eval.py::test_full_precision_stream_equals_whole_model",
          "tests/eval/test_stream_eval.py::test_quantized_checkpoint_stream_equals_whole_model"),
     ),
+    Mutation(
+        "hessian-triangle-unmirrored",
+        "wide inputs accumulate the upper block triangle of x^T x and GPTQ reads it mirrored, exactly symmetric "
+        "(here: not mirrored)",
+        (Patch("calib/hessian.py", "            xtx += xtx.triu(1).T\n", ""),),
+        ("tests/calib/test_hessian.py::test_wide_inputs_accumulate_the_upper_triangle_and_mirror_it",),
+    ),
+    Mutation(
+        "malloc-no-top-pad",
+        "the quantmoe command sets one malloc arena and a 64 MB top pad (here: the top pad is not set)",
+        (Patch("allocator.py", "mallopt(M_ARENA_MAX, ARENAS) == 1 and mallopt(M_TOP_PAD, TOP_PAD_BYTES) == 1",
+               "mallopt(M_ARENA_MAX, ARENAS) == 1"),),
+        ("tests/test_allocator.py",),
+    ),
+    Mutation(
+        "dotted-mixer-linears",
+        "a mixer's linear inside a submodule (KDA's forget_gate.f_proj) is staged by its own name (here: by the "
+        "whole dotted path)",
+        (Patch("quant/pipeline.py", '    name = kind.rpartition(".")[2]\n', "    name = kind\n"),),
+        ("tests/anatomy/test_families.py::test_quantize_mixed_plan_and_reload[bailing_hybrid]",
+         "tests/anatomy/test_families.py::test_quantize_mixed_plan_and_reload[kimi_linear]"),
+    ),
 )
 
 
