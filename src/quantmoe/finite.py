@@ -15,11 +15,16 @@ from __future__ import annotations
 import torch
 
 
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """(E,) whether each ``t[e]`` of a floating (E, ...) tensor is all finite (a batch of weights)."""
+    low, high = torch.aminmax(t.flatten(1), dim=1)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every value of ``t`` is finite (integer and empty tensors are)."""
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
     if t.is_complex():
         return bool(torch.isfinite(t).all())
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return bool(finite_rows(t.reshape(1, -1))[0])

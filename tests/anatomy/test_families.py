@@ -36,7 +36,7 @@ from quantmoe.anatomy import (
 )
 from quantmoe.anatomy.catalog import family_table_markdown, moe_model_types
 from quantmoe.anatomy.expert_view import unit_kinds
-from quantmoe.anatomy.specs import module_at
+from quantmoe.anatomy.specs import is_norm, module_at
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.routing import collect_routing
 from quantmoe.quant.checkpoint import save_quantized
@@ -147,7 +147,7 @@ def test_inspect_roles(model_type):
     allowed = [spec.lm_head] + [b.router for b in anatomy.blocks if b.router]
     allowed += [b.shared_gate for b in anatomy.blocks if b.shared_gate]
     allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks if b.mixer]
-    allowed += [name for name, module in unfused.named_modules() if "norm" in type(module).__name__.lower()]
+    allowed += [name for name, module in unfused.named_modules() if is_norm(module)]
     for name, module in unfused.named_modules():
         if isinstance(module, nn.Linear) and name not in units:
             assert _under(name, allowed), f"{name} is neither a quantizable unit nor a documented full-precision part"

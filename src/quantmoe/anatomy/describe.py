@@ -27,7 +27,7 @@ from torch import nn
 
 from quantmoe.anatomy.expert_view import expert_unit_shapes, unit_kinds, unit_shape
 from quantmoe.anatomy.families import family_of
-from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, has_path, module_at
+from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, has_path, is_norm, module_at
 from quantmoe.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -261,14 +261,10 @@ def _role_prefixes(spec: FamilySpec, blocks: tuple[BlockAnatomy, ...]) -> dict[s
     return prefixes
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
 def _inside_norm(name: str, modules: dict[str, nn.Module]) -> bool:
     """Whether module `name` is a norm or inside one (a gated norm's own small MLP)."""
     while True:
-        if _is_norm(modules[name]):
+        if is_norm(modules[name]):
             return True
         if not name:
             return False

@@ -63,6 +63,11 @@ def has_path(block: Any, path: str) -> bool:
     return True
 
 
+def is_norm(module: Any) -> bool:
+    """Whether a module is a norm, by its class name (RMSNorm, LayerNorm, AXK2GatedRMSNorm, ...)."""
+    return "norm" in type(module).__name__.lower()
+
+
 class UnsupportedModelError(ValueError):
     """The model's `config.model_type` has no entry in `FAMILIES`."""
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from quantmoe.anatomy.families import FAMILIES
-from quantmoe.anatomy.specs import UnsupportedModelError
+from quantmoe.anatomy.specs import UnsupportedModelError, is_norm
 
 logger = logging.getLogger(__name__)
 
@@ -243,10 +243,6 @@ def tiny_config(model_type: str, tied: bool = False, **overrides: Any) -> Pretra
     return config
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
     """Fill every parameter with random values in place: N(0, std), norm weights N(1, std).
@@ -257,7 +253,7 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
     """
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        offset = 1.0 if _is_norm(module) else 0.0
+        offset = 1.0 if is_norm(module) else 0.0
         for param in module.parameters(recurse=False):
             values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std + offset
             param.copy_(values.to(param.dtype))
