@@ -4,11 +4,12 @@ Writes a Qwen3-MoE checkpoint with random bf16 weights to local disk (per-expert
 safetensors shard per block and an index, as hub snapshots are laid out; kept between runs),
 then, each in its own subprocess so that peak RSS is the process's own:
 
-- baseline: the interpreter with torch, transformers and quantmoe imported (no model);
+- baseline: the interpreter with torch, transformers and quantmoe imported and the model's
+  skeleton built on the meta device (no weights);
 - stream: ``quantmoe quantize --stream`` with a mixed plan (attention 4 bits, routed gate/up
   3 bits, down 2 bits), the checkpoint's own dtype;
-- whole load: today's path, ``load_model`` of the whole model in float32 (loading only; add
-  ``--whole-quantize`` to also quantize it in memory).
+- whole load: the in-memory path, ``load_model`` of the whole model in float32 (loading only;
+  add ``--whole-quantize`` to also quantize it in memory, ``--skip-whole`` to skip it).
 
 Prints wall time and peak RSS of each, the floor (largest block + calibration activations,
 from the shapes), the ratio peak / floor, and per block: peak RSS, the time to spill the hidden
@@ -24,9 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,15 +111,21 @@ def generate(folder: Path, args: argparse.Namespace) -> int:
 
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB) of the subprocess itself, its stdout."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024, out
+    """Wall seconds, peak RSS (MB) of the command's own process, its stdout.
+
+    Linux carries a process's peak RSS over fork and exec, so a command started straight from
+    this process (which held the generated weights) would report at least this process's RSS:
+    it is started from the small ``_peak_rss.py`` launcher instead, as bench_peers.py does.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = Path(tmp) / "rss.json"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "benches" / "_peak_rss.py"), str(measured), *cmd], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+        return wall, json.loads(measured.read_text())["peak_rss_mb"], proc.stdout
 
 
 def main() -> None:
@@ -130,6 +139,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--expert-chunk", type=int, default=0, help="experts per batched GPTQ call (0 = all)")
     ap.add_argument("--dir", type=Path, default=ROOT / ".cache" / "bench" / "scale")
+    ap.add_argument("--quantize-args", default="", help="more options for the streamed `quantmoe quantize`, "
+                                                        "e.g. '--expert-stats-mb 64 --expert-cache-mb 0'")
+    ap.add_argument("--skip-whole", action="store_true", help="do not time the whole-model load")
     ap.add_argument("--whole-quantize", action="store_true", help="also quantize the whole model in memory")
     args = ap.parse_args()
     model_dir = args.dir / f"qwen3moe-h{args.hidden}-l{args.layers}-e{args.experts}-i{args.moe_intermediate}"
@@ -141,13 +153,23 @@ def main() -> None:
 
     from quantmoe.calib.data import CalibrationConfig
     from quantmoe.quant.lazy import build_skeleton
+    from quantmoe.quant.pipeline import GPTQConfig
     from quantmoe.quant.stream import memory_need
 
     calib = CalibrationConfig(num_windows=args.calib_windows, seq_len=args.calib_len)
-    need = memory_need(build_skeleton(AutoConfig.from_pretrained(model_dir), torch.bfloat16), calib, torch.bfloat16)
+    memory = argparse.ArgumentParser()
+    memory.add_argument("--expert-stats-mb", type=float, default=GPTQConfig.expert_stats_mb)
+    memory.add_argument("--expert-batch-mb", type=float, default=GPTQConfig.expert_batch_mb)
+    given = memory.parse_known_args(shlex.split(args.quantize_args))[0]
+    gptq = GPTQConfig(expert_stats_mb=given.expert_stats_mb, expert_batch_mb=given.expert_batch_mb)
+    need = memory_need(build_skeleton(AutoConfig.from_pretrained(model_dir), torch.bfloat16), calib, torch.bfloat16,
+                       gptq=gptq)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
     py = sys.executable
-    base_s, base_rss, _ = run([py, "-c", "import torch, transformers, quantmoe.quant.stream, quantmoe.cli"], env)
+    skeleton = ("import sys, torch, transformers, quantmoe.quant.stream, quantmoe.cli; "
+                "from quantmoe.quant.lazy import build_skeleton; "
+                "build_skeleton(transformers.AutoConfig.from_pretrained(sys.argv[1]), torch.bfloat16)")
+    base_s, base_rss, _ = run([py, "-c", skeleton, str(model_dir)], env)
     plan = args.dir / "plan.yaml"
     plan.write_text(PLAN)
     out = args.dir / "out"
@@ -155,24 +177,26 @@ def main() -> None:
     stream_s, stream_rss, stream_out = run(
         [py, "-m", "quantmoe.cli", "quantize", str(model_dir), "--plan", str(plan), "--stream", "--out", str(out),
          "--calib-windows", str(args.calib_windows), "--calib-len", str(args.calib_len),
-         "--threads", str(args.threads), "--expert-chunk", str(args.expert_chunk)], env)
+         "--threads", str(args.threads), "--expert-chunk", str(args.expert_chunk), *shlex.split(args.quantize_args)],
+        env)
     report = json.loads((out / "quant_report.json").read_text())
     out_size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     load_code = ("import sys, torch; from quantmoe.models import load_model; "
                  "load_model(sys.argv[1], dtype=torch.float32)")
-    load_s, load_rss, _ = run([py, "-c", load_code, str(model_dir)], env)
-    rows = [("baseline (imports only)", base_s, base_rss), ("stream quantize", stream_s, stream_rss),
-            ("whole-model load, float32 (today)", load_s, load_rss)]
+    rows = [("baseline (imports, meta skeleton)", base_s, base_rss), ("stream quantize", stream_s, stream_rss)]
+    if not args.skip_whole:
+        load_s, load_rss, _ = run([py, "-c", load_code, str(model_dir)], env)
+        rows.append(("whole-model load, float32", load_s, load_rss))
     if args.whole_quantize:
         q_s, q_rss, _ = run([py, "-m", "quantmoe.cli", "quantize", str(model_dir), "--plan", str(plan), "--dtype",
                              "float32", "--out", str(args.dir / "out-whole"), "--calib-windows",
                              str(args.calib_windows), "--calib-len", str(args.calib_len), "--threads",
                              str(args.threads)], env)
-        rows.append(("whole-model quantize, float32 (today)", q_s, q_rss))
+        rows.append(("whole-model quantize, float32", q_s, q_rss))
     mb = 2**20
     print(stream_out.strip())
     print(f"calibration {args.calib_windows} x {args.calib_len}, threads {args.threads}, expert chunk "
-          f"{args.expert_chunk or 'all'}; "
+          f"{args.expert_chunk or 'all'}{', ' + args.quantize_args if args.quantize_args else ''}; "
           f"checkpoint {out_size / mb:.0f} MB")
     print(f"floor = largest block {need.block / mb:.0f} MB + calibration activations {need.activations / mb:.0f} MB "
           f"= {need.floor / mb:.0f} MB (estimated need with Hessians and GPTQ work: {need.total / mb:.0f} MB)")

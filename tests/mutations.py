@@ -230,6 +230,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/anatomy/test_families.py::test_quantize_mixed_plan_and_reload[bailing_hybrid]",
          "tests/anatomy/test_families.py::test_quantize_mixed_plan_and_reload[kimi_linear]"),
     ),
+    Mutation(
+        "expert-stats-one-group",
+        "a stage calibrates its routed experts in groups whose statistics fit in --expert-stats-mb (here: every "
+        "expert in one group, whatever the budget)",
+        (Patch("quant/pipeline.py", "        if used and used + size > budget:\n", "        if False:\n"),),
+        ("tests/quant/test_pipeline.py::test_experts_calibrated_in_groups_give_the_same_model",),
+    ),
+    Mutation(
+        "memory-need-ignores-groups",
+        "--max-memory's estimate counts one group's expert statistics (here: every expert's)",
+        (Patch("quant/stream.py", "        for group in stat_groups(units, calib, gptq):\n",
+               "        for group in [units]:\n"),),
+        ("tests/quant/test_stream.py::test_memory_guard_refuses_with_the_number_it_needs",),
+    ),
+    Mutation(
+        "lazy-block-borrows-the-shard",
+        "a streamed block's weights own their memory, so its safetensors shard is unmapped once read (here: the "
+        "weights safetensors read without a copy are kept)",
+        (Patch("quant/lazy.py", "            if t is None or t.is_meta or t.untyped_storage().resizable():\n",
+               "            if True:\n"),),
+        ("tests/quant/test_stream.py::test_a_loaded_block_owns_its_memory_and_unmaps_the_shard",),
+    ),
 )
 
 

@@ -39,10 +39,12 @@ def _codes(folder: Path, units: dict) -> dict[str, torch.Tensor]:
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_model_dir):
+    # the two ranks calibrate one expert per pass (--expert-stats-mb, bit for bit the same in one process:
+    # test_pipeline.py), so their Hessian reductions run per group
     args = ["quantize", str(tiny_model_dir), "--bits", "3", "--group-size", "16", "--calib-windows", "8",
             "--calib-len", "32", "--min-expert-tokens", "4", "--threads", "1"]
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "quantmoe",
-                            *args, "--out", str(tmp_path / "two")], env=_env(), stdout=subprocess.PIPE,
+                            *args, "--expert-stats-mb", "0.001", "--out", str(tmp_path / "two")], env=_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
         assert main([*args, "--out", str(tmp_path / "one")]) == 0

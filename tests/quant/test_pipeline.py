@@ -273,6 +273,53 @@ def test_every_block_gets_its_own_mask_and_positions(family):
         assert not torch.equal(masks[0], masks[1])
 
 
+@pytest.mark.parametrize("family,mode", [("qwen2_moe", "routed"), ("deepseek_v3", "weighted"), ("olmoe", "routed")])
+def test_experts_calibrated_in_groups_give_the_same_model(family, mode, monkeypatch):
+    import quantmoe.calib.hessian as hessian
+    import quantmoe.quant.pipeline as pipeline
+
+    collectors, real_init = [], hessian.HessianCollector.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        collectors.append(self)
+
+    monkeypatch.setattr(hessian.HessianCollector, "__init__", init)
+    base = tiny_model(family)
+    anatomy = describe(base)
+    specs = Plan.uniform(4, group_size=16).resolve(anatomy)
+    gate_up = [u for u in anatomy.units if u.block == anatomy.blocks[-1].index and u.expert is not None
+               and pipeline.stage_of(u) == pipeline.stage_of_kind("gate_proj")]
+    per_expert = pipeline.expert_stats_bytes(gate_up)
+    gate_kinds = {u.kind for u in gate_up}
+    two = 2.5 * max(per_expert.values()) / 2**20  # two experts' gate/up statistics per group
+    calib = CalibrationConfig(min_expert_tokens=1, moe_mode=mode, batch_size=3)
+    runs = {}
+    for label, stats_mb in (("one pass", 0), ("groups", two), ("one expert", 1e-6)):
+        model = copy.deepcopy(base)
+        collectors.clear()
+        report = quantize_model(model, specs, _windows(model), calib, GPTQConfig(expert_stats_mb=stats_mb),
+                                progress=False)
+        experts = [pipeline.expert_stats_bytes(c.units) for c in collectors]
+        assert all(len(e) <= 1 or sum(e.values()) <= stats_mb * 2**20 for e in experts if stats_mb)  # within budget
+        gate_up_passes = [len(e) for c, e in zip(collectors, experts) if any(u.kind in gate_kinds for u in c.units)]
+        runs[label] = model.state_dict(), report, gate_up_passes, len(collectors)
+        assert all(not c.stats for c in collectors)  # every statistic freed once used
+    state, report, experts, passes = runs["one pass"]
+    assert max(experts) == len(per_expert)
+    assert max(runs["groups"][2]) == 2 and max(runs["one expert"][2]) == 1
+    assert passes < runs["groups"][3] < runs["one expert"][3]
+    for label in ("groups", "one expert"):
+        other_state, other_report = runs[label][:2]
+        assert other_report.expert_tokens == report.expert_tokens and other_report.units == report.units
+        assert other_state.keys() == state.keys()
+        assert all(torch.equal(state[k], other_state[k]) for k in state), label
+    groups = pipeline.stat_groups(gate_up, CalibrationConfig(moe_mode="all"), GPTQConfig(expert_stats_mb=two))
+    assert len(groups) == 1  # every expert shares one statistic there
+    with pytest.raises(ValueError, match="expert_stats_mb"):
+        GPTQConfig(expert_stats_mb=-1)
+
+
 def test_experts_in_chunks_give_the_same_model(monkeypatch):
     import quantmoe.calib.hessian as hessian
     import quantmoe.quant.pipeline as pipeline

@@ -17,7 +17,7 @@ from quantmoe.calib.data import CalibrationConfig
 from quantmoe.quant.checkpoint import save_quantized
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.lazy import CheckpointFilesError, LazyCheckpoint, checkpoint_files
-from quantmoe.quant.pipeline import quantize_model
+from quantmoe.quant.pipeline import GPTQConfig, quantize_model
 from quantmoe.quant.plan import Plan
 from quantmoe.quant.stream import (
     PAUSE_ENV,
@@ -100,6 +100,28 @@ def test_lazy_loading_gives_the_in_memory_checkpoint_with_one_block_in_memory(tm
     assert not work_folder(tmp_path / "lazy").exists()
 
 
+def _mapped_files() -> set[str]:
+    maps = Path("/proc/self/maps")
+    return {line.split()[5] for line in maps.read_text().splitlines() if len(line.split()) >= 6} if maps.exists() else set()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_a_loaded_block_owns_its_memory_and_unmaps_the_shard(tmp_path, family):
+    # safetensors reads without a copy: a weight left as a view of the shard would keep it mapped (and resident)
+    src = _source(tmp_path, family, tie_word_embeddings=True)
+    lazy = LazyCheckpoint(src, dtype=torch.float32)
+    lazy.load_outside()
+    block = lazy.load_block(0)
+    model = lazy.model
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied
+    loaded = [t for t in (*model.parameters(), *model.buffers()) if not t.is_meta]
+    assert len(loaded) > len(list(block.parameters())) and all(t.untyped_storage().resizable() for t in loaded)
+    assert not {f for f in _mapped_files() if f.endswith(".safetensors")}
+    reference = _tensors(src)
+    compared = [name for name, p in block.named_parameters() if f"model.layers.0.{name}" in reference]
+    assert compared and all(torch.equal(block.get_parameter(n), reference[f"model.layers.0.{n}"]) for n in compared)
+
+
 def test_bfloat16_streams_in_the_checkpoint_dtype_and_matches_memory(tmp_path):
     src = _source(tmp_path, "qwen3_moe")
     cfg = json.loads((src / "config.json").read_text())
@@ -141,6 +163,14 @@ def test_memory_guard_refuses_with_the_number_it_needs(tmp_path):
     need = memory_need(model, CALIB, torch.float32)
     assert need.block == max(sum(p.numel() for p in b.parameters()) for b in model.model.layers) * 4
     assert need.activations == 2 * CALIB.num_windows * CALIB.seq_len * model.config.hidden_size * 4
+    widest = max(model.config.hidden_size, model.config.intermediate_size)  # the experts' widest input
+    assert need.hessians == model.config.num_local_experts * 4 * widest**2  # every expert's, in one pass
+    one = memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_stats_mb=1e-6))  # one expert per pass
+    assert one.hessians == 4 * widest**2 and one.block == need.block
+    tokens, config = CALIB.num_windows * CALIB.seq_len, model.config
+    attention_out = tokens * config.hidden_size * 4  # replayed attention output, and the experts' down inputs:
+    assert need.replay == attention_out + config.num_experts_per_tok * tokens * config.intermediate_size * 4
+    assert memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_cache_mb=0)).replay == attention_out
     with pytest.raises(ValueError, match=r"needs about .* GiB .*--max-memory"):
         quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False, max_memory=need.total - 1)
     assert not work_folder(tmp_path / "q").exists()

@@ -140,6 +140,7 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
                       static_groups=args.static_groups, expert_chunk=args.expert_chunk,
                       expert_batch_mb=args.expert_batch_mb, expert_cache_mb=args.expert_cache_mb,
+                      expert_stats_mb=args.expert_stats_mb,
                       rotate=args.rotate, refine=args.refine, tune_steps=args.tune_steps, tune_lr=args.tune_lr)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,6 +234,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-batch-mb", type=float, default=64, metavar="MB",
                    help="float32 working set of one batched expert GPTQ call (default 64): experts are batched in "
                         "chunks that fit, at least one; 0 = all of a block's experts at once. Same result")
+    p.add_argument("--expert-stats-mb", type=float, default=1024, metavar="MB",
+                   help="float32 input statistics (Hessians) of routed experts collected in one calibration pass "
+                        "(default 1024): a block's experts are calibrated in groups that fit, at least one expert, "
+                        "each group by a pass that stops at the experts' dispatch; 0 = all at once. Same result")
     p.add_argument("--expert-cache-mb", type=float, default=2048, metavar="MB",
                    help="memory for the routed experts' down inputs kept from the down stage for a block's final "
                         "pass (default 2048; as many experts as fit; 0 = off: lower peak memory, the final pass "

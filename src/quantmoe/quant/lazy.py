@@ -173,6 +173,32 @@ def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold))
 
 
+def own_memory(module: nn.Module) -> int:
+    """Copy every parameter and buffer of ``module`` that borrows its memory into memory of its own;
+    the bytes copied.
+
+    safetensors reads a tensor without a copy: its storage is the mapped shard (not resizable).
+    Experts that transformers stacks into one fused tensor are copies, but the attention's weights,
+    norms and router stay views of the shard, and one such view keeps the whole shard mapped, with
+    every page read from it counted in the process's resident memory: as much again as the block's
+    experts while the block is worked on. Shared (tied) tensors stay shared.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    copied = 0
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in list(table.items()):
+                if t is None or t.is_meta or t.untyped_storage().resizable():
+                    continue
+                if id(t) not in copies:
+                    data = t.detach().clone()
+                    copies[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(
+                        t, nn.Parameter) else data
+                    copied += data.numel() * data.element_size()
+                table[name] = copies[id(t)]
+    return copied
+
+
 def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model of ``config`` with every weight on ``meta`` (non-saved buffers rebuilt on the CPU)."""
     from transformers import AutoModelForCausalLM
@@ -263,7 +289,9 @@ class LazyCheckpoint:
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        del state, handles  # unmaps the shards
+        del state, handles
+        # what was read without a copy still maps its shard: copied, the shard is unmapped
+        own_memory(self.model if group == OUTSIDE else self.model.get_submodule(self.family.layers)[group])
         if info.mismatched_keys or info.conversion_errors:
             bad = sorted(info.mismatched_keys)[:1] or sorted(info.conversion_errors)[:1]
             raise CheckpointFilesError(f"{self.folder}: tensors do not fit the model's config (e.g. {bad[0]}): "

@@ -92,6 +92,10 @@ class GPTQConfig:
     # factors, codes): experts are batched in chunks that fit (at least one); 0 = all at once.
     # The same result bit for bit; on CPU chunks of a few experts are also faster (cache)
     expert_batch_mb: float = 64
+    # float32 input statistics (x^T x) of routed experts that one calibration pass of a stage collects:
+    # a stage calibrates its routed experts in groups that fit (at least one expert), each group's
+    # pass stopping at the experts' dispatch; 0 = every expert in one pass. The same result bit for bit
+    expert_stats_mb: float = 1024
     # rotate the residual stream by a random Hadamard matrix (seed 0) folded into the weights
     # before calibration (quant/rotate.py): the same model, other weights; recorded with the run
     rotate: bool = False
@@ -119,6 +123,8 @@ class GPTQConfig:
             raise ValueError(f"check `expert_chunk`: {self.expert_chunk} must be >= 0 (0 = all experts at once)")
         if self.expert_batch_mb < 0:
             raise ValueError(f"check `expert_batch_mb`: {self.expert_batch_mb} must be >= 0 (0 = all experts at once)")
+        if self.expert_stats_mb < 0:
+            raise ValueError(f"check `expert_stats_mb`: {self.expert_stats_mb} must be >= 0 (0 = all experts at once)")
         if self.expert_cache_mb < 0:
             raise ValueError(f"check `expert_cache_mb`: {self.expert_cache_mb} must be >= 0 (0 turns the cache off)")
 
@@ -322,6 +328,45 @@ def _first_frozen_stage(units: Sequence[LinearUnit]) -> int:
     return max((stage_of(u) + 1 for u in units), default=0)
 
 
+def expert_stats_bytes(units: Sequence[LinearUnit]) -> dict[int, int]:
+    """Routed expert -> bytes of the float32 input statistics (x^T x) its ``units`` of one stage collect
+    (linears of an expert that share an input share them)."""
+    per_expert: dict[int, int] = defaultdict(int)
+    seen: set[str] = set()
+    for u in units:
+        key = _input_key(u)
+        if u.expert is not None and key not in seen:
+            seen.add(key)
+            per_expert[u.expert] += 4 * u.in_features * u.in_features
+    return dict(per_expert)
+
+
+def stat_groups(units: Sequence[LinearUnit], calib: CalibrationConfig, gptq: GPTQConfig) -> list[list[LinearUnit]]:
+    """One stage's units as calibration groups, each calibrated by its own pass: routed experts in
+    index order, as many per group as their statistics fit in ``gptq.expert_stats_mb`` (at least one);
+    the other units (attention, shared experts, dense MLPs) with the first group. One group when the
+    budget is 0, without GPTQ, or in the ``all`` MoE mode (every expert shares one statistic there).
+
+    Each expert's statistics sum the same rows in the same order in any grouping, so the grouping
+    changes no bit of the result; a later group's pass replays the block up to the experts' dispatch
+    (the attention's output is kept) and stops there."""
+    sizes = expert_stats_bytes(units)
+    budget = gptq.expert_stats_mb * 2**20
+    if not budget or gptq.method != "gptq" or calib.moe_mode == "all" or sum(sizes.values()) <= budget:
+        return [list(units)]
+    group_of: dict[int, int] = {}
+    group, used = 0, 0
+    for expert, size in sorted(sizes.items()):
+        if used and used + size > budget:
+            group, used = group + 1, 0
+        group_of[expert] = group
+        used += size
+    groups: list[list[LinearUnit]] = [[] for _ in range(group + 1)]
+    for u in units:
+        groups[group_of[u.expert] if u.expert is not None else 0].append(u)
+    return groups
+
+
 def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUnit], attention: str,
                   inputs: list[tuple[tuple, dict]], calib: CalibrationConfig, gptq: GPTQConfig) -> BlockReplay:
     """The attention from the stage after its linears (its tail: the linear alone in its last
@@ -455,17 +500,23 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                     reports[u.name] = UnitReport(16, None, True, "keep", 0)
             if not stage_units:
                 continue
-            collector = HessianCollector(model, stage_units, _input_key, experts, calib.moe_mode, stop_early=True)
-            if gptq.method == "gptq":
-                with replay.stage(stage_index), collector.attached(experts_module_of):
-                    _calibrate_block(block, inputs, collector, replay)
-            if parallel is None:
-                _quantize_units(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged)
-            else:
-                _quantize_shared(model, stage_units, specs, collector, calib, gptq, reports, fallbacks, staged,
-                                 parallel, f"block {block_info.index} stage {stage_index}")
-            if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq":
-                expert_tokens[block_info.index] = tuple(collector.routed_tokens[block_info.experts_module].tolist())
+            groups = stat_groups(stage_units, calib, gptq)
+            for g, group in enumerate(groups):
+                collector = HessianCollector(model, group, _input_key, experts, calib.moe_mode, stop_early=True)
+                if gptq.method == "gptq":
+                    with replay.stage(stage_index), collector.attached(experts_module_of):
+                        _calibrate_block(block, inputs, collector, replay)
+                what = f"block {block_info.index} stage {stage_index}" + (f" group {g}" if len(groups) > 1 else "")
+                if parallel is None:
+                    _quantize_units(model, group, specs, collector, calib, gptq, reports, fallbacks, staged)
+                else:
+                    _quantize_shared(model, group, specs, collector, calib, gptq, reports, fallbacks, staged,
+                                     parallel, what)
+                if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq" and g == 0:
+                    # every group's pass routes all the tokens: the counts are the same in each
+                    expert_tokens[block_info.index] = tuple(
+                        collector.routed_tokens[block_info.experts_module].tolist())
+                del collector
         if targets is not None and staged:
             tuned = tune_block_scales(model, staged, inputs, targets, gptq.tune_steps, gptq.tune_lr, block=block)
             for u in units:

@@ -204,7 +204,7 @@ def _maybe_pause(index: int) -> None:
 
 # GPTQConfig fields that set memory use only (the result is the same bit for bit: tests/quant/test_pipeline.py):
 # a resumed run may change them
-MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb")
+MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb", "expert_stats_mb")
 
 
 def _gptq_identity(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -258,9 +258,11 @@ class MemoryNeed:
     block: int  # the largest block's weights in the run's dtype
     activations: int  # calibration hidden states entering and leaving a block
     hessians: int  # float32 Hessians of the largest stage (one per distinct input)
-    gptq: int  # float32 working copies of the largest stage's weights (W, codes, Q)
+    gptq: int  # float32 working set of the largest GPTQ call (one linear, or one chunk of experts)
     tuning: int = 0  # block tuning: float32 codes, weights and their gradients of the largest block
-
+    # outputs kept for the later passes over a block: the attention's output per token and the routed
+    # experts' down inputs (within expert_cache_mb)
+    replay: int = 0
 
     @property
     def floor(self) -> int:
@@ -269,16 +271,21 @@ class MemoryNeed:
 
     @property
     def total(self) -> int:
-        return self.block + self.activations + self.hessians + self.gptq + self.tuning
+        return self.block + self.activations + self.hessians + self.gptq + self.tuning + self.replay
 
 
-def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, tuned: bool = False) -> MemoryNeed:
+def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, tuned: bool = False,
+                gptq: GPTQConfig | None = None) -> MemoryNeed:
     """Estimated from shapes alone (works on a ``meta`` skeleton); ``tuned``: with block tuning, which
-    also carries the full-precision model's hidden states and the block's outputs on them."""
+    also carries the full-precision model's hidden states and the block's outputs on them. ``gptq``'s
+    memory settings bound the Hessians (routed experts calibrated in groups, ``expert_stats_mb``) and
+    the experts' GPTQ work (batched in chunks, ``expert_batch_mb``); default: ``GPTQConfig()``."""
     from collections import defaultdict
 
-    from quantmoe.quant.pipeline import _input_key, stage_of
+    from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
+    from quantmoe.quant.pipeline import _input_key, gptq_working_set, stage_of, stat_groups
 
+    gptq = gptq if gptq is not None else GPTQConfig()
     family = family_of(model)
     anatomy = describe(model)
     size = torch.empty((), dtype=dtype).element_size()
@@ -286,15 +293,33 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * size
     hidden = int(model.config.hidden_size)
     activations = (4 if tuned else 2) * calib.num_windows * calib.seq_len * hidden * size
-    inputs: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
-    weights: dict[tuple[int, int], int] = defaultdict(int)
+    stages: dict[tuple[int, int], list] = defaultdict(list)
     for u in anatomy.units:
-        inputs[(u.block, stage_of(u))][_input_key(u)] = u.in_features
-        weights[(u.block, stage_of(u))] += u.numel
-    hessians = max((sum(n * n * 4 for n in d.values()) for d in inputs.values()), default=0)
-    gptq = 3 * 4 * max(weights.values(), default=0)
+        stages[(u.block, stage_of(u))].append(u)
+    hessians = work = 0
+    for units in stages.values():
+        for group in stat_groups(units, calib, gptq):
+            hessians = max(hessians, sum(n * n * 4 for n in {_input_key(u): u.in_features for u in group}.values()))
+        sets = [(u.expert is not None, gptq_working_set((u.out_features, u.in_features), gptq.refine > 0))
+                for u in units]
+        dense = max((ws for routed, ws in sets if not routed), default=0)  # quantized one at a time
+        experts = [ws for routed, ws in sets if routed]
+        chunk = sum(experts) if not gptq.expert_batch_mb else min(
+            sum(experts), max(int(gptq.expert_batch_mb * 2**20), max(experts, default=0)))
+        work = max(work, dense, chunk)
+    tokens = calib.num_windows * calib.seq_len
+    cache = 0
+    if calib.moe_mode != "all" and not tuned:  # as quant/pipeline.py's _block_replay sizes it
+        widths: dict[int, int] = defaultdict(int)
+        for u in anatomy.units:
+            if u.expert is not None and u.kind in EXPERT_INPUT_KINDS:
+                widths[u.block] = max(widths[u.block], u.out_features)
+        for b in anatomy.blocks:
+            if b.is_moe and widths.get(b.index):
+                cache = max(cache, min(int(gptq.expert_cache_mb * 2**20), b.top_k * tokens * widths[b.index] * size))
+    replay = tokens * hidden * size + cache
     quantized = max(sum(u.numel for u in anatomy.units if u.block == b.index) for b in anatomy.blocks)
-    return MemoryNeed(block, activations, hessians, gptq, 3 * 4 * quantized if tuned else 0)
+    return MemoryNeed(block, activations, hessians, work, 3 * 4 * quantized if tuned else 0, replay)
 
 
 def check_memory(need: MemoryNeed, limit: int | None) -> None:
@@ -304,7 +329,8 @@ def check_memory(need: MemoryNeed, limit: int | None) -> None:
     gb = 2**30
     raise ValueError(f"this run needs about {need.total / gb:.2f} GiB of host memory (largest block "
                      f"{need.block / gb:.2f} + calibration activations {need.activations / gb:.2f} + Hessians "
-                     f"{need.hessians / gb:.2f} + GPTQ work {need.gptq / gb:.2f}) but --max-memory is "
+                     f"{need.hessians / gb:.2f} + GPTQ work {need.gptq / gb:.2f} + outputs kept for replay "
+                     f"{need.replay / gb:.2f}) but --max-memory is "
                      f"{limit / gb:.2f} GiB: lower --calib-windows or --calib-len, or raise --max-memory")
 
 
@@ -349,7 +375,7 @@ def quantize_stream(source: str | Path | nn.Module, out: str | Path, specs: Mapp
                               attn_implementation=attn_implementation)
         model, name = lazy.model, str(source)
     dtype = next(model.parameters()).dtype
-    check_memory(memory_need(model, calib, dtype, tuned=bool(gptq.tune_steps)), max_memory)
+    check_memory(memory_need(model, calib, dtype, tuned=bool(gptq.tune_steps), gptq=gptq), max_memory)
     identity = _run_identity(name, specs, calib, gptq, dtype, windows)
     work = work_folder(out)
     first = _prepare_work(work, identity, resume)
