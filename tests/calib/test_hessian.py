@@ -5,7 +5,7 @@ import torch
 
 from quantmoe.anatomy import describe, tiny_model, unfuse_experts
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, InputStats, StopForward
-from quantmoe.quant.pipeline import _input_key
+from quantmoe.quant.stages import input_key
 
 
 def _setup(family, kinds):
@@ -58,7 +58,7 @@ def test_expert_hessians_equal_per_expert_hooks(family, kind, mode):
     kinds = ("gate_proj", "up_proj") if kind == "gate_proj" else ("down_proj",)
     model, block, units, batches = _setup(family, kinds)
     ref = _reference(model, block, batches, mode, kind)
-    collector = HessianCollector(model, units, _input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
+    collector = HessianCollector(model, units, input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
                                  mode, stop_early=True)
     with collector.attached({u.name: block.experts_module if u.expert is not None else None for u in units}):
         with torch.no_grad():
@@ -81,7 +81,7 @@ def test_routed_stages_stop_at_the_dispatch(kinds):
     ran = []
     hooks = [model.get_submodule(name).register_forward_pre_hook(lambda m, a: ran.append(1))
              for expert in block.experts for name in expert]
-    collector = HessianCollector(model, units, _input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
+    collector = HessianCollector(model, units, input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
                                  "routed", stop_early=True)
     try:
         with collector.attached({u.name: block.experts_module for u in units}), torch.no_grad():
@@ -106,7 +106,7 @@ def test_weighted_hessian_is_2_over_sum_w_xt_diag_w_x(kind):
     experts = model.get_submodule(block.experts_module)
     dispatched = []
     spy = experts.register_forward_pre_hook(lambda m, args: dispatched.append(args))
-    collector = HessianCollector(model, units, _input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
+    collector = HessianCollector(model, units, input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
                                  "weighted")
     with collector.attached({u.name: block.experts_module for u in units}), torch.no_grad():
         for ids in batches:

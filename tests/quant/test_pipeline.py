@@ -9,9 +9,10 @@ from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector
 from quantmoe.quant.fake import rtn_model
 from quantmoe.quant.grid import QuantSpec
-from quantmoe.quant.pipeline import GPTQConfig, _input_key, _run_block, capture_block_inputs, quantize_model
+from quantmoe.quant.pipeline import GPTQConfig, _run_block, capture_block_inputs, quantize_model
 from quantmoe.quant.plan import Plan
 from quantmoe.quant.qlinear import QuantLinear
+from quantmoe.quant.stages import expert_stats_bytes, input_key, stage_of, stage_of_kind, stat_groups
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
 
@@ -99,7 +100,7 @@ def test_calibration_does_not_change_block_outputs(mode):
             inputs = [((o,) + a[1:], k) for o, (a, k) in zip(outs, inputs)]
     plain = _run_block(block, inputs)
     units = [u for u in anatomy.units if u.block == block_info.index and u.kind in ("gate_proj", "up_proj")]
-    collector = HessianCollector(model, units, _input_key,
+    collector = HessianCollector(model, units, input_key,
                                  [ExpertsHookTarget(block_info.experts_module, block_info.num_experts)], mode)
     with collector.attached({u.name: block_info.experts_module if u.expert is not None else None for u in units}):
         hooked = _run_block(block, inputs)
@@ -276,7 +277,6 @@ def test_every_block_gets_its_own_mask_and_positions(family):
 @pytest.mark.parametrize("family,mode", [("qwen2_moe", "routed"), ("deepseek_v3", "weighted"), ("olmoe", "routed")])
 def test_experts_calibrated_in_groups_give_the_same_model(family, mode, monkeypatch):
     import quantmoe.calib.hessian as hessian
-    import quantmoe.quant.pipeline as pipeline
 
     collectors, real_init = [], hessian.HessianCollector.__init__
 
@@ -289,8 +289,8 @@ def test_experts_calibrated_in_groups_give_the_same_model(family, mode, monkeypa
     anatomy = describe(base)
     specs = Plan.uniform(4, group_size=16).resolve(anatomy)
     gate_up = [u for u in anatomy.units if u.block == anatomy.blocks[-1].index and u.expert is not None
-               and pipeline.stage_of(u) == pipeline.stage_of_kind("gate_proj")]
-    per_expert = pipeline.expert_stats_bytes(gate_up)
+               and stage_of(u) == stage_of_kind("gate_proj")]
+    per_expert = expert_stats_bytes(gate_up)
     gate_kinds = {u.kind for u in gate_up}
     two = 2.5 * max(per_expert.values()) / 2**20  # two experts' gate/up statistics per group
     calib = CalibrationConfig(min_expert_tokens=1, moe_mode=mode, batch_size=3)
@@ -300,7 +300,7 @@ def test_experts_calibrated_in_groups_give_the_same_model(family, mode, monkeypa
         collectors.clear()
         report = quantize_model(model, specs, _windows(model), calib, GPTQConfig(expert_stats_mb=stats_mb),
                                 progress=False)
-        experts = [pipeline.expert_stats_bytes(c.units) for c in collectors]
+        experts = [expert_stats_bytes(c.units) for c in collectors]
         assert all(len(e) <= 1 or sum(e.values()) <= stats_mb * 2**20 for e in experts if stats_mb)  # within budget
         gate_up_passes = [len(e) for c, e in zip(collectors, experts) if any(u.kind in gate_kinds for u in c.units)]
         runs[label] = model.state_dict(), report, gate_up_passes, len(collectors)
@@ -314,7 +314,7 @@ def test_experts_calibrated_in_groups_give_the_same_model(family, mode, monkeypa
         assert other_report.expert_tokens == report.expert_tokens and other_report.units == report.units
         assert other_state.keys() == state.keys()
         assert all(torch.equal(state[k], other_state[k]) for k in state), label
-    groups = pipeline.stat_groups(gate_up, CalibrationConfig(moe_mode="all"), GPTQConfig(expert_stats_mb=two))
+    groups = stat_groups(gate_up, CalibrationConfig(moe_mode="all"), GPTQConfig(expert_stats_mb=two))
     assert len(groups) == 1  # every expert shares one statistic there
     with pytest.raises(ValueError, match="expert_stats_mb"):
         GPTQConfig(expert_stats_mb=-1)

@@ -140,7 +140,7 @@ def _output_fisher(model: nn.Module, names: Sequence[str], windows: torch.Tensor
 def _hessians(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor, batch_size: int,
               mode: str) -> tuple[HessianCollector, ...]:
     from quantmoe.calib.hessian import ExpertsHookTarget
-    from quantmoe.quant.pipeline import STAGES, _input_key, stage_of
+    from quantmoe.quant.stages import STAGES, input_key, stage_of
 
     collectors = []
     # one collector per stage so that shared-input keys stay unambiguous
@@ -149,7 +149,7 @@ def _hessians(model: nn.Module, anatomy: ModelAnatomy, windows: torch.Tensor, ba
         if not units:
             continue
         experts = [ExpertsHookTarget(b.experts_module, b.num_experts) for b in anatomy.blocks if b.is_moe]
-        collector = HessianCollector(model, units, _input_key, experts, mode)
+        collector = HessianCollector(model, units, input_key, experts, mode)
         experts_of = {u.name: anatomy.blocks[u.block].experts_module if u.expert is not None else None for u in units}
         with collector.attached(experts_of):
             run_windows(model, windows, batch_size)

@@ -283,7 +283,8 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     from collections import defaultdict
 
     from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
-    from quantmoe.quant.pipeline import _input_key, gptq_working_set, stage_of, stat_groups
+    from quantmoe.quant.pipeline import gptq_working_set
+    from quantmoe.quant.stages import input_key, stage_of, stat_groups
 
     gptq = gptq if gptq is not None else GPTQConfig()
     family = family_of(model)
@@ -299,7 +300,7 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     hessians = work = 0
     for units in stages.values():
         for group in stat_groups(units, calib, gptq):
-            hessians = max(hessians, sum(n * n * 4 for n in {_input_key(u): u.in_features for u in group}.values()))
+            hessians = max(hessians, sum(n * n * 4 for n in {input_key(u): u.in_features for u in group}.values()))
         sets = [(u.expert is not None, gptq_working_set((u.out_features, u.in_features), gptq.refine > 0))
                 for u in units]
         dense = max((ws for routed, ws in sets if not routed), default=0)  # quantized one at a time
