@@ -154,7 +154,7 @@ def main() -> None:
     from quantmoe.calib.data import CalibrationConfig
     from quantmoe.quant.lazy import build_skeleton
     from quantmoe.quant.pipeline import GPTQConfig
-    from quantmoe.quant.stream import memory_need
+    from quantmoe.quant.stream import memory_need, work_folder
 
     calib = CalibrationConfig(num_windows=args.calib_windows, seq_len=args.calib_len)
     memory = argparse.ArgumentParser()
@@ -174,6 +174,7 @@ def main() -> None:
     plan.write_text(PLAN)
     out = args.dir / "out"
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work_folder(out), ignore_errors=True)  # what an interrupted run of this bench left
     stream_s, stream_rss, stream_out = run(
         [py, "-m", "quantmoe.cli", "quantize", str(model_dir), "--plan", str(plan), "--stream", "--out", str(out),
          "--calib-windows", str(args.calib_windows), "--calib-len", str(args.calib_len),

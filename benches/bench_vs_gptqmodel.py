@@ -14,7 +14,8 @@ set); --expert-batch-mb 0 is one batch over all of a block's experts, as before.
 
 Per tool: wall time of the quantization call alone (``api.quantize`` / ``model.quantize``)
 and of the whole subprocess (imports, loading, export of the dequantized weights), its peak
-RSS (``wait4`` of that child, grandchildren included), then, in this process, perplexity,
+RSS (``wait4`` of that child, grandchildren included, started from the small ``_peak_rss.py``
+launcher so that this process's own RSS is not carried into it), then, in this process, perplexity,
 KL divergence to the full-precision model and top-1 agreement on the test split. Each
 runner writes the dequantized weight of every linear it quantized; they are copied into a
 copy of the full-precision model through quantmoe's per-expert view, so both results are
@@ -37,7 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +267,14 @@ def main() -> int:
             env = {"QUANTMOE_MALLOC": "default"}
         if tool == "gptqmodel" and args.gptqmodel_malloc_tuned:
             env = {"MALLOC_ARENA_MAX": str(ARENAS), "MALLOC_TOP_PAD_": str(TOP_PAD_BYTES)}
-        runs[tool] = run_tool(tool, cmd, work / f"{tool}.log", args.threads, env)
+        # started from the small launcher: Linux carries this process's peak RSS into a child it starts
+        measured = out / "rusage.json"
+        measured.unlink(missing_ok=True)
+        runs[tool] = run_tool(tool, [sys.executable, str(BENCHES / "_peak_rss.py"), str(measured), *cmd],
+                              work / f"{tool}.log", args.threads, env)
+        if measured.exists():  # the tool's own figures, not the launcher's
+            runs[tool] = replace(runs[tool], **{k: v for k, v in json.loads(measured.read_text()).items()
+                                                if k != "returncode"})
         if runs[tool].returncode == 0:
             results[tool] = json.loads((out / "result.json").read_text())
 
