@@ -160,8 +160,10 @@ def main() -> None:
     memory = argparse.ArgumentParser()
     memory.add_argument("--expert-stats-mb", type=float, default=GPTQConfig.expert_stats_mb)
     memory.add_argument("--expert-batch-mb", type=float, default=GPTQConfig.expert_batch_mb)
+    memory.add_argument("--expert-cache-mb", type=float, default=GPTQConfig.expert_cache_mb)
     given = memory.parse_known_args(shlex.split(args.quantize_args))[0]
-    gptq = GPTQConfig(expert_stats_mb=given.expert_stats_mb, expert_batch_mb=given.expert_batch_mb)
+    gptq = GPTQConfig(expert_stats_mb=given.expert_stats_mb, expert_batch_mb=given.expert_batch_mb,
+                      expert_cache_mb=given.expert_cache_mb)
     need = memory_need(build_skeleton(AutoConfig.from_pretrained(model_dir), torch.bfloat16), calib, torch.bfloat16,
                        gptq=gptq)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
@@ -200,7 +202,8 @@ def main() -> None:
           f"{args.expert_chunk or 'all'}{', ' + args.quantize_args if args.quantize_args else ''}; "
           f"checkpoint {out_size / mb:.0f} MB")
     print(f"floor = largest block {need.block / mb:.0f} MB + calibration activations {need.activations / mb:.0f} MB "
-          f"= {need.floor / mb:.0f} MB (estimated need with Hessians and GPTQ work: {need.total / mb:.0f} MB)")
+          f"= {need.floor / mb:.0f} MB (--max-memory's estimate with Hessians, GPTQ work and replayed outputs: "
+          f"{need.total / mb:.0f} MB)")
     print(f"{'run':40s} {'wall s':>8s} {'peak RSS MB':>12s} {'peak/floor':>11s} {'(peak-base)/floor':>18s} "
           f"{'peak/model':>11s}")
     for name, s, rss in rows:
