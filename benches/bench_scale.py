@@ -161,9 +161,10 @@ def main() -> None:
     memory.add_argument("--expert-stats-mb", type=float, default=GPTQConfig.expert_stats_mb)
     memory.add_argument("--expert-batch-mb", type=float, default=GPTQConfig.expert_batch_mb)
     memory.add_argument("--expert-cache-mb", type=float, default=GPTQConfig.expert_cache_mb)
+    memory.add_argument("--recompute-attention", action="store_true")
     given = memory.parse_known_args(shlex.split(args.quantize_args))[0]
     gptq = GPTQConfig(expert_stats_mb=given.expert_stats_mb, expert_batch_mb=given.expert_batch_mb,
-                      expert_cache_mb=given.expert_cache_mb)
+                      expert_cache_mb=given.expert_cache_mb, attention_tail=not given.recompute_attention)
     need = memory_need(build_skeleton(AutoConfig.from_pretrained(model_dir), torch.bfloat16), calib, torch.bfloat16,
                        gptq=gptq)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}

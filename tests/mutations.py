@@ -254,6 +254,13 @@ MUTATIONS: tuple[Mutation, ...] = (
                "            if True:\n"),),
         ("tests/quant/test_stream.py::test_a_loaded_block_owns_its_memory_and_unmaps_the_shard",),
     ),
+    Mutation(
+        "attention-tail-always-kept",
+        "--recompute-attention keeps no o_proj inputs (here: they are kept whatever the setting)",
+        (Patch("quant/pipeline.py", "        tail = last[0] if gptq.attention_tail and len(last) == 1",
+               "        tail = last[0] if len(last) == 1"),),
+        ("tests/quant/test_pipeline.py::test_recomputing_the_attention_instead_of_keeping_o_proj_inputs_gives_the_same_model",),
+    ),
 )
 
 

@@ -213,6 +213,30 @@ def test_later_pass_shortcuts_change_nothing(family, mode, attention, monkeypatc
     assert all(torch.equal(fast_state[k], slow_state[k]) for k in fast_state)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_recomputing_the_attention_instead_of_keeping_o_proj_inputs_gives_the_same_model(family, monkeypatch):
+    import quantmoe.quant.pipeline as pipeline
+
+    tails, real = [], pipeline.FrozenOutputs
+
+    def frozen(module, *a, **k):
+        tails.append(k.get("tail"))
+        return real(module, *a, **k)
+
+    monkeypatch.setattr(pipeline, "FrozenOutputs", frozen)
+    states = {}
+    for keep in (True, False):
+        model = tiny_model(family)
+        model.set_attn_implementation("sdpa")
+        specs = Plan.uniform(4, group_size=16).resolve(describe(model))
+        tails.clear()
+        quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1, batch_size=3),
+                       GPTQConfig(attention_tail=keep), progress=False)
+        states[keep] = model.state_dict()
+        assert (tails.count("o_proj") == len(describe(model).blocks)) if keep else not any(tails)
+    assert all(torch.equal(states[True][k], states[False][k]) for k in states[True])
+
+
 def test_expert_cache_off_or_partial_gives_the_same_model_and_negative_is_an_error(monkeypatch):
     import quantmoe.quant.pipeline as pipeline
 

@@ -168,10 +168,14 @@ def test_memory_guard_refuses_with_the_number_it_needs(tmp_path):
     one = memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_stats_mb=1e-6))  # one expert per pass
     assert one.hessians == 4 * widest**2 and one.block == need.block
     tokens, config = CALIB.num_windows * CALIB.seq_len, model.config
-    attention_out = tokens * config.hidden_size * 4  # replayed attention output, and the experts' down inputs:
-    assert need.replay == attention_out + config.num_experts_per_tok * tokens * config.intermediate_size * 4
-    assert memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_cache_mb=0)).replay == attention_out
-    with pytest.raises(ValueError, match=r"needs about .* GiB .*--max-memory"):
+    attention_out = tokens * config.hidden_size * 4  # replayed attention output
+    o_inputs = tokens * model.model.layers[0].self_attn.o_proj.in_features * 4  # o_proj's inputs: rebuilt from
+    down_inputs = config.num_experts_per_tok * tokens * config.intermediate_size * 4  # the experts' cache
+    assert need.replay == attention_out + o_inputs + down_inputs
+    assert memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_cache_mb=0)).replay == attention_out + o_inputs
+    lean = memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_cache_mb=0, attention_tail=False))
+    assert lean.replay == attention_out
+    with pytest.raises(ValueError, match=r"needs about .* GiB .*replay .*--expert-cache-mb 0.*--max-memory"):
         quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False, max_memory=need.total - 1)
     assert not work_folder(tmp_path / "q").exists()
     assert parse_size("1.5GB") == int(1.5 * 2**30) and parse_size("512MiB") == 512 * 2**20

@@ -140,7 +140,7 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
                       static_groups=args.static_groups, expert_chunk=args.expert_chunk,
                       expert_batch_mb=args.expert_batch_mb, expert_cache_mb=args.expert_cache_mb,
-                      expert_stats_mb=args.expert_stats_mb,
+                      expert_stats_mb=args.expert_stats_mb, attention_tail=not args.recompute_attention,
                       rotate=args.rotate, refine=args.refine, tune_steps=args.tune_steps, tune_lr=args.tune_lr)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,6 +238,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="float32 input statistics (Hessians) of routed experts collected in one calibration pass "
                         "(default 1024): a block's experts are calibrated in groups that fit, at least one expert, "
                         "each group by a pass that stops at the experts' dispatch; 0 = all at once. Same result")
+    p.add_argument("--recompute-attention", action="store_true",
+                   help="do not keep o_proj's calibration inputs to rebuild the attention's output: the attention "
+                        "runs once more per block (lower peak memory by tokens x o_proj's input width). Same result")
     p.add_argument("--expert-cache-mb", type=float, default=2048, metavar="MB",
                    help="memory for the routed experts' down inputs kept from the down stage for a block's final "
                         "pass (default 2048; as many experts as fit; 0 = off: lower peak memory, the final pass "

@@ -74,6 +74,10 @@ class GPTQConfig:
     # a stage calibrates its routed experts in groups that fit (at least one expert), each group's
     # pass stopping at the experts' dispatch; 0 = every expert in one pass. The same result bit for bit
     expert_stats_mb: float = 1024
+    # keep o_proj's inputs from its own pass to rebuild the attention's output on the next pass without
+    # running the attention again (memory: tokens x o_proj's input width); False runs the attention once
+    # more per block instead. The same result bit for bit
+    attention_tail: bool = True
     # rotate the residual stream by a random Hadamard matrix (seed 0) folded into the weights
     # before calibration (quant/rotate.py): the same model, other weights; recorded with the run
     rotate: bool = False
@@ -289,8 +293,8 @@ def _first_frozen_stage(units: Sequence[LinearUnit]) -> int:
 
 def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUnit], attention: str,
                   inputs: list[tuple[tuple, dict]], calib: CalibrationConfig, gptq: GPTQConfig) -> BlockReplay:
-    """The attention from the stage after its linears (its tail: the linear alone in its last
-    stage, o_proj); each routed expert's down input from the stage after gate/up, for as many
+    """The attention from the stage after its linears (rebuilt from the inputs of its tail, the linear
+    alone in its last stage, o_proj, unless ``gptq.attention_tail`` is off); each routed expert's down input from the stage after gate/up, for as many
     experts as fit in ``gptq.expert_cache_mb`` at their average share of the routed tokens (not in
     the ``all`` MoE mode: experts also run on every token there)."""
     parts = []
@@ -300,7 +304,8 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
         mine = [u for u in units if u.name.startswith(prefix)]
         first = _first_frozen_stage(mine)
         last = [u.name.removeprefix(prefix) for u in mine if stage_of(u) == first - 1]
-        parts.append((FrozenOutputs(module, tail=last[0] if len(last) == 1 and "." not in last[0] else None), first))
+        tail = last[0] if gptq.attention_tail and len(last) == 1 and "." not in last[0] else None
+        parts.append((FrozenOutputs(module, tail=tail), first))
     readers = [u for u in units if u.expert is not None and u.kind in EXPERT_INPUT_KINDS]
     if info.is_moe and readers and calib.moe_mode != "all" and not gptq.tune_steps:  # tuned: no final replay
         experts = block.get_submodule(info.experts_module.removeprefix(info.module_name + "."))

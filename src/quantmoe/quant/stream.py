@@ -204,7 +204,7 @@ def _maybe_pause(index: int) -> None:
 
 # GPTQConfig fields that set memory use only (the result is the same bit for bit: tests/quant/test_pipeline.py):
 # a resumed run may change them
-MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb", "expert_stats_mb")
+MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb", "expert_stats_mb", "attention_tail")
 
 
 def _gptq_identity(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,11 +257,11 @@ class MemoryNeed:
 
     block: int  # the largest block's weights in the run's dtype
     activations: int  # calibration hidden states entering and leaving a block
-    hessians: int  # float32 Hessians of the largest stage (one per distinct input)
+    hessians: int  # float32 Hessian statistics of the largest calibration pass (one per distinct input)
     gptq: int  # float32 working set of the largest GPTQ call (one linear, or one chunk of experts)
     tuning: int = 0  # block tuning: float32 codes, weights and their gradients of the largest block
-    # outputs kept for the later passes over a block: the attention's output per token and the routed
-    # experts' down inputs (within expert_cache_mb)
+    # outputs kept for the later passes over a block: the attention's output per token, o_proj's inputs
+    # (attention_tail) and the routed experts' down inputs (within expert_cache_mb)
     replay: int = 0
 
     @property
@@ -284,7 +284,7 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
 
     from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
     from quantmoe.quant.pipeline import gptq_working_set
-    from quantmoe.quant.stages import input_key, stage_of, stat_groups
+    from quantmoe.quant.stages import input_key, stage_of, stage_of_kind, stat_groups
 
     gptq = gptq if gptq is not None else GPTQConfig()
     family = family_of(model)
@@ -318,7 +318,10 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
         for b in anatomy.blocks:
             if b.is_moe and widths.get(b.index):
                 cache = max(cache, min(int(gptq.expert_cache_mb * 2**20), b.top_k * tokens * widths[b.index] * size))
-    replay = tokens * hidden * size + cache
+    tail = 0
+    if gptq.attention_tail:  # o_proj's inputs, kept from its pass to rebuild the attention's output
+        tail = max((u.in_features for u in anatomy.units if stage_of(u) == stage_of_kind("o_proj")), default=0)
+    replay = tokens * (hidden + tail) * size + cache
     quantized = max(sum(u.numel for u in anatomy.units if u.block == b.index) for b in anatomy.blocks)
     return MemoryNeed(block, activations, hessians, work, 3 * 4 * quantized if tuned else 0, replay)
 
@@ -332,7 +335,9 @@ def check_memory(need: MemoryNeed, limit: int | None) -> None:
                      f"{need.block / gb:.2f} + calibration activations {need.activations / gb:.2f} + Hessians "
                      f"{need.hessians / gb:.2f} + GPTQ work {need.gptq / gb:.2f} + outputs kept for replay "
                      f"{need.replay / gb:.2f}) but --max-memory is "
-                     f"{limit / gb:.2f} GiB: lower --calib-windows or --calib-len, or raise --max-memory")
+                     f"{limit / gb:.2f} GiB: lower --calib-windows or --calib-len, keep fewer outputs for replay "
+                     "(--expert-cache-mb 0, --recompute-attention), calibrate fewer experts per pass "
+                     "(--expert-stats-mb), or raise --max-memory")
 
 
 def parse_size(text: str) -> int:
