@@ -240,7 +240,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                         "each group by a pass that stops at the experts' dispatch; 0 = all at once. Same result")
     p.add_argument("--recompute-attention", action="store_true",
                    help="do not keep o_proj's calibration inputs to rebuild the attention's output: the attention "
-                        "runs once more per block (lower peak memory by tokens x o_proj's input width). Same result")
+                        "runs once more per block (tokens x o_proj's input width less memory in the o_proj and "
+                        "gate/up passes). Same result")
     p.add_argument("--expert-cache-mb", type=float, default=2048, metavar="MB",
                    help="memory for the routed experts' down inputs kept from the down stage for a block's final "
                         "pass (default 2048; as many experts as fit; 0 = off: lower peak memory, the final pass "
