@@ -152,19 +152,14 @@ def main() -> None:
     from transformers import AutoConfig
 
     from quantmoe.calib.data import CalibrationConfig
+    from quantmoe.quant.cli import add_quantize_parser, gptq_config
     from quantmoe.quant.lazy import build_skeleton
-    from quantmoe.quant.pipeline import GPTQConfig
     from quantmoe.quant.stream import memory_need, work_folder
 
     calib = CalibrationConfig(num_windows=args.calib_windows, seq_len=args.calib_len)
-    memory = argparse.ArgumentParser()
-    memory.add_argument("--expert-stats-mb", type=float, default=GPTQConfig.expert_stats_mb)
-    memory.add_argument("--expert-batch-mb", type=float, default=GPTQConfig.expert_batch_mb)
-    memory.add_argument("--expert-cache-mb", type=float, default=GPTQConfig.expert_cache_mb)
-    memory.add_argument("--recompute-attention", action="store_true")
-    given = memory.parse_known_args(shlex.split(args.quantize_args))[0]
-    gptq = GPTQConfig(expert_stats_mb=given.expert_stats_mb, expert_batch_mb=given.expert_batch_mb,
-                      expert_cache_mb=given.expert_cache_mb, attention_tail=not given.recompute_attention)
+    quantize = argparse.ArgumentParser()  # the streamed run's own options, read as `quantmoe quantize` reads them
+    add_quantize_parser(quantize.add_subparsers())
+    gptq = gptq_config(quantize.parse_args(["quantize", str(model_dir), "--out", "-", *shlex.split(args.quantize_args)]))
     need = memory_need(build_skeleton(AutoConfig.from_pretrained(model_dir), torch.bfloat16), calib, torch.bfloat16,
                        gptq=gptq)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}

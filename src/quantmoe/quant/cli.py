@@ -6,12 +6,16 @@ import argparse
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from quantmoe.quant.checkpoint import REPORT_NAME, check_checkpoint_output
 from quantmoe.quant.distributed import DEFAULT_TIMEOUT_S
 from quantmoe.quant.grid import CLIP_MODES, SUPPORTED_BITS
+
+if TYPE_CHECKING:
+    from quantmoe.quant.pipeline import GPTQConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,6 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     from quantmoe.data import calibration_tokens
     from quantmoe.eval.metrics import evaluate, make_windows, reference_logprobs
     from quantmoe.models import load_model, model_fingerprint
-    from quantmoe.quant.pipeline import GPTQConfig
 
     plan = plan_from_args(args)
     # the plan against the model's config (meta device): a wrong module name fails before any weights load
@@ -137,11 +140,7 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
                if args.plan else "check --bits")
     calib = CalibrationConfig(split=args.calib, num_windows=args.calib_windows, seq_len=args.calib_len,
                               seed=args.seed, moe_mode=args.moe_mode, min_expert_tokens=args.min_expert_tokens)
-    gptq = GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
-                      static_groups=args.static_groups, expert_chunk=args.expert_chunk,
-                      expert_batch_mb=args.expert_batch_mb, expert_cache_mb=args.expert_cache_mb,
-                      expert_stats_mb=args.expert_stats_mb, attention_tail=not args.recompute_attention,
-                      rotate=args.rotate, refine=args.refine, tune_steps=args.tune_steps, tune_lr=args.tune_lr)
+    gptq = gptq_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stream or args.resume:
@@ -196,6 +195,17 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
         print(f"{args.eval} perplexity {base.ppl:.3f} -> {q.ppl:.3f} ({100 * (q.ppl / base.ppl - 1):+.2f}%), "
               f"KL {q.kl_mean:.4f} (p99 {q.kl_p99:.3f}), top-1 agreement {100 * q.top1_agreement:.1f}%")
     return 0
+
+
+def gptq_config(args: argparse.Namespace) -> GPTQConfig:
+    """The ``GPTQConfig`` of parsed ``quantize`` arguments."""
+    from quantmoe.quant.pipeline import GPTQConfig
+
+    return GPTQConfig(method=args.method, damp=args.damp, act_order=args.act_order, block_size=args.block_size,
+                      static_groups=args.static_groups, expert_chunk=args.expert_chunk,
+                      expert_batch_mb=args.expert_batch_mb, expert_cache_mb=args.expert_cache_mb,
+                      expert_stats_mb=args.expert_stats_mb, attention_tail=not args.recompute_attention,
+                      rotate=args.rotate, refine=args.refine, tune_steps=args.tune_steps, tune_lr=args.tune_lr)
 
 
 def add_quantize_parser(sub: argparse._SubParsersAction) -> None:

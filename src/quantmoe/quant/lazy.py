@@ -173,9 +173,8 @@ def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold))
 
 
-def own_memory(module: nn.Module) -> int:
-    """Copy every parameter and buffer of ``module`` that borrows its memory into memory of its own;
-    the bytes copied.
+def own_memory(module: nn.Module) -> None:
+    """Copy every parameter and buffer of ``module`` that borrows its memory into memory of its own.
 
     safetensors reads a tensor without a copy: its storage is the mapped shard (not resizable).
     Experts that transformers stacks into one fused tensor are copies, but the attention's weights,
@@ -184,7 +183,6 @@ def own_memory(module: nn.Module) -> int:
     experts while the block is worked on. Shared (tied) tensors stay shared.
     """
     copies: dict[int, torch.Tensor] = {}
-    copied = 0
     for m in module.modules():
         for table in (m._parameters, m._buffers):
             for name, t in list(table.items()):
@@ -194,9 +192,7 @@ def own_memory(module: nn.Module) -> int:
                     data = t.detach().clone()
                     copies[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(
                         t, nn.Parameter) else data
-                    copied += data.numel() * data.element_size()
                 table[name] = copies[id(t)]
-    return copied
 
 
 def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:

@@ -291,12 +291,21 @@ def _first_frozen_stage(units: Sequence[LinearUnit]) -> int:
     return max((stage_of(u) + 1 for u in units), default=0)
 
 
+def expert_cache_bytes(units: Sequence[LinearUnit], top_k: int, tokens: int, element_size: int) -> int:
+    """Bytes of one block's routed experts' down inputs (``ExpertMLP.hidden``) over ``tokens`` calibration
+    tokens routed to ``top_k`` experts each: what the final pass's cache holds when every expert fits
+    (``units``: the block's; 0 without routed gate/up)."""
+    widths = [u.out_features for u in units if u.expert is not None and u.kind in EXPERT_INPUT_KINDS]
+    return top_k * tokens * max(widths) * element_size if widths else 0
+
+
 def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUnit], attention: str,
                   inputs: list[tuple[tuple, dict]], calib: CalibrationConfig, gptq: GPTQConfig) -> BlockReplay:
     """The attention from the stage after its linears (rebuilt from the inputs of its tail, the linear
-    alone in its last stage, o_proj, unless ``gptq.attention_tail`` is off); each routed expert's down input from the stage after gate/up, for as many
-    experts as fit in ``gptq.expert_cache_mb`` at their average share of the routed tokens (not in
-    the ``all`` MoE mode: experts also run on every token there)."""
+    alone in its last stage, o_proj, unless ``gptq.attention_tail`` is off); each routed expert's down
+    input from the stage after gate/up, for as many experts as fit in ``gptq.expert_cache_mb`` at their
+    average share of the routed tokens (not in the ``all`` MoE mode: experts also run on every token
+    there)."""
     parts = []
     module = getattr(block, attention, None)
     if module is not None:
@@ -309,9 +318,8 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
     readers = [u for u in units if u.expert is not None and u.kind in EXPERT_INPUT_KINDS]
     if info.is_moe and readers and calib.moe_mode != "all" and not gptq.tune_steps:  # tuned: no final replay
         experts = block.get_submodule(info.experts_module.removeprefix(info.module_name + "."))
-        hidden = max(u.out_features for u in readers)
         tokens = sum(args[0].shape[:-1].numel() for args, _ in inputs)
-        size_mb = info.top_k * tokens * hidden * inputs[0][0][0].element_size() / 2**20
+        size_mb = expert_cache_bytes(readers, info.top_k, tokens, inputs[0][0][0].element_size()) / 2**20
         experts = list(experts)
         fits = len(experts) if size_mb <= gptq.expert_cache_mb else int(gptq.expert_cache_mb / size_mb * len(experts))
         first = _first_frozen_stage(readers)
@@ -431,17 +439,16 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                 if gptq.method == "gptq":
                     with replay.stage(stage_index), collector.attached(experts_module_of):
                         _calibrate_block(block, inputs, collector, replay)
-                what = f"block {block_info.index} stage {stage_index}" + (f" group {g}" if len(groups) > 1 else "")
                 if parallel is None:
                     _quantize_units(model, group, specs, collector, calib, gptq, reports, fallbacks, staged)
                 else:
+                    what = f"block {block_info.index} stage {stage_index}" + (f" group {g}" if len(groups) > 1 else "")
                     _quantize_shared(model, group, specs, collector, calib, gptq, reports, fallbacks, staged,
                                      parallel, what)
                 if experts and stage_index == stage_of_kind("gate_proj") and gptq.method == "gptq" and g == 0:
                     # every group's pass routes all the tokens: the counts are the same in each
                     expert_tokens[block_info.index] = tuple(
                         collector.routed_tokens[block_info.experts_module].tolist())
-                del collector
         if targets is not None and staged:
             tuned = tune_block_scales(model, staged, inputs, targets, gptq.tune_steps, gptq.tune_lr, block=block)
             for u in units:

@@ -282,8 +282,7 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     the experts' GPTQ work (batched in chunks, ``expert_batch_mb``); default: ``GPTQConfig()``."""
     from collections import defaultdict
 
-    from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
-    from quantmoe.quant.pipeline import gptq_working_set
+    from quantmoe.quant.pipeline import expert_cache_bytes, gptq_working_set
     from quantmoe.quant.stages import input_key, stage_of, stage_of_kind, stat_groups
 
     gptq = gptq if gptq is not None else GPTQConfig()
@@ -311,13 +310,12 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     tokens = calib.num_windows * calib.seq_len
     cache = 0
     if calib.moe_mode != "all" and not tuned:  # as quant/pipeline.py's _block_replay sizes it
-        widths: dict[int, int] = defaultdict(int)
+        by_block: dict[int, list] = defaultdict(list)
         for u in anatomy.units:
-            if u.expert is not None and u.kind in EXPERT_INPUT_KINDS:
-                widths[u.block] = max(widths[u.block], u.out_features)
-        for b in anatomy.blocks:
-            if b.is_moe and widths.get(b.index):
-                cache = max(cache, min(int(gptq.expert_cache_mb * 2**20), b.top_k * tokens * widths[b.index] * size))
+            by_block[u.block].append(u)
+        budget = int(gptq.expert_cache_mb * 2**20)
+        cache = max((min(budget, expert_cache_bytes(by_block[b.index], b.top_k, tokens, size))
+                     for b in anatomy.blocks if b.is_moe), default=0)
     tail = 0
     if gptq.attention_tail:  # o_proj's inputs, kept from its pass to rebuild the attention's output
         tail = max((u.in_features for u in anatomy.units if stage_of(u) == stage_of_kind("o_proj")), default=0)
