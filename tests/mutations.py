@@ -261,6 +261,26 @@ MUTATIONS: tuple[Mutation, ...] = (
                "        tail = last[0] if len(last) == 1"),),
         ("tests/quant/test_pipeline.py::test_recomputing_the_attention_instead_of_keeping_o_proj_inputs_gives_the_same_model",),
     ),
+    Mutation(
+        "experts-read-all-at-once",
+        "a block's experts are read a group of experts at a time (here: all of them in one group)",
+        (Patch("quant/expert_load.py", "    step = max(1, int(group_bytes // max(per_expert, 1.0)))",
+               "    step = reads.num_experts"),),
+        ("tests/quant/test_expert_load.py::test_experts_are_read_a_group_at_a_time",),
+    ),
+    Mutation(
+        "stream-loads-experts-fused",
+        "the streamed quantization reads experts straight into the per-expert view (here: fused, then unfused)",
+        (Patch("quant/stream.py", "self.lazy.load_block(index, per_expert=True)", "self.lazy.load_block(index)"),),
+        ("tests/quant/test_stream.py::test_lazy_loading_gives_the_in_memory_checkpoint_with_one_block_in_memory",),
+    ),
+    Mutation(
+        "expert-read-skips-the-view-order",
+        "per-expert keys are read in expert order (here: in the order the files list them, 10 before 2)",
+        (Patch("quant/expert_load.py", "        ordered = {p: tuple(sorted(ks, key=_natural)) for p, ks in lists.items()}",
+               "        ordered = {p: tuple(sorted(ks)) for p, ks in lists.items()}"),),
+        ("tests/quant/test_expert_load.py::test_experts_are_read_a_group_at_a_time",),
+    ),
 )
 
 

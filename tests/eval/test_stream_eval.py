@@ -63,12 +63,12 @@ def watch_reads(monkeypatch):
     def hook(cls):
         real = cls._read
 
-        def read(self, group):
+        def read(self, group, **kwargs):
             blocks = self.model.get_submodule(self.family.layers)
             loaded = [i for i, b in enumerate(blocks) if any(not t.is_meta for t in b.state_dict().values())]
             embedding = self.model.get_submodule(self.family.embedding).weight
             seen.append((group, loaded, not embedding.is_meta))
-            real(self, group)
+            real(self, group, **kwargs)
         monkeypatch.setattr(cls, "_read", read)
 
     hook(LazyCheckpoint)

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import quantmoe
 from quantmoe.anatomy import describe, tiny_model
 from quantmoe.calib.data import CalibrationConfig
+from quantmoe.quant import expert_load
 from quantmoe.quant.checkpoint import save_quantized
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.lazy import CheckpointFilesError, LazyCheckpoint, checkpoint_files
@@ -68,17 +69,22 @@ def test_lazy_loading_gives_the_in_memory_checkpoint_with_one_block_in_memory(tm
     real_read = LazyCheckpoint._read
     seen: list[tuple[int, int]] = []
 
-    def read(self, group):
+    def read(self, group, skip=frozenset()):
         blocks = self.model.get_submodule(self.family.layers)
         seen.append((group, sum(any(not p.is_meta for p in b.parameters()) for b in blocks)))
-        real_read(self, group)
+        real_read(self, group, skip)
 
     monkeypatch.setattr(LazyCheckpoint, "_read", read)
+    per_expert: list[str] = []  # the experts are read straight into the per-expert view
+    real_experts = expert_load.read_experts
+    monkeypatch.setattr(expert_load, "read_experts",
+                        lambda model, reads, files: per_expert.append(reads.name) or real_experts(model, reads, files))
     lazy = quantize_stream(src, tmp_path / "lazy", specs, windows, CALIB, dtype=torch.float32, progress=False,
                            attn_implementation="eager")
     assert lazy.max_loaded_blocks == 1
     n_blocks = len(describe(model).blocks)
     assert [g for g, _ in seen] == [-1] + list(range(n_blocks)) and all(n == 0 for _, n in seen)
+    assert per_expert == [b.experts_module for b in describe(model).blocks if b.is_moe]
 
     # the same streaming writer fed by the model in memory writes the same bytes
     quantize_stream(model, tmp_path / "mem", specs, windows, CALIB, progress=False)

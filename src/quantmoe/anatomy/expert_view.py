@@ -263,7 +263,8 @@ def expert_unit_shapes(experts: nn.Module, layout: ExpertLayout, name: str) -> l
     return [(gate, gate, (int(d_out), int(d_in), layout.has_bias))] * int(gate_up.shape[0])
 
 
-def _expected_params(layout: ExpertLayout) -> set[str]:
+def expected_params(layout: ExpertLayout) -> set[str]:
+    """The parameter names (dotted, inside the experts module) of a fused experts module of `layout`."""
     if layout.stacked is not None:
         return set(layout.stacked)
     if not layout.has_gate:  # never biased (ExpertLayout refuses it)
@@ -283,40 +284,55 @@ def _stacked_weights(params: dict[str, Tensor], layout: ExpertLayout, num: int) 
 
 
 @torch.no_grad()
-def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> UnfusedExperts:
-    params = dict(fused.named_parameters())
-    if set(params) != _expected_params(layout):
-        raise ValueError(
-            f"`{name}` has parameters {sorted(params)}, expected {sorted(_expected_params(layout))}; "
-            "check `expert_layout` in this family's FamilySpec (quantmoe/anatomy/specs.py)"
-        )
+def expert_mlps(fused: nn.Module, params: dict[str, Tensor], layout: ExpertLayout, num: int,
+                requires_grad: bool) -> list[ExpertMLP]:
+    """`num` experts as `ExpertMLP`s with their own copies of the weights, cut from `params`: the
+    fused parameters of `fused` (names as `expected_params`), or their rows for `num` consecutive
+    experts (a lazy reader passes a few experts at a time)."""
     activation = _activation(fused, layout)
     experts = []
     if layout.stacked is not None:
-        grad = params[layout.stacked[0]].requires_grad
-        for weights in _stacked_weights(params, layout, int(fused.num_experts)):
-            experts.append(ExpertMLP(*(_linear(w, None, grad) for w in weights), activation=activation))
+        for weights in _stacked_weights(params, layout, num):
+            experts.append(ExpertMLP(*(_linear(w, None, requires_grad) for w in weights), activation=activation))
     elif not layout.has_gate:
         up, down = params[UP], params[DOWN]
-        for e in range(up.shape[0]):
-            linears = (_linear(_as_linear(up[e], layout), None, up.requires_grad),
-                       _linear(_as_linear(down[e], layout), None, up.requires_grad))
+        for e in range(num):
+            linears = (_linear(_as_linear(up[e], layout), None, requires_grad),
+                       _linear(_as_linear(down[e], layout), None, requires_grad))
             experts.append(ExpertMLP(None, *linears, activation=activation))
     else:
         gate_up, down = params[GATE_UP], params[DOWN]
-        grad = gate_up.requires_grad
-        for e in range(gate_up.shape[0]):
+        for e in range(num):
             gate_w, up_w = _split(_as_linear(gate_up[e], layout), layout)  # (I, H) each
             down_w = _as_linear(down[e], layout)  # (H, I)
             gate_b = up_b = down_b = None
             if layout.has_bias:
                 gate_b, up_b = _split(params[GATE_UP_BIAS][e], layout)
                 down_b = params[DOWN_BIAS][e]
-            linears = (_linear(gate_w, gate_b, grad), _linear(up_w, up_b, grad), _linear(down_w, down_b, grad))
+            linears = (_linear(gate_w, gate_b, requires_grad), _linear(up_w, up_b, requires_grad),
+                       _linear(down_w, down_b, requires_grad))
             experts.append(ExpertMLP(*linears, activation=activation))
-    for pname, p in params.items():  # free the fused storage; shapes stay for checks at fuse time
-        _set_param(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
-    return UnfusedExperts(experts, layout, fused)
+    return experts
+
+
+def _unfuse(fused: nn.Module, layout: ExpertLayout, name: str) -> list[ExpertMLP]:
+    params = dict(fused.named_parameters())
+    if set(params) != expected_params(layout):
+        raise ValueError(
+            f"`{name}` has parameters {sorted(params)}, expected {sorted(expected_params(layout))}; "
+            "check `expert_layout` in this family's FamilySpec (quantmoe/anatomy/specs.py)"
+        )
+    num = int(fused.num_experts) if layout.stacked is not None else next(iter(params.values())).shape[0]
+    grad = next(iter(params.values())).requires_grad
+    return expert_mlps(fused, params, layout, num, grad)
+
+
+def _on_meta(fused: nn.Module) -> nn.Module:
+    """`fused` with its parameters on ``meta`` (the storage freed; shapes stay for checks at fuse time)."""
+    for pname, p in dict(fused.named_parameters()).items():
+        if not p.is_meta:
+            _set_param(fused, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+    return fused
 
 
 def _dense(linear: nn.Module, name: str, has_bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -371,6 +387,30 @@ def _fuse(unfused: UnfusedExperts, name: str) -> nn.Module:
     return fused
 
 
+def view_refusal(model: nn.Module) -> str | None:
+    """Why `model`'s experts have no per-expert view (the error `unfuse_experts` raises), or None."""
+    spec = family_of(model)
+    if spec.view_refusal is not None:
+        return (f"{spec.model_type} ({spec.display_name}) has no per-expert view, so it cannot be quantized: "
+                f"{spec.view_refusal}. `quantmoe inspect` and `quantmoe plan` still work from its shapes.")
+    refusal = spec.config_refusal(model.config)
+    if refusal is not None:
+        return (f"this {spec.model_type} ({spec.display_name}) config cannot be quantized: {refusal}. "
+                "`quantmoe inspect` and `quantmoe plan` still work from its shapes.")
+    return None
+
+
+def install_unfused(model: nn.Module, name: str, experts: list[ExpertMLP]) -> UnfusedExperts:
+    """Put `experts` (all of them, in order) in place of the fused experts module `name`, whose
+    parameters go to ``meta``; the MoE module of a `scaled_input` layout dispatches top-k to them."""
+    spec = family_of(model)
+    unfused = UnfusedExperts(experts, spec.expert_layout, _on_meta(model.get_submodule(name)))
+    model.set_submodule(name, unfused)
+    if spec.expert_layout.scaled_input:
+        _dispatch_top_k(model, spec, name)
+    return unfused
+
+
 def unfuse_experts(model: nn.Module, only: Collection[str] | None = None) -> nn.Module:
     """Replace every fused experts module of `model` (or those named in `only`) by an
     `UnfusedExperts`, in place.
@@ -378,24 +418,14 @@ def unfuse_experts(model: nn.Module, only: Collection[str] | None = None) -> nn.
     The per-expert linears hold copies of the fused weights (de-interleaved and transposed
     where the layout says so); the fused storage is freed. Idempotent.
     """
-    spec = family_of(model)
-    if spec.view_refusal is not None:
-        raise UnsupportedModelError(
-            f"{spec.model_type} ({spec.display_name}) has no per-expert view, so it cannot be quantized: "
-            f"{spec.view_refusal}. `quantmoe inspect` and `quantmoe plan` still work from its shapes."
-        )
-    refusal = spec.config_refusal(model.config)
+    refusal = view_refusal(model)
     if refusal is not None:
-        raise UnsupportedModelError(
-            f"this {spec.model_type} ({spec.display_name}) config cannot be quantized: {refusal}. "
-            "`quantmoe inspect` and `quantmoe plan` still work from its shapes."
-        )
+        raise UnsupportedModelError(refusal)
+    spec = family_of(model)
     names = [n for n in experts_module_names(model, spec)
              if (only is None or n in only) and not isinstance(model.get_submodule(n), UnfusedExperts)]
     for name in names:
-        model.set_submodule(name, _unfuse(model.get_submodule(name), spec.expert_layout, name))
-        if spec.expert_layout.scaled_input:
-            _dispatch_top_k(model, spec, name)
+        install_unfused(model, name, _unfuse(model.get_submodule(name), spec.expert_layout, name))
     logger.debug("unfused %d experts modules of %s", len(names), spec.model_type)
     return model
 

@@ -102,7 +102,7 @@ def stream_logprobs(lazy: LazyCheckpoint, windows: torch.Tensor, batch_size: int
     lazy.release_outside()
     hidden = [args[0].to(host) for args, _ in layer_inputs[0]]  # compute dtype, on the host between blocks
     for i in tqdm(range(len(blocks)), desc="eval blocks", disable=not progress, leave=False):
-        block = lazy.load_block(i).to(device)
+        block = lazy.load_block(i, per_expert=True).to(device)
         hidden = [_run_block(block, [((h.to(device),) + args[1:], kwargs)])[0].to(host)
                   for h, (args, kwargs) in zip(hidden, layer_inputs[i])]
         layer_inputs[i] = []

@@ -237,20 +237,22 @@ class LazyCheckpoint:
         """Checkpoint keys per block (``OUTSIDE`` for the rest), checked to cover every model tensor."""
         from transformers.core_model_loading import rename_source_key
 
-        self.mapping, renamings, converters = self._conversions()
+        self.mapping, renamings, self.converters = self._conversions()
         meta = self.model.state_dict()
+        self.renamed: dict[str, tuple[str, str | None]] = {}  # checkpoint key -> (model key, source pattern)
         prefix = re.compile(rf"^{re.escape(self.family.layers)}\.(\d+)\.")
         groups: dict[int, list[str]] = defaultdict(list)
         targets: set[str] = set()
         skipped = []
         for key in self.files:
-            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+            target, pattern = rename_source_key(key, renamings, self.converters, self.model.base_model_prefix, meta)
             if target not in meta and key in meta:
-                target = key
+                target, pattern = key, None
             if target not in meta:
                 skipped.append(key)
                 continue
-            targets.add(target)
+            self.renamed[key] = (target, pattern)
+            targets |= self._split_targets(target, pattern)
             match = prefix.match(target)
             groups[int(match.group(1)) if match else OUTSIDE].append(key)
         if skipped:
@@ -265,13 +267,22 @@ class LazyCheckpoint:
                                        "its config.json belongs to another model")
         return dict(groups)
 
-    def _read(self, group: int) -> None:
+    def _split_targets(self, target: str, pattern: str | None) -> set[str]:
+        """The model keys one checkpoint key loads: ``target``, and the other parts of a converter
+        that splits one tensor into several (LARA's ``linear_attn.in_proj`` into ``in_proj_qkv``, ...)."""
+        converter = next((c for c in self.converters if pattern in c.source_patterns), None) if pattern else None
+        if converter is None or len(converter.target_patterns) < 2:
+            return {target}
+        first = converter.target_patterns[0]
+        return {target.replace(first, other, 1) for other in converter.target_patterns}
+
+    def _read(self, group: int, skip: frozenset[str] = frozenset()) -> None:
         from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
-        keys = self.groups.get(group, [])
+        keys = [k for k in self.groups.get(group, []) if k not in skip]
         by_file: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self.files[key]].append(key)
@@ -313,10 +324,26 @@ class LazyCheckpoint:
                 if b is not None and bname not in module._non_persistent_buffers_set:
                     module.register_buffer(bname, torch.empty_like(b, device="meta"))
 
-    def load_block(self, index: int) -> nn.Module:
-        """Block ``index``'s weights read from disk (CPU, ``self.dtype``), fused as the model defines them."""
-        self._read(index)
+    def load_block(self, index: int, per_expert: bool = False) -> nn.Module:
+        """Block ``index``'s weights read from disk (CPU, ``self.dtype``), fused as the model defines them;
+        with ``per_expert`` its routed experts in the per-expert view instead (``UnfusedExperts``), read
+        a few experts at a time, never as fused copies (quant/expert_load.py)."""
+        from quantmoe.anatomy.expert_view import install_unfused
+        from quantmoe.quant.expert_load import read_experts
+
+        reads = self._expert_reads(index) if per_expert else None
+        if reads is None:
+            self._read(index)
+        else:
+            self._read(index, skip=reads.keys)
+            install_unfused(self.model, reads.name, read_experts(self.model, reads, self.files))
         return self.model.get_submodule(self.family.layers)[index]
+
+    def _expert_reads(self, index: int):
+        """How block ``index``'s experts are read per expert (``ExpertReads``), or None: read fused."""
+        from quantmoe.quant.expert_load import plan_expert_reads
+
+        return plan_expert_reads(self.model, index, self.groups.get(index, []), self.renamed, self.converters)
 
     def release_block(self, index: int) -> None:
         self.model.get_submodule(self.family.layers)[index].to("meta")

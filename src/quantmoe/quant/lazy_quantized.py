@@ -80,6 +80,9 @@ class LazyQuantized(LazyCheckpoint):
                                          f"{missing[:3]}, unexpected {unexpected[:3]}): quantize again")
         return dict(groups)
 
+    def _expert_reads(self, index: int) -> None:
+        return None  # a quantized checkpoint stores its experts per expert: read as they are
+
     def _read(self, group: int) -> None:
         from safetensors import safe_open
 

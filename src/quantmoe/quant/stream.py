@@ -151,7 +151,7 @@ class StreamIO(BlockIO):
 
     def load_block(self, model: nn.Module, index: int, device: torch.device) -> nn.Module:
         self._peak = PeakMemory().__enter__()
-        block = self.lazy.load_block(index) if self.lazy is not None else \
+        block = self.lazy.load_block(index, per_expert=True) if self.lazy is not None else \
             model.get_submodule(family_of(model).layers)[index]
         self.max_loaded_blocks = max(self.max_loaded_blocks, self._loaded_blocks(model))
         return block.to(device)
