@@ -242,26 +242,34 @@ def _hinv(H: torch.Tensor, damp: float, names: Sequence[str],
     that failed (or were skipped); their Hinv is the identity.
     """
     E, n, _ = H.shape
-    eye = torch.eye(n, device=H.device)
-    Hinv = eye.expand(E, n, n).clone()  # (E, in, in)
+    Hinv = torch.empty_like(H)  # (E, in, in) every expert's filled below: its factor, or the identity
     mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(dim=-1)  # (E,)
     base = damp if damp > 0 else RETRY_BASE_DAMP
     tries = [damp] + [base * 10**k for k in range(1, DAMP_RETRIES + 1)]
     used = [damp] * E
     pending = ~skip
+    # n x n float32 matrices dominate GPTQ's memory (1 GiB each for a 16384-wide input): at most two
+    # beside H and Hinv at any time, each freed as soon as the next step has it
     for t, frac in enumerate(tries):
         idx = pending.nonzero().flatten()  # (k,)
         if idx.numel() == 0:
             break
-        Hd = H[idx] + (frac * mean_diag[idx])[:, None, None] * eye  # (k, in, in)
+        Hd = H[idx]  # (k, in, in) a copy
+        Hd.diagonal(dim1=-2, dim2=-1).add_((frac * mean_diag[idx])[:, None])  # + damping * I
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         ok = info == 0  # (k,) only factorized H are inverted: a failed L may hold zeros on its diagonal
-        U = torch.zeros_like(Hd)
         if ok.any():
-            U_ok, info_u = torch.linalg.cholesky_ex(torch.cholesky_inverse(L[ok]), upper=True)
-            U[ok] = U_ok
-            ok[ok.clone()] = (info_u == 0) & finite_rows(U_ok)
-        Hinv[idx[ok]] = U[ok]
+            inverse = torch.cholesky_inverse(L if bool(ok.all()) else L[ok])  # (k_ok, in, in)
+            del L
+            U_ok, info_u = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            good = (info_u == 0) & finite_rows(U_ok)
+            Hinv[idx[ok][good]] = U_ok[good] if not bool(good.all()) else U_ok
+            del U_ok
+            ok[ok.clone()] = good
+        else:
+            del L
         pending[idx[ok]] = False
         for e in idx.tolist():
             used[e] = frac
@@ -272,7 +280,10 @@ def _hinv(H: torch.Tensor, damp: float, names: Sequence[str],
             else:
                 logger.warning("GPTQ %s: H is not positive definite even with damp %g; falling back to RTN",
                                names[e], frac)
-    return Hinv, used, pending | skip
+    failed = pending | skip
+    if bool(failed.any()):
+        Hinv[failed] = torch.eye(n, device=H.device, dtype=H.dtype)
+    return Hinv, used, failed
 
 
 SUB_BLOCK = 16  # columns updated one by one inside a block; the rest of the block takes one matmul per SUB_BLOCK
