@@ -516,18 +516,23 @@ def _quantize_shared(model: nn.Module, units: Sequence[LinearUnit], specs: Mappi
     fallbacks += [u.name for u in units if reports[u.name].method == "rtn-fallback"]
 
 
-GPTQ_COPIES = 6  # float32 copies of W and of H that a batched GPTQ call holds at its peak (measured, CPU)
+# float32 copies of W (out, in) and of H (in, in) a GPTQ call holds at its peak: W, its quantized
+# values, scales, zeros, codes, the running block; H, its damped copy and one factor (measured by
+# benches/bench_gptq_memory.py: at most these on every shape it runs, 10-30% less on most)
+GPTQ_W_COPIES = 8
+GPTQ_H_COPIES = 3
 
 
 REFINE_COPIES = 3  # refinement adds the unquantized W and H, the error and its product with H (gptq.refine_codes)
 
 
 def gptq_working_set(shape: Sequence[int], refine: bool = False) -> int:
-    """Bytes one linear of weight ``shape`` (out, in) adds to a batched GPTQ call: ``GPTQ_COPIES``
-    float32 copies of its weight and of its Hessian (inputs, the float32 copies, scales, zeros,
-    codes, the damped Hessian's factors and inverse), ``REFINE_COPIES`` more with refinement."""
+    """Bytes one linear of weight ``shape`` (out, in) adds to a (batched) GPTQ call:
+    ``GPTQ_W_COPIES`` float32 copies of its weight and ``GPTQ_H_COPIES`` of its Hessian, and
+    ``REFINE_COPIES`` more of each with refinement."""
     out_features, in_features = shape
-    return (GPTQ_COPIES + (REFINE_COPIES if refine else 0)) * 4 * in_features * (out_features + in_features)
+    extra = REFINE_COPIES if refine else 0
+    return 4 * in_features * ((GPTQ_W_COPIES + extra) * out_features + (GPTQ_H_COPIES + extra) * in_features)
 
 
 def expert_chunks(n: int, shape: Sequence[int], gptq: GPTQConfig) -> int:
