@@ -281,6 +281,20 @@ MUTATIONS: tuple[Mutation, ...] = (
                "        ordered = {p: tuple(sorted(ks)) for p, ks in lists.items()}"),),
         ("tests/quant/test_expert_load.py::test_experts_are_read_a_group_at_a_time",),
     ),
+    Mutation(
+        "fp8-scales-ignored",
+        "FP8 checkpoints are dequantized as they are read (here: their fp8 values are taken as the weights)",
+        (Patch("quant/lazy.py", "        if key not in self.scales:\n            return part",
+               "        if True:\n            return part"),),
+        ("tests/quant/test_fp8.py::test_streamed_reading_dequantizes_fp8_weights",),
+    ),
+    Mutation(
+        "fp8-tile-from-the-scale-grid",
+        "FP8 tiles are weight_block_size, the edge ones partial (here: derived from the scale grid, as transformers does)",
+        (Patch("quant/fp8.py", "    scale = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]",
+               "    scale = scale.repeat_interleave(rows // scale.shape[-2], dim=-2)[..., :rows, :]"),),
+        ("tests/quant/test_fp8.py::test_dequantize_fp8_partial_edge_tiles",),
+    ),
 )
 
 

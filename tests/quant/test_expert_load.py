@@ -78,7 +78,8 @@ def test_experts_are_read_a_group_at_a_time(tmp_path, model_type, monkeypatch):
 
     groups, merged = [], []
     real_group, real_merge = expert_load._read_group, MergeModulelist.convert
-    monkeypatch.setattr(expert_load, "_read_group", lambda m, r, f, a, b: groups.append((a, b)) or real_group(m, r, f, a, b))
+    monkeypatch.setattr(expert_load, "_read_group",
+                        lambda m, r, f, a, b, read: groups.append((a, b)) or real_group(m, r, f, a, b, read))
     monkeypatch.setattr(MergeModulelist, "convert", lambda self, d, **kw: merged.extend(len(v) for v in d.values())
                         or real_merge(self, d, **kw))
     lazy = _lazy(path)

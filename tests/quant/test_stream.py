@@ -78,7 +78,7 @@ def test_lazy_loading_gives_the_in_memory_checkpoint_with_one_block_in_memory(tm
     per_expert: list[str] = []  # the experts are read straight into the per-expert view
     real_experts = expert_load.read_experts
     monkeypatch.setattr(expert_load, "read_experts",
-                        lambda model, reads, files: per_expert.append(reads.name) or real_experts(model, reads, files))
+                        lambda model, reads, *rest: per_expert.append(reads.name) or real_experts(model, reads, *rest))
     lazy = quantize_stream(src, tmp_path / "lazy", specs, windows, CALIB, dtype=torch.float32, progress=False,
                            attn_implementation="eager")
     assert lazy.max_loaded_blocks == 1

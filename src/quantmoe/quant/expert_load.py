@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,13 @@ def _natural(key: str) -> list:
 
 
 def plan_expert_reads(model: nn.Module, index: int, keys: list[str], renamed: dict[str, tuple[str, str | None]],
-                      converters: list) -> ExpertReads | None:
+                      converters: list, scaled: frozenset[str] = frozenset()) -> ExpertReads | None:
     """How block ``index``'s fused experts can be read per expert, or None (no routed experts, no
     per-expert view, or a conversion other than the two this module reads).
 
     ``renamed``: checkpoint key -> (model key, the converter's source pattern or None), as
-    transformers' ``rename_source_key`` gives them.
+    transformers' ``rename_source_key`` gives them; ``scaled``: the FP8 weights with per-tile
+    scales (read whole: a fused tensor of them is not read by rows).
     """
     spec = family_of(model)
     if view_refusal(model) is not None:
@@ -118,7 +120,7 @@ def plan_expert_reads(model: nn.Module, index: int, keys: list[str], renamed: di
     for param, lists in sorted(by_param.items()):
         meta = params[param]
         if FUSED in lists:
-            if len(lists) != 1 or len(lists[FUSED]) != 1 or meta.shape[0] % num:
+            if len(lists) != 1 or len(lists[FUSED]) != 1 or meta.shape[0] % num or lists[FUSED][0] in scaled:
                 return None
             sources.append(ExpertSource(param, f"{name}.{param}", meta, {FUSED: tuple(lists[FUSED])}, None))
             continue
@@ -131,20 +133,29 @@ def plan_expert_reads(model: nn.Module, index: int, keys: list[str], renamed: di
     return ExpertReads(name, num, tuple(sources))
 
 
+Reader = Callable[[str, dict], Any]  # (key, open handles by path) -> a lazy slice or a tensor
+
+
+def _slice(files: dict[str, Path]) -> Reader:
+    return lambda key, handles: handles[files[key]].get_slice(key)
+
+
 def _read_group(model: nn.Module, reads: ExpertReads, files: dict[str, Path], start: int,
-                stop: int) -> dict[str, torch.Tensor]:
+                stop: int, read: Reader) -> dict[str, torch.Tensor]:
     """Experts ``start..stop-1``'s rows of every fused parameter, read and converted."""
     from safetensors import safe_open
 
     from quantmoe.quant.lazy import CheckpointFilesError
 
-    handles: dict[Path, Any] = {}  # this group's shards only: dropped, they are unmapped
+    class _Opened(dict):  # this group's shards only, opened on first use: dropped, they are unmapped
+        def __missing__(self, path: Path):
+            self[path] = safe_open(str(path), framework="pt", device="cpu")
+            return self[path]
+
+    handles = _Opened()
 
     def tensor_slice(key: str):
-        path = files[key]
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return handles[path].get_slice(key)
+        return read(key, handles)
 
     params = {}
     for src in reads.sources:
@@ -178,10 +189,13 @@ def _read_group(model: nn.Module, reads: ExpertReads, files: dict[str, Path], st
     return params
 
 
-def read_experts(model: nn.Module, reads: ExpertReads, files: dict[str, Path],
+def read_experts(model: nn.Module, reads: ExpertReads, files: dict[str, Path], read: Reader | None = None,
                  group_bytes: int = GROUP_BYTES) -> list[ExpertMLP]:
     """The block's routed experts as ``ExpertMLP``s (CPU, the skeleton's dtype), read from ``files``
-    (checkpoint key -> file) a group of experts of at most ``group_bytes`` at a time."""
+    (checkpoint key -> file) a group of experts of at most ``group_bytes`` at a time; ``read``
+    gives a key's tensor from the open shards (default: the stored tensor; ``LazyCheckpoint``
+    dequantizes FP8 weights)."""
+    read = read if read is not None else _slice(files)
     layout = family_of(model).expert_layout
     fused = model.get_submodule(reads.name)
     per_expert = sum(s.meta.numel() * s.meta.element_size() for s in reads.sources) / reads.num_experts
@@ -190,7 +204,7 @@ def read_experts(model: nn.Module, reads: ExpertReads, files: dict[str, Path],
     experts: list[ExpertMLP] = []
     for start in range(0, reads.num_experts, step):
         stop = min(reads.num_experts, start + step)
-        params = _read_group(model, reads, files, start, stop)
+        params = _read_group(model, reads, files, start, stop, read)
         experts += expert_mlps(fused, params, layout, stop - start, requires_grad)
         del params
     log.debug("read %d experts of %s in groups of %d", reads.num_experts, reads.name, step)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy import family_of
+from quantmoe.quant.fp8 import SCALE_SUFFIX, dequantize_fp8, fp8_block_size
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,11 @@ class LazyCheckpoint:
         self.files = checkpoint_files(self.folder)
         fix_malloc_threshold()
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.fp8_block = fp8_block_size(config)  # FP8 weights are dequantized as they are read
+        # an FP8 weight's key -> the key of its per-tile scales
+        self.scales = {k.removesuffix(SCALE_SUFFIX): k for k in self.files
+                       if k.endswith(SCALE_SUFFIX) and k.removesuffix(SCALE_SUFFIX) in self.files} \
+            if self.fp8_block is not None else {}
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
         self.dtype = dtype if dtype is not None else config_dtype(config)
@@ -244,7 +250,10 @@ class LazyCheckpoint:
         groups: dict[int, list[str]] = defaultdict(list)
         targets: set[str] = set()
         skipped = []
+        scale_keys = set(self.scales.values())
         for key in self.files:
+            if key in scale_keys:  # read with its weight
+                continue
             target, pattern = rename_source_key(key, renamings, self.converters, self.model.base_model_prefix, meta)
             if target not in meta and key in meta:
                 target, pattern = key, None
@@ -286,8 +295,9 @@ class LazyCheckpoint:
         by_file: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self.files[key]].append(key)
-        handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in by_file}
-        state = {key: handles[path].get_slice(key) for path, ks in by_file.items() for key in ks}
+        handles = {path: safe_open(str(path), framework="pt", device="cpu")
+                   for path in {*by_file, *(self.files[self.scales[k]] for k in keys if k in self.scales)}}
+        state = {key: self._tensor(key, handles) for path, ks in by_file.items() for key in ks}
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
@@ -304,6 +314,15 @@ class LazyCheckpoint:
             raise CheckpointFilesError(f"{self.folder}: tensors do not fit the model's config (e.g. {bad[0]}): "
                                        "config.json and the weights come from different models")
         self.loads.append(group)
+
+    def _tensor(self, key: str, handles: dict):
+        """Checkpoint tensor ``key`` (a lazy slice; an FP8 weight dequantized to float32) from the
+        open ``handles`` (path -> safe_open)."""
+        part = handles[self.files[key]].get_slice(key)
+        if key not in self.scales:
+            return part
+        return dequantize_fp8(part[...], handles[self.files[self.scales[key]]].get_slice(self.scales[key])[...],
+                              self.fp8_block)
 
     def load_outside(self) -> None:
         """Embeddings, final norm and LM head (tied weights re-tied)."""
@@ -336,14 +355,15 @@ class LazyCheckpoint:
             self._read(index)
         else:
             self._read(index, skip=reads.keys)
-            install_unfused(self.model, reads.name, read_experts(self.model, reads, self.files))
+            install_unfused(self.model, reads.name, read_experts(self.model, reads, self.files, self._tensor))
         return self.model.get_submodule(self.family.layers)[index]
 
     def _expert_reads(self, index: int):
         """How block ``index``'s experts are read per expert (``ExpertReads``), or None: read fused."""
         from quantmoe.quant.expert_load import plan_expert_reads
 
-        return plan_expert_reads(self.model, index, self.groups.get(index, []), self.renamed, self.converters)
+        return plan_expert_reads(self.model, index, self.groups.get(index, []), self.renamed, self.converters,
+                                 frozenset(self.scales))
 
     def release_block(self, index: int) -> None:
         self.model.get_submodule(self.family.layers)[index].to("meta")
