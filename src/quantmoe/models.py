@@ -166,6 +166,31 @@ def quantized_format(path: str | Path) -> str | None:
     return "gptq" if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq" else None
 
 
+def _check_fp8_tiles(path: Path) -> None:
+    """Refuse a block-scaled FP8 folder with a weight that its tiles do not divide: transformers'
+    dequantization derives the tile from the scale grid and misreads (or refuses) such a weight;
+    the streamed reader (quant/fp8.py) reads it right."""
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return
+    block = qc.get("weight_block_size") if isinstance(qc, dict) and qc.get("quant_method") == "fp8" else None
+    if not isinstance(block, (list, tuple)) or len(block) != 2:
+        return
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            names = set(fh.keys())
+            for key in sorted(names):
+                shape = fh.get_slice(key).get_shape()
+                if key + "_scale_inv" in names and (shape[-2] % block[0] or shape[-1] % block[1]):
+                    raise ValueError(
+                        f"{path} is stored in FP8 with {block[0]} x {block[1]} tiles that do not divide {key} "
+                        f"{tuple(shape)}, which transformers' dequantization misreads: use --stream (its reader "
+                        "dequantizes partial tiles), or a bf16 copy of the model")
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False, tokenizer: str | None = None):
     """Model (eval mode) and tokenizer of an embedded name, a local folder or a hub id.
@@ -181,6 +206,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     if kind is not None:
         raise ValueError(f"{name_or_path} is a quantized model ({kind} format); this command needs the "
                          "full-precision model: give the model it was quantized from")
+    if Path(path).is_dir():
+        _check_fp8_tiles(Path(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  experts_implementation="eager")
     tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)

@@ -39,11 +39,11 @@ def _tile_by_tile(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _fp8_folder(tmp_path, scales_apart: bool = False):
+def _fp8_folder(tmp_path, scales_apart: bool = False, **overrides):
     """Tiny DeepSeek-V3 saved with every projection in FP8 (its scales in a shard of their own if
     ``scales_apart``); returns the folder, the original float weights and the expected dequantized ones."""
     path = tmp_path / "fp8"
-    tiny_model("deepseek_v3").save_pretrained(path)
+    tiny_model("deepseek_v3", **overrides).save_pretrained(path)
     floats = load_file(path / "model.safetensors")
     weights, scales, expected = {}, {}, {}
     for key, t in floats.items():
@@ -125,3 +125,17 @@ def test_transformers_whole_model_dequantization_misreads_partial_edge_tiles(tmp
     divisible = "model.layers.0.self_attn.o_proj.weight"
     assert all(n % TILE == 0 for n in whole.get_parameter(divisible).shape)
     assert torch.equal(whole.get_parameter(divisible), expected[divisible])
+
+
+def test_whole_model_loading_refuses_fp8_tiles_transformers_misreads(tmp_path):
+    """Without --stream an FP8 folder goes through transformers: refused where its tiles do not
+    divide a weight (this tiny DeepSeek-V3's 24-row kv_a_proj_with_mqa), naming --stream."""
+    import shutil
+
+    from quantmoe.models import embedded_root, load_model
+
+    path, _, _ = _fp8_folder(tmp_path, vocab_size=8192)
+    for f in (embedded_root() / "tokenizer").iterdir():
+        shutil.copy(f, path / f.name)
+    with pytest.raises(ValueError, match=r"kv_a_proj_with_mqa\.weight \(24, 32\).*--stream"):
+        load_model(str(path))
