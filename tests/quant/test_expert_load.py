@@ -17,12 +17,7 @@ from quantmoe.quant.lazy import CheckpointFilesError, LazyCheckpoint
 SUPPORTED = sorted(t for t, spec in FAMILIES.items() if spec.view_refusal is None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _saved(tmp_path, model_type, **overrides):
