@@ -139,3 +139,21 @@ def test_whole_model_loading_refuses_fp8_tiles_transformers_misreads(tmp_path):
         shutil.copy(f, path / f.name)
     with pytest.raises(ValueError, match=r"kv_a_proj_with_mqa\.weight \(24, 32\).*--stream"):
         load_model(str(path))
+
+
+def test_an_fp8_weight_is_dequantized_only_when_read(tmp_path, monkeypatch):
+    """The reader hands transformers lazy slices: a block's FP8 weights become floats one at a time."""
+    from safetensors import safe_open
+
+    from quantmoe.quant import fp8
+
+    path, _, expected = _fp8_folder(tmp_path, scales_apart=True)
+    lazy = LazyCheckpoint(path, dtype=torch.float32)
+    calls = []
+    real = fp8.dequantize_fp8
+    monkeypatch.setattr(fp8, "dequantize_fp8", lambda *a: calls.append(a) or real(*a))
+    key = "model.layers.0.self_attn.o_proj.weight"
+    handles = {p: safe_open(str(p), framework="pt") for p in set(lazy.files.values())}
+    part = lazy._tensor(key, handles)
+    assert not calls and part.get_shape() == list(expected[key].shape)
+    assert torch.equal(part[...], expected[key]) and len(calls) == 1

@@ -55,3 +55,17 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     scale = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]
     scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]
     return weight.to(torch.float32) * scale
+
+
+class DequantizedSlice:
+    """An FP8 weight read lazily, as safetensors' slices are: dequantized when indexed (``[...]``),
+    so a block's weights are turned into floats one at a time, as the loader reads them."""
+
+    def __init__(self, weight, scale_inv, block: tuple[int, int]) -> None:
+        self.weight, self.scale_inv, self.block = weight, scale_inv, block  # safetensors slices
+
+    def get_shape(self) -> list[int]:
+        return self.weight.get_shape()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return dequantize_fp8(self.weight[...], self.scale_inv[...], self.block)[index]

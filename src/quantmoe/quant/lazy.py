@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy import family_of
-from quantmoe.quant.fp8 import SCALE_SUFFIX, dequantize_fp8, fp8_block_size
+from quantmoe.quant.fp8 import SCALE_SUFFIX, DequantizedSlice, fp8_block_size
 
 log = logging.getLogger(__name__)
 
@@ -316,13 +316,13 @@ class LazyCheckpoint:
         self.loads.append(group)
 
     def _tensor(self, key: str, handles: dict):
-        """Checkpoint tensor ``key`` (a lazy slice; an FP8 weight dequantized to float32) from the
-        open ``handles`` (path -> safe_open)."""
+        """Checkpoint tensor ``key`` as a lazy slice (an FP8 weight's dequantizes to float32 when read)
+        from the open ``handles`` (path -> safe_open)."""
         part = handles[self.files[key]].get_slice(key)
         if key not in self.scales:
             return part
-        return dequantize_fp8(part[...], handles[self.files[self.scales[key]]].get_slice(self.scales[key])[...],
-                              self.fp8_block)
+        return DequantizedSlice(part, handles[self.files[self.scales[key]]].get_slice(self.scales[key]),
+                                self.fp8_block)
 
     def load_outside(self) -> None:
         """Embeddings, final norm and LM head (tied weights re-tied)."""
