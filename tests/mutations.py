@@ -302,6 +302,14 @@ MUTATIONS: tuple[Mutation, ...] = (
                "                if False:"),),
         ("tests/quant/test_fp8.py::test_whole_model_loading_refuses_fp8_tiles_transformers_misreads",),
     ),
+    Mutation(
+        "fp8-dequantized-eagerly",
+        "an FP8 weight becomes floats only when the loader reads it (here: as soon as its slice is handed over)",
+        (Patch("quant/fp8.py", "        self.weight, self.scale_inv, self.block = weight, scale_inv, block  # safetensors slices",
+               "        self.weight, self.scale_inv, self.block = weight, scale_inv, block\n"
+               "        self.value = dequantize_fp8(weight[...], scale_inv[...], block)"),),
+        ("tests/quant/test_fp8.py::test_an_fp8_weight_is_dequantized_only_when_read",),
+    ),
 )
 
 
