@@ -49,9 +49,10 @@ def _parse() -> argparse.Namespace:
 
 
 def main() -> int:
-    from quantmoe.allocator import tune_malloc
+    from quantmoe.allocator import bound_kernel_caches, tune_malloc
 
     tune_malloc()  # as the quantmoe command does (QUANTMOE_MALLOC=default turns it off)
+    bound_kernel_caches()
     args = _parse()
     import numpy as np
     import torch

@@ -310,6 +310,13 @@ MUTATIONS: tuple[Mutation, ...] = (
                "        self.value = dequantize_fp8(weight[...], scale_inv[...], block)"),),
         ("tests/quant/test_fp8.py::test_an_fp8_weight_is_dequantized_only_when_read",),
     ),
+    Mutation(
+        "kernel-caches-unbounded",
+        "the command caps oneDNN's and ideep's kernel caches (here: the caps are computed but never set)",
+        (Patch("allocator.py", "    environ.update(applied)\n", ""),),
+        ("tests/test_allocator.py::test_kernel_caches_are_capped_unless_the_user_set_them",
+         "tests/test_allocator.py::test_bounded_kernel_caches_keep_less_memory_on_bfloat16_expert_calls"),
+    ),
 )
 
 

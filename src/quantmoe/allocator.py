@@ -1,4 +1,5 @@
-"""glibc malloc settings for long quantization runs (the `quantmoe` command applies them).
+"""Process memory settings for long quantization runs (the `quantmoe` command applies them):
+glibc's malloc (`tune_malloc`) and the size of oneDNN's kernel caches (`bound_kernel_caches`).
 
 A quantization pass allocates and frees activation-sized tensors (a few hundred KB to a few
 MB: each expert's rows, its gate/up outputs) thousands of times per block. With glibc's
@@ -15,6 +16,17 @@ Measured in docs/quantization.md ("Allocator settings"): about 11% less time for
 more peak RSS on a 32-expert model, 1.46x less time for about 250 MB more on a 128-expert one. The `quantmoe` command calls `tune_malloc` first; library users may call it
 themselves. It does nothing off glibc Linux, when `QUANTMOE_MALLOC=default`, or when the
 environment already sets a glibc malloc tunable (`MALLOC_*`, `GLIBC_TUNABLES`) (the user's own choice wins).
+
+On CPUs where PyTorch runs bfloat16 matmuls through oneDNN (those with AVX512-BF16 or AMX),
+each new matmul shape leaves a cached primitive with its own buffers in two caches, oneDNN's
+primitive cache and ideep's (PyTorch's oneDNN wrapper) LRU cache, 1024 entries each by
+default. Routed experts see a different number of tokens in every batch, so nearly every
+expert call is a new shape and the caches fill with entries that are never reused: 540 MB on
+one block of benches/bench_scale.py's model (docs/quantization.md, "Allocator settings").
+`bound_kernel_caches` caps both at 16 entries (the attention's and dense MLPs' shapes, which
+repeat, still hit). It only sets the environment variables oneDNN and ideep read when they
+create their first primitive, so it must run before the process's first matmul; a variable
+the user already set is left as it is.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import ctypes
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +44,8 @@ M_ARENA_MAX = -8
 TOP_PAD_BYTES = 64 << 20
 ARENAS = 1
 OPT_OUT = "QUANTMOE_MALLOC"
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
+KERNEL_CACHE_ENTRIES = 16
 
 
 def _user_choice(environ: Mapping[str, str]) -> str | None:
@@ -63,4 +77,14 @@ def tune_malloc(environ: Mapping[str, str] | None = None, libc: object | None = 
         return False
     applied = mallopt(M_ARENA_MAX, ARENAS) == 1 and mallopt(M_TOP_PAD, TOP_PAD_BYTES) == 1
     log.debug("malloc: %d arena, %d MB top pad: %s", ARENAS, TOP_PAD_BYTES >> 20, "applied" if applied else "refused")
+    return applied
+
+
+def bound_kernel_caches(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Cap oneDNN's and ideep's kernel caches at ``KERNEL_CACHE_ENTRIES`` entries each (the
+    variables in ``KERNEL_CACHES`` the environment does not set yet); the variables set."""
+    environ = os.environ if environ is None else environ
+    applied = {name: str(KERNEL_CACHE_ENTRIES) for name in KERNEL_CACHES if name not in environ}
+    environ.update(applied)
+    log.debug("kernel caches: %s", applied or "left as the environment sets them")
     return applied

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from quantmoe.allocator import tune_malloc
+from quantmoe.allocator import bound_kernel_caches, tune_malloc
 
 log = logging.getLogger("quantmoe")
 
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # before torch starts its worker threads (quantmoe/allocator.py)
+    bound_kernel_caches()  # before the first matmul
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
