@@ -166,6 +166,15 @@ def quantized_format(path: str | Path) -> str | None:
     return "gptq" if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq" else None
 
 
+def is_mxfp4(config) -> bool:
+    """Whether ``config`` describes a checkpoint stored with MXFP4 experts (GPT-OSS; quant/mxfp4.py)."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return False
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    return qc.get("quant_method") == "mxfp4"
+
+
 def _check_fp8_tiles(path: Path) -> None:
     """Refuse a block-scaled FP8 folder with a weight that its tiles do not divide: transformers'
     dequantization derives the tile from the scale grid and misreads (or refuses) such a weight;
@@ -197,7 +206,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
     ``tokenizer``: another folder or hub id to take the tokenizer from (default: the model's).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     tok_path = resolve_model(tokenizer) if tokenizer else path
@@ -208,8 +217,14 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
                          "full-precision model: give the model it was quantized from")
     if Path(path).is_dir():
         _check_fp8_tiles(Path(path))
+    extra = {}
+    if is_mxfp4(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)):
+        from transformers import Mxfp4Config
+
+        # always as floats: on a GPU with MXFP4 kernels transformers would keep the experts packed
+        extra["quantization_config"] = Mxfp4Config(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 experts_implementation="eager")
+                                                 experts_implementation="eager", **extra)
     tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
     _check_vocab(model, tok, tok_path)
     return model.to(device).eval(), tok

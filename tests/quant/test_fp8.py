@@ -100,7 +100,7 @@ def test_streamed_reading_dequantizes_fp8_weights(tmp_path, scales_apart, per_ex
         assert name in expected or torch.equal(q, floats.get(name, p)), name
 
 
-@pytest.mark.parametrize("method", ["gptq", "mxfp4", "bitsandbytes"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes"])
 def test_other_quantized_checkpoints_are_refused_naming_the_method(tmp_path, method):
     path = tmp_path / "q"
     tiny_model("mixtral").save_pretrained(path)

@@ -5,8 +5,9 @@ Such a checkpoint keeps each linear's ``weight`` as ``float8_e4m3fn`` and beside
 is ``fp8.float() * scale`` tile by tile. ``config.json`` says so in ``quantization_config``
 (``quant_method: fp8``). The streamed readers dequantize every such weight as they read it (the
 scale may sit in another shard), the way transformers' ``from_pretrained`` does on a machine
-without an FP8 GPU: float32 product, then the model's dtype. A checkpoint quantized any other
-way (GPTQ, AWQ, MXFP4, bitsandbytes, ...) is refused: quantmoe quantizes from floats.
+without an FP8 GPU: float32 product, then the model's dtype. GPT-OSS's MXFP4 experts are read by
+quant/mxfp4.py; a checkpoint quantized any other way (GPTQ, AWQ, bitsandbytes, ...) is refused:
+quantmoe quantizes from floats.
 
 Example:
     >>> w = torch.ones(4, 4).to(torch.float8_e4m3fn)
@@ -26,7 +27,8 @@ class QuantizedCheckpointError(ValueError):
 
 
 def fp8_block_size(config) -> tuple[int, int] | None:
-    """The FP8 tile (rows, cols) of a block-scaled FP8 checkpoint, None for a float checkpoint.
+    """The FP8 tile (rows, cols) of a block-scaled FP8 checkpoint, None for a float checkpoint or one
+    with MXFP4 experts (quant/mxfp4.py reads those).
 
     Raises QuantizedCheckpointError for any other ``quantization_config``."""
     qc = getattr(config, "quantization_config", None)
@@ -37,6 +39,8 @@ def fp8_block_size(config) -> tuple[int, int] | None:
     block = qc.get("weight_block_size")
     if method == "fp8" and isinstance(block, (list, tuple)) and len(block) == 2:
         return int(block[0]), int(block[1])
+    if method == "mxfp4":
+        return None
     raise QuantizedCheckpointError(
         f"the checkpoint is stored quantized (quant_method {method!r}"
         f"{', no weight_block_size' if method == 'fp8' else ''}) and quantmoe quantizes from float weights: "

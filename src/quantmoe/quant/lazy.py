@@ -29,6 +29,7 @@ from torch import nn
 
 from quantmoe.anatomy import family_of
 from quantmoe.quant.fp8 import SCALE_SUFFIX, DequantizedSlice, fp8_block_size
+from quantmoe.quant.mxfp4 import Mxfp4Slice, is_mxfp4, mxfp4_pairs
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,10 @@ class LazyCheckpoint:
         self.scales = {k.removesuffix(SCALE_SUFFIX): k for k in self.files
                        if k.endswith(SCALE_SUFFIX) and k.removesuffix(SCALE_SUFFIX) in self.files} \
             if self.fp8_block is not None else {}
+        # MXFP4 experts: a parameter's key -> its (blocks, scales) keys; the parameter is read from both
+        self.mxfp4 = mxfp4_pairs(self.files) if is_mxfp4(config) else {}
+        for key, (blocks, _) in self.mxfp4.items():
+            self.files[key] = self.files[blocks]
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
         self.dtype = dtype if dtype is not None else config_dtype(config)
@@ -250,7 +255,7 @@ class LazyCheckpoint:
         groups: dict[int, list[str]] = defaultdict(list)
         targets: set[str] = set()
         skipped = []
-        scale_keys = set(self.scales.values())
+        scale_keys = set(self.scales.values()) | {k for pair in self.mxfp4.values() for k in pair}
         for key in self.files:
             if key in scale_keys:  # read with its weight
                 continue
@@ -296,7 +301,8 @@ class LazyCheckpoint:
         for key in keys:
             by_file[self.files[key]].append(key)
         handles = {path: safe_open(str(path), framework="pt", device="cpu")
-                   for path in {*by_file, *(self.files[self.scales[k]] for k in keys if k in self.scales)}}
+                   for path in {*by_file, *(self.files[self.scales[k]] for k in keys if k in self.scales),
+                                *(self.files[part] for k in keys for part in self.mxfp4.get(k, ()))}}
         state = {key: self._tensor(key, handles) for path, ks in by_file.items() for key in ks}
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
@@ -316,8 +322,12 @@ class LazyCheckpoint:
         self.loads.append(group)
 
     def _tensor(self, key: str, handles: dict):
-        """Checkpoint tensor ``key`` as a lazy slice (an FP8 weight's dequantizes to float32 when read)
-        from the open ``handles`` (path -> safe_open)."""
+        """Checkpoint tensor ``key`` as a lazy slice (an FP8 weight's or MXFP4 parameter's dequantizes
+        to float32 when read) from the open ``handles`` (path -> safe_open)."""
+        if key in self.mxfp4:
+            blocks, scales = self.mxfp4[key]
+            return Mxfp4Slice(handles[self.files[blocks]].get_slice(blocks),
+                              handles[self.files[scales]].get_slice(scales))
         part = handles[self.files[key]].get_slice(key)
         if key not in self.scales:
             return part
