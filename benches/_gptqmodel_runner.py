@@ -88,7 +88,9 @@ def dequantized_weights(model, quant_linear_cls, to_v2) -> dict:
 def main() -> int:
     args = _parse()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(args.threads))
+    # its model loader asks for a pool of 2 CPU workers and refuses to start with fewer (--threads 1);
+    # torch's own threads stay at --threads
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, args.threads)))
     import numpy as np
     import torch
 

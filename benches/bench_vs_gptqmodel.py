@@ -105,8 +105,9 @@ def _parse() -> argparse.Namespace:
 
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
+    # GPTQModel's model loader asks for a pool of 2 CPU workers and refuses to start with fewer
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), GPTQMODEL_CPU_WORKERS=str(threads))
+               MKL_NUM_THREADS=str(threads), GPTQMODEL_CPU_WORKERS=str(max(2, threads)))
     return env
 
 

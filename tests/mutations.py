@@ -331,6 +331,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/quant/test_mxfp4.py::test_whole_model_loading_dequantizes_mxfp4_experts",),
     ),
     Mutation(
+        "attention-replay-kept",
+        "--no-attention-replay keeps none of the attention's outputs (here: they are kept whatever the setting)",
+        (Patch("quant/pipeline.py", "    if module is not None and gptq.attention_replay:", "    if module is not None:"),),
+        ("tests/quant/test_pipeline.py::test_recomputing_the_attention_instead_of_keeping_o_proj_inputs_gives_the_same_model",),
+    ),
+    Mutation(
         "kernel-caches-unbounded",
         "the command caps oneDNN's and ideep's kernel caches (here: the caps are computed but never set)",
         (Patch("allocator.py", "    environ.update(applied)\n", ""),),

@@ -224,17 +224,27 @@ def test_recomputing_the_attention_instead_of_keeping_o_proj_inputs_gives_the_sa
         return real(module, *a, **k)
 
     monkeypatch.setattr(pipeline, "FrozenOutputs", frozen)
-    states = {}
-    for keep in (True, False):
+    states, computed = {}, {}
+    calls = []  # the attention's real compute (sdpa), replays not counted
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    for keep, replay in ((True, True), (False, True), (True, False)):  # --recompute-attention, --no-attention-replay
         model = tiny_model(family)
         model.set_attn_implementation("sdpa")
         specs = Plan.uniform(4, group_size=16).resolve(describe(model))
         tails.clear()
+        calls.clear()
         quantize_model(model, specs, _windows(model), CalibrationConfig(min_expert_tokens=1, batch_size=3),
-                       GPTQConfig(attention_tail=keep), progress=False)
-        states[keep] = model.state_dict()
-        assert (tails.count("o_proj") == len(describe(model).blocks)) if keep else not any(tails)
-    assert all(torch.equal(states[True][k], states[False][k]) for k in states[True])
+                       GPTQConfig(attention_tail=keep, attention_replay=replay), progress=False)
+        states[keep, replay] = model.state_dict()
+        computed[keep, replay] = len(calls)
+        if replay:
+            assert (tails.count("o_proj") == len(describe(model).blocks)) if keep else not any(tails)
+        else:  # no attention output kept at all: only the experts' down inputs are replayed
+            assert len(tails) == sum(b.num_experts for b in describe(model).blocks if b.is_moe) and not any(tails)
+    assert computed[True, False] > computed[False, True] > computed[True, True]  # computed on every pass
+    assert all(torch.equal(states[True, True][k], states[mode][k]) for mode in states for k in states[True, True])
 
 
 def test_expert_cache_off_or_partial_gives_the_same_model_and_negative_is_an_error(monkeypatch):

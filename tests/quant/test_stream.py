@@ -181,6 +181,8 @@ def test_memory_guard_refuses_with_the_number_it_needs(tmp_path):
     assert memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_cache_mb=0)).replay == attention_out + o_inputs
     lean = memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_cache_mb=0, attention_tail=False))
     assert lean.replay == attention_out
+    leanest = memory_need(model, CALIB, torch.float32, gptq=GPTQConfig(expert_cache_mb=0, attention_replay=False))
+    assert leanest.replay == 0 and leanest.total == lean.total - attention_out
     with pytest.raises(ValueError, match=r"needs about .* GiB .*replay .*--expert-cache-mb 0.*--max-memory"):
         quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, progress=False, max_memory=need.total - 1)
     assert not work_folder(tmp_path / "q").exists()

@@ -205,6 +205,7 @@ def gptq_config(args: argparse.Namespace) -> GPTQConfig:
                       static_groups=args.static_groups, expert_chunk=args.expert_chunk,
                       expert_batch_mb=args.expert_batch_mb, expert_cache_mb=args.expert_cache_mb,
                       expert_stats_mb=args.expert_stats_mb, attention_tail=not args.recompute_attention,
+                      attention_replay=not args.no_attention_replay,
                       rotate=args.rotate, refine=args.refine, tune_steps=args.tune_steps, tune_lr=args.tune_lr)
 
 
@@ -252,6 +253,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not keep o_proj's calibration inputs to rebuild the attention's output: the attention "
                         "runs once more per block (tokens x o_proj's input width less memory in the o_proj and "
                         "gate/up passes). Same result")
+    p.add_argument("--no-attention-replay", action="store_true",
+                   help="keep none of the attention's outputs for a block's later passes: the attention runs on "
+                        "every pass (tokens x hidden less memory while the block is worked on; implies "
+                        "--recompute-attention). Same result")
     p.add_argument("--expert-cache-mb", type=float, default=2048, metavar="MB",
                    help="memory for the routed experts' down inputs kept from the down stage for a block's final "
                         "pass (default 2048; as many experts as fit; 0 = off: lower peak memory, the final pass "

@@ -78,6 +78,10 @@ class GPTQConfig:
     # running the attention again (memory: tokens x o_proj's input width); False runs the attention once
     # more per block instead. The same result bit for bit
     attention_tail: bool = True
+    # keep the attention's output of each batch once its linears are quantized and replay it on the
+    # block's later passes (memory: tokens x hidden); False runs the attention on every pass instead
+    # (and keeps no o_proj inputs either). The same result bit for bit
+    attention_replay: bool = True
     # rotate the residual stream by a random Hadamard matrix (seed 0) folded into the weights
     # before calibration (quant/rotate.py): the same model, other weights; recorded with the run
     rotate: bool = False
@@ -301,14 +305,15 @@ def expert_cache_bytes(units: Sequence[LinearUnit], top_k: int, tokens: int, ele
 
 def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUnit], attention: str,
                   inputs: list[tuple[tuple, dict]], calib: CalibrationConfig, gptq: GPTQConfig) -> BlockReplay:
-    """The attention from the stage after its linears (rebuilt from the inputs of its tail, the linear
-    alone in its last stage, o_proj, unless ``gptq.attention_tail`` is off); each routed expert's down
+    """The attention from the stage after its linears, unless ``gptq.attention_replay`` is off (rebuilt
+    from the inputs of its tail, the linear alone in its last stage, o_proj, unless
+    ``gptq.attention_tail`` is off); each routed expert's down
     input from the stage after gate/up, for as many experts as fit in ``gptq.expert_cache_mb`` at their
     average share of the routed tokens (not in the ``all`` MoE mode: experts also run on every token
     there)."""
     parts = []
     module = getattr(block, attention, None)
-    if module is not None:
+    if module is not None and gptq.attention_replay:
         prefix = f"{info.module_name}.{attention}."
         mine = [u for u in units if u.name.startswith(prefix)]
         first = _first_frozen_stage(mine)

@@ -204,7 +204,8 @@ def _maybe_pause(index: int) -> None:
 
 # GPTQConfig fields that set memory use only (the result is the same bit for bit: tests/quant/test_pipeline.py):
 # a resumed run may change them
-MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb", "expert_stats_mb", "attention_tail")
+MEMORY_ONLY = ("expert_cache_mb", "expert_chunk", "expert_batch_mb", "expert_stats_mb", "attention_tail",
+               "attention_replay")
 
 
 def _gptq_identity(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -319,7 +320,8 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     tail = 0
     if gptq.attention_tail:  # o_proj's inputs, kept from its pass to rebuild the attention's output
         tail = max((u.in_features for u in anatomy.units if stage_of(u) == stage_of_kind("o_proj")), default=0)
-    replay = tokens * (hidden + tail) * size + cache
+    attention = hidden + tail if gptq.attention_replay else 0  # the attention's kept output (and tail inputs)
+    replay = tokens * attention * size + cache
     quantized = max(sum(u.numel for u in anatomy.units if u.block == b.index) for b in anatomy.blocks)
     return MemoryNeed(block, activations, hessians, work, 3 * 4 * quantized if tuned else 0, replay)
 
@@ -334,7 +336,7 @@ def check_memory(need: MemoryNeed, limit: int | None) -> None:
                      f"{need.hessians / gb:.2f} + GPTQ work {need.gptq / gb:.2f} + outputs kept for replay "
                      f"{need.replay / gb:.2f}) but --max-memory is "
                      f"{limit / gb:.2f} GiB: lower --calib-windows or --calib-len, keep fewer outputs for replay "
-                     "(--expert-cache-mb 0, --recompute-attention), calibrate fewer experts per pass "
+                     "(--expert-cache-mb 0, --recompute-attention or --no-attention-replay), calibrate fewer experts per pass "
                      "(--expert-stats-mb), or raise --max-memory")
 
 
