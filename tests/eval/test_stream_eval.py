@@ -26,6 +26,11 @@ from quantmoe.quant.plan import Plan
 from quantmoe.quant.stream import quantize_stream
 
 REL = 1e-5
+# A single token's KL (the quantiles: median, p90, p99, max) is a sum of products of float32
+# log-probabilities of magnitude ~5, whose last bit is ~5e-7: the streamed and the whole model
+# compute the same sums in other orders (gate and up as one matmul or two, per-expert views), so
+# a quantile may move by a few 1e-7 where the mean and the perplexity agree to 1e-5 or better
+TOKEN_KL_ABS = 1e-6
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
 PLAN = Plan.from_dict({"default": {"bits": 4, "group_size": 16},
                        "kinds": {"down_proj": {"bits": 3, "symmetric": False}}})
@@ -52,7 +57,8 @@ def _assert_equal(got: EvalResult, want: EvalResult):
         if value is None:
             assert getattr(got, name) is None, name
         else:
-            assert getattr(got, name) == pytest.approx(value, rel=REL, abs=1e-12), name
+            quantile = name.startswith("kl_") and name != "kl_mean"
+            assert getattr(got, name) == pytest.approx(value, rel=REL, abs=TOKEN_KL_ABS if quantile else 1e-12), name
 
 
 @pytest.fixture
