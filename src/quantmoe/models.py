@@ -166,13 +166,16 @@ def quantized_format(path: str | Path) -> str | None:
     return "gptq" if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq" else None
 
 
+def stored_quantization(config) -> dict | None:
+    """The ``quantization_config`` of a model's config as a dict (None for a float checkpoint)."""
+    qc = getattr(config, "quantization_config", None)
+    return qc if qc is None or isinstance(qc, dict) else qc.to_dict()
+
+
 def is_mxfp4(config) -> bool:
     """Whether ``config`` describes a checkpoint stored with MXFP4 experts (GPT-OSS; quant/mxfp4.py)."""
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return False
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    return qc.get("quant_method") == "mxfp4"
+    qc = stored_quantization(config)
+    return qc is not None and qc.get("quant_method") == "mxfp4"
 
 
 def _check_fp8_tiles(path: Path) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from quantmoe.models import stored_quantization
+
 SCALE_SUFFIX = "_scale_inv"  # weight key + this: its per-tile scales
 
 
@@ -31,10 +33,9 @@ def fp8_block_size(config) -> tuple[int, int] | None:
     with MXFP4 experts (quant/mxfp4.py reads those).
 
     Raises QuantizedCheckpointError for any other ``quantization_config``."""
-    qc = getattr(config, "quantization_config", None)
+    qc = stored_quantization(config)
     if qc is None:
         return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = qc.get("quant_method")
     block = qc.get("weight_block_size")
     if method == "fp8" and isinstance(block, (list, tuple)) and len(block) == 2:
