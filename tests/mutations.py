@@ -343,6 +343,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_allocator.py::test_kernel_caches_are_capped_unless_the_user_set_them",
          "tests/test_allocator.py::test_bounded_kernel_caches_keep_less_memory_on_bfloat16_expert_calls"),
     ),
+    Mutation(
+        "heap-kept-between-blocks",
+        "the streamed quantization and evaluation trim the heap after each block (here: neither does)",
+        (Patch("quant/stream.py", "        release_free_memory()  # the next block", "        pass  # the next block"),
+         Patch("eval/stream.py", "        release_free_memory()  # the heap's", "        pass  # the heap's")),
+        ("tests/quant/test_stream.py::test_the_heap_is_trimmed_after_each_block_before_the_next_is_read",
+         "tests/eval/test_stream_eval.py::test_the_heap_is_trimmed_after_each_block_before_the_next_is_read"),
+    ),
+    Mutation(
+        "malloc-trim-not-called",
+        "release_free_memory hands free heap pages back with malloc_trim(0) (here: it only looks the function up)",
+        (Patch("allocator.py", "    return bool(trim(0)) if trim is not None else False", "    return trim is not None"),),
+        ("tests/test_allocator.py::test_free_pages_inside_a_fragmented_heap_go_back_to_the_kernel",
+         "tests/test_allocator.py::test_release_free_memory_calls_malloc_trim_zero"),
+    ),
 )
 
 

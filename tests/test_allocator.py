@@ -13,6 +13,7 @@ from quantmoe.allocator import (
     M_TOP_PAD,
     TOP_PAD_BYTES,
     bound_kernel_caches,
+    release_free_memory,
     tune_malloc,
 )
 
@@ -106,3 +107,43 @@ def test_bounded_kernel_caches_keep_less_memory_on_bfloat16_expert_calls():
                                       check=True, env=env).stdout)
              for mode in ("bounded", "default")}
     assert grown["bounded"] + 40 < grown["default"], grown
+
+
+HOLES = """
+import ctypes, os
+from quantmoe.allocator import release_free_memory, tune_malloc
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+tune_malloc({})
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+chunks = []
+for _ in range(2000):  # 200 MB of 100 KB chunks (below glibc's mmap threshold: on the heap)
+    chunks.append(libc.malloc(100_000))
+    ctypes.memset(chunks[-1], 1, 100_000)
+for c in chunks[:-1:2]:  # every other one freed: holes that no trim at the heap's top can return
+    libc.free(c)
+holes = rss()
+print(release_free_memory(), holes - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_free_pages_inside_a_fragmented_heap_go_back_to_the_kernel():
+    out = subprocess.run([sys.executable, "-c", HOLES], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "True"
+    assert float(out[1]) > 80, out  # about 100 MB of holes released (measured: 89 MB)
+
+
+def test_release_free_memory_calls_malloc_trim_zero():
+    class Libc:
+        calls: list[int] = []
+
+        def malloc_trim(self, pad: int) -> int:
+            self.calls.append(pad)
+            return 1
+
+    libc = Libc()
+    assert release_free_memory(libc) is True and libc.calls == [0]
+    assert release_free_memory(object()) is False  # not glibc: nothing to call

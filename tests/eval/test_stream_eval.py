@@ -104,6 +104,19 @@ def test_full_precision_stream_equals_whole_model(tmp_path, family, watch_reads)
     _one_block_at_a_time(watch_reads, len(describe(whole).blocks))
 
 
+def test_the_heap_is_trimmed_after_each_block_before_the_next_is_read(tmp_path, monkeypatch, watch_reads):
+    import quantmoe.eval.stream as stream
+
+    src = _source(tmp_path, "mixtral")
+    windows = _windows()
+    trims: list[int] = []
+    monkeypatch.setattr(stream, "release_free_memory", lambda: trims.append(len(watch_reads)))
+    evaluate_stream(src, windows, reference_logprobs(tiny_model("mixtral", seed=1), windows, batch_size=3),
+                    batch_size=3)
+    n = len(describe(_whole(src)).blocks)
+    assert trims == [i + 2 for i in range(n)]  # after block i's read (read number i + 2), before the next
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("writer", ["save_quantized", "quantize_stream"])
 def test_quantized_checkpoint_stream_equals_whole_model(tmp_path, family, writer, watch_reads):

@@ -106,6 +106,21 @@ def test_lazy_loading_gives_the_in_memory_checkpoint_with_one_block_in_memory(tm
     assert not work_folder(tmp_path / "lazy").exists()
 
 
+def test_the_heap_is_trimmed_after_each_block_before_the_next_is_read(tmp_path, monkeypatch):
+    import quantmoe.quant.stream as stream
+
+    src = _source(tmp_path, "qwen3_moe")
+    events: list[object] = []
+    real_read = LazyCheckpoint._read
+    monkeypatch.setattr(LazyCheckpoint, "_read", lambda self, group, skip=frozenset(): events.append(group)
+                        or real_read(self, group, skip))
+    monkeypatch.setattr(stream, "release_free_memory", lambda: events.append("trim"))
+    specs = PLAN.resolve(describe(_in_memory(src)))
+    quantize_stream(src, tmp_path / "q", specs, _windows(), CALIB, dtype=torch.float32, progress=False)
+    n = len(describe(_in_memory(src)).blocks)
+    assert events == [-1] + [x for i in range(n) for x in (i, "trim")]
+
+
 def _mapped_files() -> set[str]:
     maps = Path("/proc/self/maps")
     return {line.split()[5] for line in maps.read_text().splitlines() if len(line.split()) >= 6} if maps.exists() else set()

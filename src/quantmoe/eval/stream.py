@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from quantmoe.allocator import release_free_memory
 from quantmoe.eval.metrics import EvalResult, Tally, batch_logprobs, check_reference
 from quantmoe.quant.lazy import LazyCheckpoint
 
@@ -108,6 +109,7 @@ def stream_logprobs(lazy: LazyCheckpoint, windows: torch.Tensor, batch_size: int
         layer_inputs[i] = []
         del block
         lazy.release_block(i)
+        release_free_memory()  # the heap's free pages back to the kernel between blocks (quantmoe/allocator.py)
     final: list[torch.Tensor] = []
 
     def first(*args, **kwargs):

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from quantmoe.allocator import release_free_memory
 from quantmoe.anatomy import ModelAnatomy, describe, family_of
 from quantmoe.atomic import atomic_write, atomic_write_text
 from quantmoe.calib.data import CalibrationConfig
@@ -185,6 +186,7 @@ class StreamIO(BlockIO):
             self.lazy.release_block(index)
         else:
             super().release_block(model, index, home)
+        release_free_memory()  # the next block starts from what the process holds (quantmoe/allocator.py)
 
     def finish(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
         if self.lazy is None:
