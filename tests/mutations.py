@@ -352,6 +352,35 @@ MUTATIONS: tuple[Mutation, ...] = (
          "tests/eval/test_stream_eval.py::test_the_heap_is_trimmed_after_each_block_before_the_next_is_read"),
     ),
     Mutation(
+        "multimodal-saves-under-outer-names",
+        "a text model read out of a multimodal checkpoint saves under its own names (here: transformers' "
+        "renames from the multimodal names stay on the model and are reversed on save)",
+        (Patch("models.py", "        del model._weight_conversions", "        pass"),),
+        ("tests/test_multimodal.py::test_the_text_model_is_read_out_of_the_multimodal_checkpoint_and_quantized",),
+    ),
+    Mutation(
+        "multimodal-key-mapping-dropped",
+        "Gemma 4's text keys are renamed out of `model.language_model.` (here: the rename is not applied)",
+        (Patch("multimodal.py",
+               "    return dict(entry.key_mapping) if entry is not None and entry.key_mapping else None",
+               "    return None"),),
+        ("tests/test_multimodal.py::test_the_text_model_is_read_out_of_the_multimodal_checkpoint_and_quantized",),
+    ),
+    Mutation(
+        "multimodal-tying-ignored",
+        "the outer config's word-embedding tying governs the text model (here: the text config's own is kept)",
+        (Patch("multimodal.py", "        text.tie_word_embeddings = config.tie_word_embeddings", "        pass"),),
+        ("tests/test_multimodal.py::test_text_config_carries_the_checkpoints_dtype_and_tying",
+         "tests/test_multimodal.py::test_the_text_model_is_read_out_of_the_multimodal_checkpoint_and_quantized"),
+    ),
+    Mutation(
+        "text-only-not-asked",
+        "quantize asks for --text-only before writing a checkpoint without the vision tower (here: it never asks)",
+        (Patch("quant/cli.py", "    if not text_only:\n        raise ValueError(f\"{model} is a multimodal",
+               "    if False:\n        raise ValueError(f\"{model} is a multimodal"),),
+        ("tests/test_multimodal.py::test_quantize_asks_for_text_only_before_writing_a_checkpoint_without_the_tower",),
+    ),
+    Mutation(
         "malloc-trim-not-called",
         "release_free_memory hands free heap pages back with malloc_trim(0) (here: it only looks the function up)",
         (Patch("allocator.py", "    return bool(trim(0)) if trim is not None else False", "    return trim is not None"),),

@@ -14,9 +14,15 @@ log = logging.getLogger("quantmoe")
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from quantmoe.anatomy import format_anatomy
     from quantmoe.anatomy.describe import inspect_model
-    from quantmoe.models import resolve_model
+    from quantmoe.models import resolve_model, source_config
+    from quantmoe.multimodal import multimodal_of
 
-    print(format_anatomy(inspect_model(resolve_model(args.model), trust_remote_code=args.trust_remote_code)))
+    source = resolve_model(args.model)
+    wrapper = multimodal_of(source_config(source, trust_remote_code=args.trust_remote_code))
+    if wrapper is not None:
+        print(f"a multimodal {wrapper.display_name} checkpoint ({wrapper.model_type}): its text model below, "
+              "the vision tower not counted")
+    print(format_anatomy(inspect_model(source, trust_remote_code=args.trust_remote_code)))
     return 0
 
 
@@ -30,7 +36,7 @@ def _cmd_families(args: argparse.Namespace) -> int:
     for row in rows:
         detail = row.roles if row.status == "refused" else row.name
         print(f"{row.model_type:<22} {row.status:<12} {detail}")
-    counts = {s: sum(r.status == s for r in rows) for s in ("supported", "shapes only", "refused")}
+    counts = {s: sum(r.status == s for r in rows) for s in ("supported", "shapes only", "text model", "refused")}
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0
 

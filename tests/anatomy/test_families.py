@@ -39,6 +39,7 @@ from quantmoe.anatomy.expert_view import unit_kinds
 from quantmoe.anatomy.specs import is_norm, module_at
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.routing import collect_routing
+from quantmoe.multimodal import MULTIMODAL
 from quantmoe.quant.checkpoint import save_quantized
 from quantmoe.quant.grid import QuantSpec
 from quantmoe.quant.pipeline import quantize_model
@@ -255,9 +256,10 @@ def test_configs_the_driver_cannot_carry_are_refused(model_type):
 
 def test_every_moe_family_is_supported_or_refused_with_a_reason():
     installed = set(moe_model_types())
-    unknown = sorted(installed - set(FAMILIES) - set(REFUSED))
+    unknown = sorted(installed - set(FAMILIES) - set(REFUSED) - set(MULTIMODAL))
     assert not unknown, f"MoE model types of the installed transformers without a FamilySpec or a reason: {unknown}"
-    assert not set(FAMILIES) & set(REFUSED)
+    assert not set(FAMILIES) & set(REFUSED) and not set(MULTIMODAL) & (set(FAMILIES) | set(REFUSED))
+    assert set(MULTIMODAL) <= installed and {m.text_model_type for m in MULTIMODAL.values()} <= set(FAMILIES)
     assert all(len(reason) > 40 for reason in REFUSED.values())
     assert set(REFUSED) <= installed  # no stale refusals
     for model_type, reason in REFUSED.items():

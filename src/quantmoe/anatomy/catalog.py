@@ -26,6 +26,7 @@ from pathlib import Path
 
 from quantmoe.anatomy.families import FAMILIES, REFUSED
 from quantmoe.anatomy.specs import FamilySpec
+from quantmoe.multimodal import MULTIMODAL, text_architecture
 
 _EXPERTS_MARKER = "@use_experts_implementation"
 _MOE_CLASS = re.compile(r"^class \w*(?:Experts|SparseMoe|MoE|Moe)\w*\(", re.MULTILINE)
@@ -127,9 +128,15 @@ def _expert_view(spec: FamilySpec) -> str:
 def family_rows() -> list[FamilyRow]:
     """One row per MoE model type of the installed transformers and per declared family, sorted."""
     rows = []
-    for model_type in sorted(set(moe_model_types()) | set(FAMILIES) | set(REFUSED)):
+    for model_type in sorted(set(moe_model_types()) | set(FAMILIES) | set(REFUSED) | set(MULTIMODAL)):
         spec = FAMILIES.get(model_type)
-        if spec is not None and spec.view_refusal is not None:
+        wrapper = MULTIMODAL.get(model_type)
+        if wrapper is not None:
+            text = wrapper.text_model_type
+            rows.append(FamilyRow(model_type, "text model", wrapper.display_name,
+                                  f"its text model `{text}` (above); the towers are skipped",
+                                  f"`quantize --text-only` writes a text-only {text_architecture(text)} checkpoint"))
+        elif spec is not None and spec.view_refusal is not None:
             view = f"none: {spec.view_refusal}; quantization refused"
             rows.append(FamilyRow(model_type, "shapes only", spec.display_name, _roles(spec), view))
         elif spec is not None:
@@ -151,6 +158,7 @@ def family_table_markdown() -> str:
     supported = [r for r in rows if r.status == "supported"]
     shapes_only = [r for r in rows if r.status == "shapes only"]
     refused = [r for r in rows if r.status == "refused"]
+    text_models = [r for r in rows if r.status == "text model"]
     lines = [
         "# MoE families",
         "",
@@ -160,6 +168,7 @@ def family_table_markdown() -> str:
         f"`quantmoe/anatomy/catalog.py`): {len(supported)} supported, "
         + (f"{len(shapes_only)} described from shapes only (inspect and plan; quantization refused with the "
            "reason), " if shapes_only else "")
+        + f"{len(text_models)} multimodal checkpoints read as their supported MoE text model, "
         + f"{len(refused)} refused with the reason.",
         "Supported means: `quantmoe inspect` assigns every parameter one role, the per-expert view "
         "reproduces the logits and packs back exactly, and a mixed-precision `quantmoe quantize` "
@@ -178,6 +187,13 @@ def family_table_markdown() -> str:
                   "|---|---|---|---|"]
         lines += [f"| `{r.model_type}` | {_cell(r.name)} | {_cell(r.roles)} | {_cell(r.expert_view)} |"
                   for r in shapes_only]
+    lines += ["", "## Multimodal checkpoints: their text model", "",
+              "These checkpoints hold a vision (and audio) tower beside a supported MoE language model. "
+              "`quantmoe inspect`, `plan` and `eval` work on the language model; `quantmoe quantize` needs "
+              "`--text-only` and writes a text-only checkpoint of the text model class, without the towers "
+              "(quantmoe/multimodal.py; tests/test_multimodal.py).", "",
+              "| model_type | model | quantmoe reads | output |", "|---|---|---|---|"]
+    lines += [f"| `{r.model_type}` | {_cell(r.name)} | {_cell(r.roles)} | {_cell(r.expert_view)} |" for r in text_models]
     lines += ["", "## Refused", "", "| model_type | reason |", "|---|---|"]
     lines += [f"| `{r.model_type}` | {_cell(r.roles or 'NO REASON GIVEN')} |" for r in refused]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from quantmoe.anatomy.expert_view import expert_unit_shapes, unit_kinds, unit_shape
 from quantmoe.anatomy.families import family_of
 from quantmoe.anatomy.specs import QUANTIZABLE_ROLES, ROLES, FamilySpec, has_path, is_norm, module_at
+from quantmoe.multimodal import text_config_of
 from quantmoe.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -307,6 +307,7 @@ def describe_config(config: Any, trust_remote_code: bool = False) -> ModelAnatom
     """Describe the model a config defines, built on the `meta` device (no memory for weights)."""
     from transformers import AutoModelForCausalLM
 
+    config = text_config_of(config)  # a multimodal config: its text model (quantmoe/multimodal.py)
     family_of(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -318,14 +319,9 @@ def inspect_model(model_id_or_path: str, trust_remote_code: bool = False) -> Mod
 
     Works offline for a local directory; a hub id needs the hub (or its cache).
     """
-    from quantmoe.models import read_model_config
+    from quantmoe.models import source_config
 
-    if Path(model_id_or_path, "config.json").is_file():  # a local folder, a quantized one included
-        config = read_model_config(Path(model_id_or_path), trust_remote_code=trust_remote_code)
-    else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    config = source_config(model_id_or_path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):  # a GPTQ folder: its structure is the model's
         del config.quantization_config
     return describe_config(config, trust_remote_code=trust_remote_code)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantmoe.anatomy.specs import DOCS_HINT, ExpertLayout, FamilySpec, Mixer, UnsupportedModelError
+from quantmoe.multimodal import MULTIMODAL
 
 _MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _MLA_LORA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")  # always a low-rank query
@@ -169,7 +170,6 @@ REFUSED: dict[str, str] = {
     "doge": "its DogeCDMoE experts are retrieval-style embedding tables (`down_embed`, `up_embed`) picked by product "
             "keys, not gated MLPs",
     "dots3_note": _MULTIMODAL.format(text="dots3_note_text"),
-    "gemma4": _MULTIMODAL.format(text="gemma4_text"),
     "hy_v4": f"{_HYPER} (HYV4HyperConnection), which the block-by-block driver does not model",
     "inkling_text": "its shared experts are stored as 3D tensors (InklingSharedExperts) and its attention runs short "
                     "convolutions (`k_sconv`, `v_sconv`) on the projections",
@@ -180,10 +180,8 @@ REFUSED: dict[str, str] = {
                           "residuals over earlier blocks, here with looped (repeated) blocks",
     "jetmoe": "its experts are JetMoeParallelExperts (`input_linear`, `output_linear`) run by its own top-k gating, and "
               "the attention itself is a mixture of attention experts (JetMoeMoA)",
-    "llama4": _MULTIMODAL.format(text="llama4_text"),
     "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
                      "each block holds two attention and two MLP sublayers",
-    "qwen3_5_moe": _MULTIMODAL.format(text="qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format(text="qwen4_exp_text"),
     "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "
                       "(`attn_hyper_connection`, `mlp_hyper_connection`) around attention and MLP",
@@ -203,6 +201,10 @@ def family_of(model_or_config: Any) -> FamilySpec:
     spec = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if spec is not None:
         return spec
+    if model_type in MULTIMODAL:  # the loaders read its text model; this is a config passed as it is
+        raise UnsupportedModelError(f"model_type {model_type!r} is a multimodal config: quantmoe works on its text "
+                                    f"model ({MULTIMODAL[model_type].text_model_type}), which its loaders read out of "
+                                    "the checkpoint (quantmoe.multimodal.text_config_of gives its config)")
     if model_type in REFUSED:
         raise UnsupportedModelError(f"model_type {model_type!r} is a MoE family quantmoe refuses: {REFUSED[model_type]}")
     supported = ", ".join(f"{s.model_type} ({s.display_name})" for s in FAMILIES.values())

@@ -273,3 +273,34 @@ def tiny_model(model_type: str, seed: int = 0, tied: bool = False, **overrides: 
     model.eval()
     logger.debug("built tiny %s with %d parameters", model_type, sum(p.numel() for p in model.parameters()))
     return model
+
+
+_TOWER_SIZES = {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 32, "projector_input_dim": 32,
+                "projector_output_dim": 32, "vision_output_dim": 32, "output_dim": 32, "num_hidden_layers": 1,
+                "depth": 1, "num_layers": 1, "num_attention_heads": 2, "num_heads": 2, "num_key_value_heads": 2,
+                "head_dim": 16}
+
+
+def tiny_multimodal(model_type: str, seed: int = 0, **text_overrides: Any) -> nn.Module:
+    """A tiny fp32 multimodal model of `model_type` (quantmoe/multimodal.py: Llama 4, Qwen3.5-MoE, Gemma 4):
+    the tiny text config of its text model (with `text_overrides`), towers of one small layer, every
+    parameter random."""
+    from transformers import AutoModelForImageTextToText
+
+    from quantmoe.multimodal import MULTIMODAL
+
+    if model_type not in MULTIMODAL:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not one of {', '.join(sorted(MULTIMODAL))}")
+    towers = {}
+    for name, sub in AutoConfig.for_model(model_type).sub_configs.items():
+        if name != "text_config":
+            defaults = sub().to_dict()
+            towers[name] = {**defaults, **{k: v for k, v in _TOWER_SIZES.items() if k in defaults}}
+    text = tiny_config(MULTIMODAL[model_type].text_model_type, **text_overrides)
+    config = AutoConfig.for_model(model_type, text_config=text.to_dict(), **towers)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.set_experts_implementation("eager")
+    randomize_(model, seed=seed)
+    return model.eval()

@@ -65,9 +65,11 @@ def source_dtype(args: argparse.Namespace) -> torch.dtype:
         return getattr(torch, args.dtype)
     from transformers import AutoConfig
 
+    from quantmoe.multimodal import text_config_of
     from quantmoe.quant.lazy import config_dtype
 
-    return config_dtype(AutoConfig.from_pretrained(model_folder(args.model), trust_remote_code=args.trust_remote_code))
+    config = AutoConfig.from_pretrained(model_folder(args.model), trust_remote_code=args.trust_remote_code)
+    return config_dtype(text_config_of(config))
 
 
 def _cmd_stream(args: argparse.Namespace, plan, calib, gptq) -> int:
@@ -135,6 +137,7 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
     from quantmoe.models import load_model, model_fingerprint
 
     plan = plan_from_args(args)
+    check_text_only(args.model, args.text_only, args.trust_remote_code)
     # the plan against the model's config (meta device): a wrong module name fails before any weights load
     check_plan(plan, model_anatomy(args.model, args.trust_remote_code), f"check --plan {args.plan}"
                if args.plan else "check --bits")
@@ -195,6 +198,25 @@ def _quantize(args: argparse.Namespace, device: str | None, lead: bool) -> int:
         print(f"{args.eval} perplexity {base.ppl:.3f} -> {q.ppl:.3f} ({100 * (q.ppl / base.ppl - 1):+.2f}%), "
               f"KL {q.kl_mean:.4f} (p99 {q.kl_p99:.3f}), top-1 agreement {100 * q.top1_agreement:.1f}%")
     return 0
+
+
+def check_text_only(model: str, text_only: bool, trust_remote_code: bool = False) -> None:
+    """A multimodal checkpoint is quantized as its text model only when the user says so (--text-only):
+    the checkpoint written has no vision tower (quantmoe/multimodal.py)."""
+    from quantmoe.models import resolve_model, source_config
+    from quantmoe.multimodal import TEXT_ONLY_HINT, multimodal_of, text_architecture
+
+    entry = multimodal_of(source_config(resolve_model(model), trust_remote_code))
+    if entry is None:
+        if text_only:
+            log.info("--text-only: %s is not a multimodal checkpoint; nothing to leave out", model)
+        return
+    if not text_only:
+        raise ValueError(f"{model} is a multimodal {entry.display_name} checkpoint ({entry.model_type}): "
+                         + TEXT_ONLY_HINT.format(text=entry.text_model_type,
+                                                 arch=text_architecture(entry.text_model_type)))
+    log.info("%s: quantizing its text model (%s); the checkpoint written has no vision tower", model,
+             entry.text_model_type)
 
 
 def gptq_config(args: argparse.Namespace) -> GPTQConfig:
@@ -302,6 +324,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                         "e.g. 24GB")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code from the hub")
+    p.add_argument("--text-only", action="store_true",
+                   help="for a multimodal checkpoint (Llama 4, Qwen3.5-MoE, Gemma 4): quantize its MoE text model "
+                        "and write a text-only checkpoint, without the vision tower (see docs/families.md)")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others at each exchange before the job "
                         "fails (longer than the slowest rank's GPTQ of one stage; see docs/distributed.md)")

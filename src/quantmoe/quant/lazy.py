@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quantmoe.anatomy import family_of
+from quantmoe.multimodal import key_mapping_of, multimodal_of, text_config_of
 from quantmoe.quant.fp8 import SCALE_SUFFIX, DequantizedSlice, fp8_block_size
 from quantmoe.quant.mxfp4 import Mxfp4Slice, is_mxfp4, mxfp4_pairs
 
@@ -218,7 +219,10 @@ class LazyCheckpoint:
         self.folder = Path(folder)
         self.files = checkpoint_files(self.folder)
         fix_malloc_threshold()
-        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        outer = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.multimodal = multimodal_of(outer) is not None  # its text model is read (quantmoe/multimodal.py)
+        self.key_mapping = key_mapping_of(outer)
+        config = text_config_of(outer)
         self.fp8_block = fp8_block_size(config)  # FP8 weights are dequantized as they are read
         # an FP8 weight's key -> the key of its per-tile scales
         self.scales = {k.removesuffix(SCALE_SUFFIX): k for k in self.files
@@ -240,7 +244,7 @@ class LazyCheckpoint:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-        mapping = get_model_conversion_mapping(self.model)
+        mapping = get_model_conversion_mapping(self.model, key_mapping=self.key_mapping)
         return (mapping, [m for m in mapping if isinstance(m, WeightRenaming)],
                 [m for m in mapping if isinstance(m, WeightConverter)])
 
@@ -269,7 +273,9 @@ class LazyCheckpoint:
             targets |= self._split_targets(target, pattern)
             match = prefix.match(target)
             groups[int(match.group(1)) if match else OUTSIDE].append(key)
-        if skipped:
+        if skipped and self.multimodal:
+            log.info("%d tensors of the multimodal checkpoint's towers are skipped (e.g. %s)", len(skipped), skipped[0])
+        elif skipped:
             log.warning("%d checkpoint tensors load into no module of the model and are skipped (e.g. %s)",
                         len(skipped), skipped[0])
         tied = {k for k in meta if getattr(self.model.config, "tie_word_embeddings", False)

@@ -45,6 +45,7 @@ from quantmoe.anatomy import ModelAnatomy, describe, family_of
 from quantmoe.atomic import atomic_write, atomic_write_text
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.memory import PeakMemory
+from quantmoe.multimodal import text_config_of
 from quantmoe.quant.checkpoint import (
     CONFIG_NAME,
     FORMAT,
@@ -506,6 +507,6 @@ def anatomy_of(source: str | Path | nn.Module, trust_remote_code: bool = False) 
 
     from quantmoe.quant.lazy import build_skeleton
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    config = text_config_of(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
     return describe(build_skeleton(config, torch.float32, trust_remote_code))
 
