@@ -1,4 +1,4 @@
-"""Multimodal checkpoints (Llama 4, Qwen3.5-MoE, Gemma 4) are read as their MoE text model."""
+"""Multimodal checkpoints (Llama 4, Qwen3.5-MoE, Gemma 4, dots.note3) are read as their MoE text model."""
 
 import json
 import shutil

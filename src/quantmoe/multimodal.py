@@ -1,6 +1,6 @@
 """Multimodal checkpoints around a supported MoE text model: quantmoe works on the text model.
 
-Llama 4 (Scout, Maverick), Qwen3.5-MoE and Gemma 4 are published as multimodal checkpoints: a
+Llama 4 (Scout, Maverick), Qwen3.5-MoE, Gemma 4 and dots.note3 are published as multimodal checkpoints: a
 vision (and audio) tower, a projector and the MoE language model in one folder, under one
 multimodal config. quantmoe reads the language model out of such a folder: its config is the
 multimodal config's `text_config`, and its weights are the checkpoint's language-model keys,
@@ -42,6 +42,7 @@ MULTIMODAL: dict[str, Multimodal] = {
         Multimodal("llama4", "llama4_text", "Llama 4 (Scout, Maverick)"),
         Multimodal("qwen3_5_moe", "qwen3_5_moe_text", "Qwen3.5-MoE"),
         Multimodal("gemma4", "gemma4_text", "Gemma 4", key_mapping=((r"^model\.language_model\.", "model."),)),
+        Multimodal("dots3_note", "dots3_note_text", "dots.note3"),
     )
 }
 

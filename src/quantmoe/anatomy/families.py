@@ -159,8 +159,6 @@ _SPECS: tuple[FamilySpec, ...] = (
 
 FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in _SPECS}
 
-_MULTIMODAL = "a multimodal config; quantize its text model ({text}) instead"
-
 _HYPER = "several residual streams enter each block through hyper-connections (`attn_hc`, `ffn_hc`)"
 
 # model_type -> why quantmoe does not handle it (shown by family_of and in docs/families.md)
@@ -169,7 +167,6 @@ REFUSED: dict[str, str] = {
                    "picks the experts; none of these has a per-expert view or calibration stage yet",
     "doge": "its DogeCDMoE experts are retrieval-style embedding tables (`down_embed`, `up_embed`) picked by product "
             "keys, not gated MLPs",
-    "dots3_note": _MULTIMODAL.format(text="dots3_note_text"),
     "hy_v4": f"{_HYPER} (HYV4HyperConnection), which the block-by-block driver does not model",
     "inkling_text": "its shared experts are stored as 3D tensors (InklingSharedExperts) and its attention runs short "
                     "convolutions (`k_sconv`, `v_sconv`) on the projections",
@@ -182,7 +179,8 @@ REFUSED: dict[str, str] = {
               "the attention itself is a mixture of attention experts (JetMoeMoA)",
     "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
                      "each block holds two attention and two MLP sublayers",
-    "qwen4_exp": _MULTIMODAL.format(text="qwen4_exp_text"),
+    "qwen4_exp": "a multimodal config around the text model qwen4_exp_text, which is refused: its blocks add per-layer "
+                 "embeddings and gated residual connections (see qwen4_exp_text)",
     "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "
                       "(`attn_hyper_connection`, `mlp_hyper_connection`) around attention and MLP",
     "zaya": "its attention projects through a ZayaCCAProjection (q/k/v linears plus causal convolutions, with a "

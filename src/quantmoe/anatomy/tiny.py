@@ -279,10 +279,17 @@ _TOWER_SIZES = {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 3
                 "projector_output_dim": 32, "vision_output_dim": 32, "output_dim": 32, "num_hidden_layers": 1,
                 "depth": 1, "num_layers": 1, "num_attention_heads": 2, "num_heads": 2, "num_key_value_heads": 2,
                 "head_dim": 16}
+# towers whose sizes must agree with each other beyond _TOWER_SIZES (an `adapter_out_dim` is set to the
+# text model's hidden size wherever a tower has one)
+_TINY_TOWERS = {
+    "dots3_note": {"vision_config": {"moe_intermediate_size": 32, "num_local_experts": 2, "per_layer_config": {},
+                                     "adapter_in_dim": 32},
+                   "audio_config": {"downsample_hidden_size": 8, "adapter_input_size": 32, "conv_output_size": 128}},
+}
 
 
 def tiny_multimodal(model_type: str, seed: int = 0, **text_overrides: Any) -> nn.Module:
-    """A tiny fp32 multimodal model of `model_type` (quantmoe/multimodal.py: Llama 4, Qwen3.5-MoE, Gemma 4):
+    """A tiny fp32 multimodal model of `model_type` (quantmoe/multimodal.py: Llama 4, Qwen3.5-MoE, Gemma 4, dots.note3):
     the tiny text config of its text model (with `text_overrides`), towers of one small layer, every
     parameter random."""
     from transformers import AutoModelForImageTextToText
@@ -291,12 +298,14 @@ def tiny_multimodal(model_type: str, seed: int = 0, **text_overrides: Any) -> nn
 
     if model_type not in MULTIMODAL:
         raise UnsupportedModelError(f"model_type {model_type!r} is not one of {', '.join(sorted(MULTIMODAL))}")
+    text = tiny_config(MULTIMODAL[model_type].text_model_type, **text_overrides)
     towers = {}
     for name, sub in AutoConfig.for_model(model_type).sub_configs.items():
         if name != "text_config":
             defaults = sub().to_dict()
-            towers[name] = {**defaults, **{k: v for k, v in _TOWER_SIZES.items() if k in defaults}}
-    text = tiny_config(MULTIMODAL[model_type].text_model_type, **text_overrides)
+            sizes = {**_TOWER_SIZES, "adapter_out_dim": text.hidden_size}
+            towers[name] = {**defaults, **{k: v for k, v in sizes.items() if k in defaults},
+                            **_TINY_TOWERS.get(model_type, {}).get(name, {})}
     config = AutoConfig.for_model(model_type, text_config=text.to_dict(), **towers)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

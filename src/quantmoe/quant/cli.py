@@ -325,7 +325,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own Python code from the hub")
     p.add_argument("--text-only", action="store_true",
-                   help="for a multimodal checkpoint (Llama 4, Qwen3.5-MoE, Gemma 4): quantize its MoE text model "
+                   help="for a multimodal checkpoint (Llama 4, Qwen3.5-MoE, Gemma 4, dots.note3): quantize its MoE text model "
                         "and write a text-only checkpoint, without the vision tower (see docs/families.md)")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others at each exchange before the job "
