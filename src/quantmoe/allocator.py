@@ -1,5 +1,7 @@
 """Process memory settings for long quantization runs (the `quantmoe` command applies them):
-glibc's malloc (`tune_malloc`) and the size of oneDNN's kernel caches (`bound_kernel_caches`).
+glibc's malloc (`tune_malloc`) and the size of oneDNN's kernel caches (`bound_kernel_caches`);
+and what the streamed readers and drivers do with glibc's heap (`fix_malloc_threshold`,
+`release_free_memory`).
 
 A quantization pass allocates and frees activation-sized tensors (a few hundred KB to a few
 MB: each expert's rows, its gate/up outputs) thousands of times per block. With glibc's
@@ -48,11 +50,35 @@ log = logging.getLogger(__name__)
 
 M_TOP_PAD = -2  # glibc's mallopt parameter numbers (malloc.h)
 M_ARENA_MAX = -8
+M_MMAP_THRESHOLD = -3
 TOP_PAD_BYTES = 64 << 20
 ARENAS = 1
 OPT_OUT = "QUANTMOE_MALLOC"
 KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
 KERNEL_CACHE_ENTRIES = 16
+
+
+def glibc() -> object | None:
+    """glibc loaded with ctypes, or None off glibc Linux (macOS, musl, ...)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
+    """Keep glibc's malloc from raising its mmap threshold as blocks come and go.
+
+    glibc raises the threshold to the size of each freed memory-mapped chunk, so the next
+    block's tensors land in the heap, and a heap fragmented by one block's tensors is kept when
+    the block is released: without this, peak RSS grew by about one block per block (measured,
+    ``benches/bench_scale.py``). A fixed threshold (glibc's own default value) returns each
+    released block to the system. A no-op (False) where the C library is not glibc.
+    """
+    mallopt = getattr(glibc(), "mallopt", None)
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def _user_choice(environ: Mapping[str, str]) -> str | None:
@@ -72,13 +98,7 @@ def tune_malloc(environ: Mapping[str, str] | None = None, libc: object | None = 
     if why is not None:
         log.debug("malloc settings left as they are: %s", why)
         return False
-    if libc is None:
-        if not sys.platform.startswith("linux"):
-            return False
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc (musl, ...)
-            return False
+    libc = libc if libc is not None else glibc()
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
@@ -101,12 +121,5 @@ def release_free_memory(libc: object | None = None) -> bool:
     """Return the heap's free pages to the kernel (glibc's ``malloc_trim(0)``, which also releases
     whole free pages inside the heap, not only at its top); whether any memory was released.
     Does nothing off glibc Linux."""
-    if libc is None:
-        if not sys.platform.startswith("linux"):
-            return False
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            return False
-    trim = getattr(libc, "malloc_trim", None)
+    trim = getattr(libc if libc is not None else glibc(), "malloc_trim", None)
     return bool(trim(0)) if trim is not None else False

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantmoe.allocator import fix_malloc_threshold
 from quantmoe.anatomy import family_of
 from quantmoe.multimodal import key_mapping_of, multimodal_of, text_config_of
 from quantmoe.quant.fp8 import SCALE_SUFFIX, DequantizedSlice, fp8_block_size
@@ -152,28 +153,6 @@ def rebuild_module(model: nn.Module, name: str, module: nn.Module, config) -> No
         raise RuntimeError(f"cannot rebuild the non-saved buffers of {name} ({type(module).__name__}): "
                            "its constructor does not take the model config") from err
     model.set_submodule(name, fresh)
-
-
-def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
-    """Keep glibc's malloc from raising its mmap threshold as blocks come and go.
-
-    glibc raises the threshold to the size of each freed memory-mapped chunk, so the next
-    block's tensors land in the heap, and a heap fragmented by one block's tensors is kept when
-    the block is released: without this, peak RSS grew by about one block per block (measured,
-    ``benches/bench_scale.py``). A fixed threshold (glibc's own default value) returns each
-    released block to the system. A no-op (False) where the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None) if libc is not None else None
-    except OSError:
-        return False
-    M_MMAP_THRESHOLD = -3
-    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def own_memory(module: nn.Module) -> None:

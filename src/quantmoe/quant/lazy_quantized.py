@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from quantmoe.allocator import fix_malloc_threshold
 from quantmoe.anatomy import family_of
 from quantmoe.models import read_model_config
 from quantmoe.quant.checkpoint import (
@@ -37,7 +38,6 @@ from quantmoe.quant.lazy import (
     OUTSIDE,
     LazyCheckpoint,
     checkpoint_files,
-    fix_malloc_threshold,
     materialize_non_persistent_buffers,
 )
 from quantmoe.quant.qlinear import QuantLinear
