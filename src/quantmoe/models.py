@@ -151,7 +151,7 @@ def read_model_config(path: Path, trust_remote_code: bool = False):
 
 def source_config(name_or_path: str, trust_remote_code: bool = False):
     """The config.json of a local folder (a quantized one included) or a hub id, as the folder holds it
-    (a multimodal config stays multimodal: ``anatomy.multimodal.text_config_of`` gives its text model's)."""
+    (a multimodal config stays multimodal: ``quantmoe.multimodal.text_config_of`` gives its text model's)."""
     if Path(name_or_path, "config.json").is_file():
         return read_model_config(Path(name_or_path), trust_remote_code=trust_remote_code)
     from transformers import AutoConfig
@@ -232,40 +232,34 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
                          "full-precision model: give the model it was quantized from")
     if Path(path).is_dir():
         _check_fp8_tiles(Path(path))
-    extra: dict = {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if multimodal_of(config) is not None:  # the text model of a multimodal checkpoint (quantmoe/multimodal.py)
-        extra["config"] = text_config_of(config)
-        if key_mapping_of(config):
-            extra["key_mapping"] = key_mapping_of(config)
+    multimodal = multimodal_of(config) is not None  # its text model is read (quantmoe/multimodal.py)
+    extra: dict = {"config": text_config_of(config), "key_mapping": key_mapping_of(config)} if multimodal else {}
     if is_mxfp4(config):
         from transformers import Mxfp4Config
 
         # always as floats: on a GPU with MXFP4 kernels transformers would keep the experts packed
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
-    if "config" in extra:  # transformers would list every tower tensor as unexpected
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        level = hf_logging.get_verbosity()
+    level = hf_logging.get_verbosity()
+    if multimodal:  # transformers would list every tower tensor as unexpected
         hf_logging.set_verbosity_error()
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, experts_implementation="eager",
-                output_loading_info=True, **extra)
-        finally:
-            hf_logging.set_verbosity(level)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           experts_implementation="eager", output_loading_info=True,
+                                                           **extra)
+    finally:
+        hf_logging.set_verbosity(level)
+    if multimodal:
         if info["missing_keys"]:
             raise ValueError(f"{path} holds no tensor for {len(info['missing_keys'])} weights of its text model "
                              f"(e.g. {sorted(info['missing_keys'])[0]}): the checkpoint is incomplete")
         log.info("read the text model of a multimodal checkpoint; %d tensors of its towers skipped",
                  len(info["unexpected_keys"]))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     experts_implementation="eager", **extra)
-    if "config" in extra and hasattr(model, "_weight_conversions"):
         # the renames that read the text model out of the multimodal checkpoint would be reversed by
         # every save (save_pretrained, the GPTQ export): without them it saves under its own names
-        del model._weight_conversions
+        model.__dict__.pop("_weight_conversions", None)
     tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
     _check_vocab(model, tok, tok_path)
     return model.to(device).eval(), tok
