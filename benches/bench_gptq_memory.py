@@ -2,7 +2,7 @@
 
 `--max-memory`'s estimate and `--expert-batch-mb`'s chunking count a GPTQ call's working set
 as ``GPTQ_W_COPIES`` float32 copies of W (out, in) and ``GPTQ_H_COPIES`` of H (in, in) per
-linear (`quant/pipeline.py`, `gptq_working_set`). This prints what a call really adds to the
+linear (`quant/working_set.py`, `gptq_working_set`). This prints what a call really adds to the
 process's peak RSS, for a dense linear (`gptq_quantize`) and a batch of experts
 (`gptq_quantize_batched`), each measured in a fresh process (Linux's ``clear_refs`` resets the
 high-water mark before the call):
@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    from quantmoe.quant.pipeline import gptq_working_set
+    from quantmoe.quant.working_set import gptq_working_set
 
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     print(f"{'out x in x experts':>20} {'added MB':>9} {'estimated MB':>13} {'added / estimated':>18}")

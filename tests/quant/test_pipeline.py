@@ -13,6 +13,7 @@ from quantmoe.quant.pipeline import GPTQConfig, _run_block, capture_block_inputs
 from quantmoe.quant.plan import Plan
 from quantmoe.quant.qlinear import QuantLinear
 from quantmoe.quant.stages import expert_stats_bytes, input_key, stage_of, stage_of_kind, stat_groups
+from quantmoe.quant.working_set import gptq_working_set
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
 
@@ -374,7 +375,7 @@ def test_experts_in_chunks_give_the_same_model(monkeypatch):
     base = tiny_model("olmoe")  # 8 experts per block
     specs = Plan.uniform(4, group_size=16).resolve(describe(base))
     expert = next(u for u in describe(base).units if u.expert is not None and u.kind == "down_proj")
-    two = 2.5 * pipeline.gptq_working_set((expert.out_features, expert.in_features)) / 2**20  # 2 down_proj
+    two = 2.5 * gptq_working_set((expert.out_features, expert.in_features)) / 2**20  # 2 down_proj
     settings = {"all": GPTQConfig(expert_batch_mb=0), "count": GPTQConfig(expert_chunk=3, expert_batch_mb=0),
                 "budget": GPTQConfig(expert_batch_mb=two), "one": GPTQConfig(expert_batch_mb=1e-6)}
     models, batches = {}, {}

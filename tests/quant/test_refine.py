@@ -169,7 +169,7 @@ def test_the_descent_stops_at_a_sweep_that_changes_nothing(monkeypatch):
 
 
 def test_refinement_counts_in_the_expert_batch_budget():
-    from quantmoe.quant.pipeline import expert_chunks, gptq_working_set
+    from quantmoe.quant.working_set import expert_chunks, gptq_working_set
 
     shape = (256, 512)
     assert gptq_working_set(shape, refine=True) > gptq_working_set(shape)

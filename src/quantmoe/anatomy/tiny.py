@@ -299,11 +299,11 @@ def tiny_multimodal(model_type: str, seed: int = 0, **text_overrides: Any) -> nn
     if model_type not in MULTIMODAL:
         raise UnsupportedModelError(f"model_type {model_type!r} is not one of {', '.join(sorted(MULTIMODAL))}")
     text = tiny_config(MULTIMODAL[model_type].text_model_type, **text_overrides)
+    sizes = {**_TOWER_SIZES, "adapter_out_dim": text.hidden_size}
     towers = {}
     for name, sub in AutoConfig.for_model(model_type).sub_configs.items():
         if name != "text_config":
             defaults = sub().to_dict()
-            sizes = {**_TOWER_SIZES, "adapter_out_dim": text.hidden_size}
             towers[name] = {**defaults, **{k: v for k, v in sizes.items() if k in defaults},
                             **_TINY_TOWERS.get(model_type, {}).get(name, {})}
     config = AutoConfig.for_model(model_type, text_config=text.to_dict(), **towers)

@@ -286,8 +286,8 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     the experts' GPTQ work (batched in chunks, ``expert_batch_mb``); default: ``GPTQConfig()``."""
     from collections import defaultdict
 
-    from quantmoe.quant.pipeline import expert_cache_bytes, gptq_working_set
     from quantmoe.quant.stages import input_key, stage_of, stage_of_kind, stat_groups
+    from quantmoe.quant.working_set import expert_cache_bytes, gptq_working_set
 
     gptq = gptq if gptq is not None else GPTQConfig()
     family = family_of(model)
