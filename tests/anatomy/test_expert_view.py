@@ -261,3 +261,41 @@ def test_expert_layouts_the_view_cannot_carry_are_refused(kwargs, setting):
 
     with pytest.raises(ValueError, match=f"check `{setting}` in ExpertLayout"):
         ExpertLayout(**kwargs)
+
+
+def test_a_choice_with_router_weight_0_is_no_token_of_its_expert():
+    """ZAYA's router sends the tokens of its skip class to expert 0 with weight 0: the view gives the
+    same logits, but those tokens are not expert 0's (not calibrated on, not counted by collect_routing)."""
+    from quantmoe.calib.routing import collect_routing
+
+    model = _model("zaya")
+    anatomy = describe(model)
+    for b in anatomy.blocks:  # the skip class competes on equal terms (its bias is -1 by default)
+        model.get_submodule(b.router).balancing_biases.zero_()
+    windows = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = model(input_ids=windows).logits
+    unfuse_experts(model)
+    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b.index: [] for b in anatomy.blocks}
+    handles = [model.get_submodule(b.experts_module).register_forward_pre_hook(
+        lambda m, args, i=b.index: calls[i].append((args[1], args[2]))) for b in anatomy.blocks]
+    try:
+        with torch.no_grad():
+            unfused = model(input_ids=windows).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert (fused - unfused).abs().max() < TOL
+    skipped = 0
+    routing = collect_routing(model, anatomy, windows)
+    for b in anatomy.blocks:
+        experts = model.get_submodule(b.experts_module)
+        index = torch.cat([i for i, _ in calls[b.index]])
+        weight = torch.cat([w for _, w in calls[b.index]])
+        skipped += int((weight == 0).sum())
+        routed = torch.zeros(b.num_experts, dtype=torch.long)
+        for e, token_idx, _ in experts.routes(index, weight):
+            routed[e] = token_idx.numel()
+        assert torch.equal(routed, torch.bincount(index[weight != 0], minlength=b.num_experts))
+        assert routing.counts[b.index].tolist() == routed.tolist()
+    assert skipped > 0  # the skip class was chosen

@@ -65,6 +65,8 @@ FUSED_IN_CHECKPOINT = {
     "lara_mini": (_EXPERTS_VIEW + r"|\.linear_attn\.in_proj_(a|b|qkv|z)\.weight$",
                   r"\.mlp\.experts\.(gate_up_proj|down_proj)$|\.linear_attn\.in_proj\.weight$"),
     "minimax_m3_vl_text": (_EXPERTS_VIEW, _FUSED_3D),
+    "hy_v4": (_EXPERTS_VIEW, _FUSED_3D),
+    "zaya": (_EXPERTS_VIEW, _FUSED_3D),
 }
 
 
@@ -280,6 +282,12 @@ def test_docs_families_md_is_generated():
         "docs/families.md is stale: run `quantmoe families --markdown > docs/families.md`")
     for model_type in moe_model_types():
         assert f"| `{model_type}` |" in expected
+
+
+def test_readme_counts_the_supported_families():
+    readme = (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
+    stated = re_search(r"(\d+) MoE families of transformers", readme)
+    assert stated is not None and int(stated.group(1)) == len(SUPPORTED), "update the count in README.md"
 
 
 def test_tiny_config_for_every_family():

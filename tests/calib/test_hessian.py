@@ -155,3 +155,29 @@ def test_wide_inputs_accumulate_the_upper_triangle_and_mirror_it(features):
     torch.testing.assert_close(h.double(), reference, rtol=1e-5, atol=1e-5)
     below_panels = stats.xtx[features // 2:, : features // 4]  # below the diagonal blocks
     assert (below_panels == 0).all() == (features >= TRIANGLE_MIN_FEATURES)
+
+
+def test_tokens_routed_with_weight_0_are_not_calibration_data_of_the_expert():
+    """ZAYA's skip class reaches expert 0 with router weight 0: those tokens are not in its Hessian."""
+    model, block, units, batches = _setup("zaya", ("gate_proj", "up_proj"))
+    model.get_submodule(block.router).balancing_biases.zero_()  # the skip class competes (bias -1 by default)
+    experts = model.get_submodule(block.experts_module)
+    dispatched = []
+    spy = experts.register_forward_pre_hook(lambda m, args: dispatched.append(args[1:]))
+    collector = HessianCollector(model, units, input_key, [ExpertsHookTarget(block.experts_module, block.num_experts)],
+                                 "routed", stop_early=True)
+    try:
+        with collector.attached({u.name: block.experts_module for u in units}), torch.no_grad():
+            for ids in batches:
+                collector.start_batch()
+                with pytest.raises(StopForward):
+                    model(input_ids=ids)
+    finally:
+        spy.remove()
+    index = torch.cat([i for i, _ in dispatched]).reshape(-1)
+    weight = torch.cat([w for _, w in dispatched]).reshape(-1)
+    assert (weight == 0).any()  # some tokens took the skip class
+    chosen = torch.bincount(index[weight != 0], minlength=block.num_experts)
+    for u in units:
+        assert collector.hessian(u)[1] == chosen[u.expert], u.name
+    assert torch.equal(collector.routed_tokens[block.experts_module], chosen)

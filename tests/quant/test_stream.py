@@ -29,7 +29,9 @@ from quantmoe.quant.stream import (
     work_folder,
 )
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
+# the six first families, and ZAYA: its blocks hand router states on (FamilySpec.carries) and its
+# model scales the embeddings before block 0 (outside tensors other than the embedding)
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "zaya"]
 PLAN = Plan.from_dict({"default": {"bits": 4, "group_size": 16},
                        "kinds": {"down_proj": {"bits": 3, "symmetric": False}}})
 CALIB = CalibrationConfig(min_expert_tokens=1, batch_size=4)
@@ -206,6 +208,20 @@ def test_memory_guard_refuses_with_the_number_it_needs(tmp_path):
         parse_size("lots")
 
 
+@pytest.mark.parametrize("family", ["mixtral", "hy_v4"])
+def test_the_memory_estimate_counts_the_hidden_states_blocks_really_pass(family):
+    """Hunyuan-V4's blocks pass several residual streams (hyper-connections): the estimate's activations
+    (the hidden states entering and leaving a block) are twice the bytes block 0 really receives."""
+    from quantmoe.quant.pipeline import capture_layer_inputs
+
+    model = tiny_model(family)
+    windows = _windows()
+    first = capture_layer_inputs(model, model.model.layers, windows, CALIB.batch_size, torch.device("cpu"))[0]
+    entering = sum(args[0].numel() * args[0].element_size() for args, _ in first)
+    calib = CalibrationConfig(num_windows=windows.shape[0], seq_len=windows.shape[1])
+    assert memory_need(model, calib, torch.float32).activations == 2 * entering
+
+
 def test_resume_refuses_another_run_and_a_leftover_work_folder_needs_resume(tmp_path):
     src = _source(tmp_path, "mixtral")
     specs = PLAN.resolve(describe(_in_memory(src)))
@@ -304,3 +320,28 @@ def test_resume_accepts_other_memory_settings_but_not_other_gptq_settings(tmp_pa
     for other in (GPTQConfig(damp=0.1), GPTQConfig(refine=2), GPTQConfig(act_order="desc")):
         with pytest.raises(ResumeError, match="gptq differ"):
             _prepare_work(work, _run_identity("src", specs, CALIB, other, torch.float32, windows), resume=True)
+
+
+def test_resume_hands_on_what_the_last_finished_block_carried(tmp_path, monkeypatch):
+    """GLM-5's blocks hand their top-k indices to the next (FamilySpec.carries): an interrupted run keeps
+    them beside the hidden states, and the resumed result equals an uninterrupted run byte for byte."""
+    from quantmoe.quant import stream
+
+    src = _source(tmp_path, "glm_moe_dsa")  # block 1 reuses block 0's top-k indices
+    specs = PLAN.resolve(describe(_in_memory(src)))
+    run = dict(calib=CALIB, dtype=torch.float32, progress=False, attn_implementation="eager")
+    quantize_stream(src, tmp_path / "ref", specs, _windows(), **run)
+
+    def stop_after_block_0(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream, "_maybe_pause", stop_after_block_0)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_stream(src, tmp_path / "q", specs, _windows(), **run)
+    spilled = load_file(work_folder(tmp_path / "q") / "hidden.safetensors")
+    assert {k.partition(".")[0] for k in spilled} == {"batch", "carry0"}  # the indices block 1 reads
+    monkeypatch.undo()
+    quantize_stream(src, tmp_path / "q", specs, _windows(), resume=True, **run)
+    for f in sorted((tmp_path / "ref").glob("model-*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "q" / f.name).read_bytes(), f.name

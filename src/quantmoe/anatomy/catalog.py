@@ -106,6 +106,10 @@ def _roles(spec: FamilySpec) -> str:
     elif spec.moe_layers != "all":
         parts.append(f"{dense} ({_blocks(spec)})")
     parts += [f"quantization refused when `{key}` is set: {why}" for key, why in spec.refuse_when]
+    if spec.residual_streams_key:
+        parts.append(f"hidden states between blocks: `{spec.residual_streams_key}` residual streams (hyper-connections)")
+    parts += [f"each block hands output {c.output} to the next block's "
+              + (f"`{c.argument}`" if isinstance(c.argument, str) else f"argument {c.argument}") for c in spec.carries]
     return "; ".join(parts)
 
 
@@ -119,7 +123,8 @@ def _expert_view(spec: FamilySpec) -> str:
     shape = "(E, H, 2I) and (E, I, H), transposed" if layout.transposed else "(E, 2I, H) and (E, H, I)"
     order = "gate/up interleaved" if layout.interleaved else "[gate; up]"
     bias = ", with biases" if layout.has_bias else ""
-    act = "clamped SwiGLU" if layout.activation == "clamped_swiglu" else "act(gate) * up"
+    act = {"clamped_swiglu": "clamped SwiGLU", "clamped_glu": "act(clamped gate) * clamped up"}.get(
+        layout.activation, "act(gate) * up")
     scaled = ("; every expert runs on every token scaled by its router score (0 where not chosen): the view "
               "dispatches each expert's routed tokens, scaled before the expert" if layout.scaled_input else "")
     return f"gate_up_proj/down_proj {shape}, {order}{bias} -> 3 nn.Linear per expert, {act}{scaled}"

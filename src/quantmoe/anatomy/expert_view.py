@@ -66,7 +66,16 @@ def _clamped_swiglu(alpha: float, limit: float, gate: Tensor, up: Tensor) -> Ten
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def _clamped_glu(act_fn: Callable[[Tensor], Tensor], limit: float, gate: Tensor, up: Tensor) -> Tensor:
+    # HYV4Experts / DeepseekV4Experts._apply_gate: act of the clamped gate times the clamped up (no alpha, no + 1)
+    return act_fn(gate.clamp(min=None, max=limit)) * up.clamp(min=-limit, max=limit)
+
+
 def _activation(fused: nn.Module, layout: ExpertLayout) -> Callable[[Tensor, Tensor], Tensor]:
+    if layout.activation == "clamped_glu":  # Hunyuan-V4: swiglu_limit, SiLU; DeepSeek-V4: limit, act_fn
+        limit = getattr(fused, "swiglu_limit", None)
+        limit = fused.limit if limit is None else limit
+        return partial(_clamped_glu, getattr(fused, "act_fn", torch.nn.functional.silu), float(limit))
     if layout.activation == "clamped_swiglu":  # GPT-OSS: alpha, limit; MiniMax-M3: swiglu_alpha, swiglu_limit
         alpha, limit = (getattr(fused, name, None) or getattr(fused, f"swiglu_{name}") for name in ("alpha", "limit"))
         return partial(_clamped_swiglu, float(alpha), float(limit))
@@ -150,16 +159,20 @@ class UnfusedExperts(nn.ModuleList):
         self.layout = layout
         self._fused = (fused,)  # a tuple keeps it out of parameters(), state_dict() and .to()
 
-    def routes(self, top_k_index: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+    def routes(self, top_k_index: Tensor, top_k_weights: Tensor | None = None) -> list[tuple[int, Tensor, Tensor]]:
         """(expert, token_idx, top_k_pos) for every expert that receives tokens, in expert order.
 
         ``top_k_index`` (T, k). An expert's rows are ordered by (top-k position, token): the
         order transformers' eager loop gives them. One stable sort of the (k, T) flattened
         indices groups all experts at once; index ``num_experts`` (transformers'
-        expert-parallel sentinel) is skipped.
+        expert-parallel sentinel) is skipped, and so is a choice whose weight in
+        ``top_k_weights`` is exactly 0: it adds nothing to the output (ZAYA's router sends the
+        tokens of its skip class to expert 0 with weight 0), so it is no token of that expert.
         """
         num_tokens = top_k_index.shape[0]
         flat = top_k_index.T.reshape(-1)  # (k * T,) position-major
+        if top_k_weights is not None:
+            flat = flat.masked_fill(top_k_weights.T.reshape(-1) == 0, self.num_experts)
         order = torch.argsort(flat, stable=True)  # (k * T,) grouped by expert, flat order inside a group
         counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts].tolist()
         routes, start = [], 0
@@ -183,7 +196,7 @@ class UnfusedExperts(nn.ModuleList):
         shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, shape[-1])
         final = torch.zeros_like(hidden_states)
-        for e, token_idx, top_k_pos in self.routes(top_k_index):
+        for e, token_idx, top_k_pos in self.routes(top_k_index, top_k_weights):
             out = self[e](self.expert_input(hidden_states, token_idx, top_k_pos, top_k_weights))
             if not self.layout.scaled_input:
                 weight = top_k_weights[token_idx, top_k_pos, None]

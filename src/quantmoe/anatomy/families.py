@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantmoe.anatomy.carry import Carry
 from quantmoe.anatomy.specs import DOCS_HINT, ExpertLayout, FamilySpec, Mixer, UnsupportedModelError
 from quantmoe.multimodal import MULTIMODAL
 
@@ -33,6 +34,8 @@ _SHORT_CONV = Mixer("conv", ("in_proj", "out_proj"), "short convolution")
 _MAMBA = Mixer("mamba", ("in_proj", "out_proj"), "Mamba")
 _MAMBA2 = Mixer("mamba", ("in_proj", "out_proj"), "Mamba2")
 _GATE_UP_FUSED = ("input_linear", "output_linear")  # one linear computes [gate; up]
+# the sparse-attention indexer's top-k indices, reused by the next block's "shared" indexer layers
+_TOPK_INDICES = (Carry(output=1, argument="prev_topk_indices"),)
 _GRANITE_MOE = {"num_experts_key": "num_local_experts", "mlp": "block_sparse_moe", "router": "block_sparse_moe.router",
                 "experts": "block_sparse_moe.experts"}
 
@@ -56,7 +59,8 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec("deepseek_v32", "DeepSeek-V3.2", num_experts_key="n_routed_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
     FamilySpec("glm_moe_dsa", "GLM-5", num_experts_key="n_routed_experts", moe_layers="typed",
-               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts"),
+               moe_layers_key="mlp_layer_types", attention_linears=_MLA_LORA, shared_expert="mlp.shared_experts",
+               carries=_TOPK_INDICES),
     FamilySpec("dots3_note_text", "dots.note3 (text)", num_experts_key="n_routed_experts", moe_layers="typed",
                moe_layers_key="mlp_layer_types", attention_linears=_MLA_HEAD_GATED, shared_expert="mlp.shared_experts"),
     FamilySpec("glm4_moe", "GLM-4.5", num_experts_key="n_routed_experts", moe_layers="first_k_dense",
@@ -130,6 +134,29 @@ _SPECS: tuple[FamilySpec, ...] = (
                moe_layers_key="moe_layers", mlp="feed_forward", router="feed_forward.router",
                experts="feed_forward.experts", shared_expert="feed_forward.shared_expert",
                expert_layout=ExpertLayout(transposed=True, scaled_input=True)),
+    # --- DeepSeek-V3.2-style sparse attention (MLA, a per-head output gate `gate_proj`, a top-k indexer whose
+    # indices "shared" layers reuse) and several residual streams mixed by hyper-connections around attention
+    # and MLP; the blocks work on all streams at once, which the driver carries as their hidden states ---
+    FamilySpec("hy_v4", "Hunyuan-V4", num_experts_key="n_routed_experts", moe_layers="typed",
+               moe_layers_key="mlp_layer_types",
+               attention_linears=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "o_proj"),
+               shared_expert="mlp.shared_experts", carries=_TOPK_INDICES, residual_streams_key="hc_mult",
+               expert_layout=ExpertLayout(activation="clamped_glu")),
+    # --- several residual streams mixed by hyper-connections (Sinkhorn-projected); MLA-like attention with one
+    # shared KV head (`kv_proj`) and a grouped low-rank output projection: the grouped, block-diagonal `o_a_proj`
+    # (DeepseekV4GroupedLinear, its own batched matmul) stays in full precision, `o_b_proj` is quantized; the
+    # KV compressors and the sparse-attention indexer stay in full precision; hash-routed layers (the expert
+    # picked from the token id) and learned routers reach the experts alike ---
+    FamilySpec("deepseek_v4", "DeepSeek-V4", num_experts_key="n_routed_experts",
+               attention_linears=("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj"), shared_expert="mlp.shared_experts",
+               residual_streams_key="hc_mult", expert_layout=ExpertLayout(activation="clamped_glu")),
+    # --- blocks that hand their router's states to the next block's router (a Carry); CCA attention:
+    # q/k/v linears under `qkv_proj` (convolutions mix q and k, half of v comes from the token before);
+    # a router with its own small MLP and a skip class (its tokens reach expert 0 with weight 0) ---
+    FamilySpec("zaya", "ZAYA1", num_experts_key="num_experts",
+               attention_linears=("qkv_proj.q_proj", "qkv_proj.k_proj", "qkv_proj.v_proj_current",
+                                  "qkv_proj.v_proj_delayed", "o_proj"),
+               carries=(Carry(output=1, argument=1),)),
     # --- hybrid token mixers (linear attention, Mamba) ---
     FamilySpec("qwen3_next", "Qwen3-Next", num_experts_key="num_experts", moe_layers="sparse_step",
                mixers=(_GATED_DELTANET_QKVZ,), shared_expert="mlp.shared_expert",
@@ -159,15 +186,10 @@ _SPECS: tuple[FamilySpec, ...] = (
 
 FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in _SPECS}
 
-_HYPER = "several residual streams enter each block through hyper-connections (`attn_hc`, `ffn_hc`)"
-
 # model_type -> why quantmoe does not handle it (shown by family_of and in docs/families.md)
 REFUSED: dict[str, str] = {
-    "deepseek_v4": f"{_HYPER}, the output projection is grouped (`o_a_proj`, DeepseekV4GroupedLinear) and a hash router "
-                   "picks the experts; none of these has a per-expert view or calibration stage yet",
     "doge": "its DogeCDMoE experts are retrieval-style embedding tables (`down_embed`, `up_embed`) picked by product "
             "keys, not gated MLPs",
-    "hy_v4": f"{_HYPER} (HYV4HyperConnection), which the block-by-block driver does not model",
     "inkling_text": "its shared experts are stored as 3D tensors (InklingSharedExperts) and its attention runs short "
                     "convolutions (`k_sconv`, `v_sconv`) on the projections",
     "inkling2_text": "its attention projections are custom modules (Inkling2QueryProjection, "
@@ -183,8 +205,6 @@ REFUSED: dict[str, str] = {
                  "embeddings and gated residual connections (see qwen4_exp_text)",
     "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "
                       "(`attn_hyper_connection`, `mlp_hyper_connection`) around attention and MLP",
-    "zaya": "its attention projects through a ZayaCCAProjection (q/k/v linears plus causal convolutions, with a "
-            "delayed value projection) and its router is a small MLP; only top-1 routing is implemented",
 }
 
 

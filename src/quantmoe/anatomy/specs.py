@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from quantmoe.anatomy.carry import Carry
+
 ROLES: tuple[str, ...] = (
     "attention",
     "router",
@@ -33,10 +35,10 @@ ROLES: tuple[str, ...] = (
 QUANTIZABLE_ROLES: tuple[str, ...] = ("attention", "routed_expert", "shared_expert", "dense_mlp")
 
 MoeLayerRule = Literal["all", "sparse_step", "first_k_dense", "interval", "listed", "typed", "counted"]
-Activation = Literal["glu", "clamped_swiglu"]
+Activation = Literal["glu", "clamped_swiglu", "clamped_glu"]
 _MOE_LAYER_RULES = ("all", "sparse_step", "first_k_dense", "interval", "listed", "typed", "counted")
 _KEYED_RULES = ("listed", "typed", "counted")  # these read the config list named by `moe_layers_key`
-_ACTIVATIONS = ("glu", "clamped_swiglu")
+_ACTIVATIONS = ("glu", "clamped_swiglu", "clamped_glu")
 
 DOCS_HINT = "see docs/adding-a-family.md"
 
@@ -87,7 +89,9 @@ class ExpertLayout:
     activation:  "glu" is act_fn(gate) * up with the experts' own `act_fn` (`activation_fn`);
                  "clamped_swiglu" is GPT-OSS's (up.clamp(+-limit) + 1) * g * sigmoid(alpha * g),
                  g = gate.clamp(max=limit), reading `alpha` and `limit` (MiniMax-M3: `swiglu_alpha`,
-                 `swiglu_limit`) from the experts module.
+                 `swiglu_limit`) from the experts module; "clamped_glu" is
+                 act(gate.clamp(max=limit)) * up.clamp(+-limit) with the experts' `act_fn` (SiLU where they
+                 have none), reading `swiglu_limit` or `limit` (Hunyuan-V4, DeepSeek-V4).
     scaled_input: the router weight multiplies the expert's input, not its output (Llama 4). Such
                  experts are called with every token for every expert, scaled by a router score that
                  is 0 where the expert is not chosen, and the router returns (scores (T, E), logits).
@@ -172,6 +176,11 @@ class FamilySpec:
     "typed" (its i-th entry is "sparse" or "moe": GLM-4.7-Flash's `mlp_layer_types`, Nemotron-H's
     `layers_block_type`), "counted" (its
     i-th entry, a number of experts, is > 1: Jamba's `layers_num_experts`).
+    carries lists the tensors a block hands to the next beside its hidden states (GLM-5's top-k
+    indices, ZAYA's router states; see quantmoe/anatomy/carry.py).
+    residual_streams_key names the config's number of residual streams when the hidden states
+    between blocks are several streams of the hidden size (Hunyuan-V4's hyper-connections,
+    `hc_mult`: (batch, tokens, streams, hidden)); the memory estimate counts them.
     """
 
     model_type: str
@@ -198,6 +207,8 @@ class FamilySpec:
     view_refusal: str | None = None  # why there is no per-expert view (so no quantization); shapes still describe
     # (config key, why): configs that set the key (truthy) are described but not quantized
     refuse_when: tuple[tuple[str, str], ...] = ()
+    carries: tuple[Carry, ...] = ()
+    residual_streams_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model_type:
@@ -248,6 +259,10 @@ class FamilySpec:
             if value:
                 return f"{why} (config.{key} = {value!r})"
         return None
+
+    def residual_streams(self, config: Any) -> int:
+        """How many hidden-size streams the hidden states between blocks hold (1 but with hyper-connections)."""
+        return int(getattr(config, self.residual_streams_key)) if self.residual_streams_key else 1
 
     def num_experts(self, config: Any) -> int:
         # a dotted key reads a nested config (DBRX's ffn_config.moe_num_experts); None: a dense config (Gemma 4)

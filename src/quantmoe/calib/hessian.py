@@ -157,7 +157,7 @@ class HessianCollector:
 
         def hook(module, args):
             hidden, top_k_index, top_k_weights = args[0].reshape(-1, args[0].shape[-1]), args[1], args[2]
-            routes = module.routes(top_k_index)
+            routes = module.routes(top_k_index, top_k_weights)
             counts = torch.zeros(target.num_experts, dtype=torch.long)
             for e, token_idx, _ in routes:
                 counts[e] = token_idx.numel()

@@ -82,7 +82,9 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
     as ``experts(hidden_states, top_k_index, top_k_weights)``, while routers differ in what
     they return (``(logits, top_k_weights, top_k_index)`` mostly, DBRX's the logits alone).
     Experts that read router-scaled inputs (Llama 4) are called that way only in the per-expert
-    view, so a fused model of such a family is read through it.
+    view, so a fused model of such a family is read through it. A choice with router weight 0
+    (ZAYA's skip class, sent to expert 0 with weight 0) or of transformers' expert-parallel
+    sentinel (index E) is not counted: no expert computes anything for it.
     """
     blocks = [b for b in anatomy.blocks if b.is_moe]
     counts = {b.index: torch.zeros(b.num_experts, dtype=torch.long) for b in blocks}
@@ -92,6 +94,8 @@ def collect_routing(model: torch.nn.Module, anatomy: ModelAnatomy, windows: torc
         def hook(_module, args, kwargs):
             top_i, top_w = top_k_of(args, kwargs)
             top_i, top_w = top_i.reshape(-1).cpu(), top_w.reshape(-1).double().cpu()
+            chosen = (top_w != 0) & (top_i < num_experts)  # as UnfusedExperts.routes: a weight of 0 is no choice
+            top_i, top_w = top_i[chosen], top_w[chosen]
             counts[block] += torch.bincount(top_i, minlength=num_experts)
             weights[block].index_add_(0, top_i, top_w)
         return hook

@@ -41,10 +41,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm import tqdm
 
 from quantmoe.allocator import release_free_memory
+from quantmoe.anatomy.carry import stand_in_output, with_carried
 from quantmoe.eval.metrics import EvalResult, Tally, batch_logprobs, check_reference
 from quantmoe.quant.lazy import LazyCheckpoint
 
@@ -76,13 +76,8 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype | None = None, trust_
                           trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
 
 
-def _outside_to(model: nn.Module, layers: str, device: torch.device) -> None:
-    """The real tensors outside the blocks (embeddings, norm, LM head, rotary buffers) to ``device``;
-    tied weights stay tied (moved in place)."""
-    for name, module in model.named_modules():
-        if name == layers or name.startswith(layers + "."):
-            continue
-        module._apply(lambda t: t if t.is_meta else t.to(device), recurse=False)
+def _moved(tensors: tuple, device: torch.device) -> tuple:
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 @torch.no_grad()
@@ -90,22 +85,26 @@ def stream_logprobs(lazy: LazyCheckpoint, windows: torch.Tensor, batch_size: int
                     device: str | torch.device | None = None, progress: bool = False) -> Iterator[torch.Tensor]:
     """Log-probabilities (float32, (b, t-1, vocab), on ``device``) of each batch of ``windows``,
     computed block by block (see the module docstring); yielded once every block has run."""
-    from quantmoe.quant.pipeline import _run_block, capture_layer_inputs
+    from quantmoe.quant.pipeline import _run_block, capture_layer_inputs, outside_to
 
-    model, layers = lazy.model, lazy.family.layers
+    model, layers, carries = lazy.model, lazy.family.layers, lazy.family.carries
     device = torch.device(device) if device is not None else torch.device("cpu")
     host = torch.device("cpu")
     blocks = model.get_submodule(layers)
     lazy.load_outside()
-    lazy.release_outside(keep=(lazy.family.embedding,))
-    _outside_to(model, layers, device)
+    lazy.release_outside(only=(lazy.family.lm_head,))  # the rest may run before block 0
+    outside_to(model, layers, device)
     layer_inputs = capture_layer_inputs(model, blocks, windows, batch_size, device)
     lazy.release_outside()
     hidden = [args[0].to(host) for args, _ in layer_inputs[0]]  # compute dtype, on the host between blocks
+    handed: list[tuple] = [(None,) * len(carries)] * len(hidden)  # FamilySpec.carries, block to block
     for i in tqdm(range(len(blocks)), desc="eval blocks", disable=not progress, leave=False):
         block = lazy.load_block(i, per_expert=True).to(device)
-        hidden = [_run_block(block, [((h.to(device),) + args[1:], kwargs)])[0].to(host)
-                  for h, (args, kwargs) in zip(hidden, layer_inputs[i])]
+        carried: list[tuple] = []
+        hidden = [_run_block(block, [with_carried(carries, args, kwargs, h.to(device), _moved(c, device))], None,
+                             carries, carried)[0].to(host)
+                  for h, c, (args, kwargs) in zip(hidden, handed, layer_inputs[i])]
+        handed = [_moved(c, host) for c in carried]
         layer_inputs[i] = []
         del block
         lazy.release_block(i)
@@ -113,13 +112,13 @@ def stream_logprobs(lazy: LazyCheckpoint, windows: torch.Tensor, batch_size: int
     final: list[torch.Tensor] = []
 
     def first(*args, **kwargs):
-        return final[0]
+        return stand_in_output(carries, final[0])
 
     def through(*args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
+        return stand_in_output(carries, args[0] if args else kwargs["hidden_states"])
 
     lazy.load_outside()
-    _outside_to(model, layers, device)
+    outside_to(model, layers, device)
     for i, block in enumerate(blocks):
         block.forward = first if i == 0 else through  # instance attributes: nn.Module.__call__ finds them first
     try:

@@ -325,12 +325,15 @@ class LazyCheckpoint:
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 
-    def release_outside(self, keep: tuple[str, ...] = ()) -> None:
-        """Everything outside the blocks back on ``meta``, but the modules named in ``keep``."""
+    def release_outside(self, keep: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+        """Everything outside the blocks back on ``meta``, but the modules named in ``keep``; with
+        ``only``, just the modules it names (the LM head while block 0's inputs are captured: the
+        forward before the blocks may read more than the embedding, ZAYA's input scale)."""
         layers = self.family.layers
+        under = lambda name, names: any(name == k or name.startswith(k + ".") for k in names)  # noqa: E731
         for name, module in self.model.named_modules():
             inside = name == layers or name.startswith(layers + ".")
-            if inside or any(name == k or name.startswith(k + ".") for k in keep):
+            if inside or under(name, keep) or (only is not None and not under(name, only)):
                 continue
             for pname, p in list(module.named_parameters(recurse=False)):
                 setattr(module, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))

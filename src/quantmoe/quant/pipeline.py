@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from quantmoe.anatomy import BlockAnatomy, LinearUnit, ModelAnatomy, describe, family_of, unfuse_experts
+from quantmoe.anatomy.carry import Carry, split_output, stand_in_output, with_carried
 from quantmoe.anatomy.expert_view import EXPERT_INPUT_KINDS
 from quantmoe.calib.data import CalibrationConfig
 from quantmoe.calib.hessian import ExpertsHookTarget, HessianCollector, StopForward
@@ -146,6 +147,15 @@ class BlockReport:
     final_pass_seconds: float = 0.0  # the quantized block run over every calibration batch
 
 
+def outside_to(model: nn.Module, layers: str, device: torch.device, skip: tuple[str, ...] = ()) -> None:
+    """The real tensors outside the blocks (``layers``) to ``device``, but those of the modules in
+    ``skip``; tied weights stay tied (moved in place), tensors on ``meta`` stay there."""
+    for name, module in model.named_modules():
+        if name == layers or name.startswith(layers + ".") or any(name == k or name.startswith(k + ".") for k in skip):
+            continue
+        module._apply(lambda t: t if t.is_meta else t.to(device), recurse=False)
+
+
 class BlockIO:
     """Where the driver's blocks come from and where they go; this base keeps the whole model in memory.
 
@@ -157,6 +167,10 @@ class BlockIO:
     first_block: int = 0
 
     def load_embedding(self, model: nn.Module, embedding: nn.Module, device: torch.device) -> None:
+        """What block 0's inputs are computed from on ``device``: the embedding and whatever else sits
+        outside the blocks (ZAYA's input scale, rotary tables), but the LM head."""
+        family = family_of(model)
+        outside_to(model, family.layers, device, skip=(family.lm_head,))
         embedding.to(device)
 
     def release_embedding(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
@@ -173,15 +187,21 @@ class BlockIO:
         """The full-precision model's hidden states leaving the last finished block (block tuning)."""
         return None
 
+    def restored_carried(self, count: int) -> list[tuple[torch.Tensor | None, ...]] | None:
+        """What the last finished block handed to ``first_block`` beside its hidden states (``count``
+        tensors per calibration batch, ``FamilySpec.carries``), when ``first_block`` is not 0."""
+        return None
+
     def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport,
-                   references: Sequence[torch.Tensor] | None = None) -> None:
-        """The block is quantized (its ``QuantLinear``s installed); ``outputs`` enter the next block."""
+                   references: Sequence[torch.Tensor] | None = None, carried: Sequence[tuple] = ()) -> None:
+        """The block is quantized (its ``QuantLinear``s installed); ``outputs`` enter the next block,
+        with ``carried`` (one tuple per batch: ``FamilySpec.carries``)."""
 
     def release_block(self, model: nn.Module, index: int, home: torch.device) -> None:
         model.get_submodule(family_of(model).layers)[index].to(home)
 
     def finish(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
-        embedding.to(home)
+        outside_to(model, family_of(model).layers, home)
 
 
 @dataclass(frozen=True)
@@ -229,18 +249,21 @@ def capture_layer_inputs(model: nn.Module, blocks: Sequence[nn.Module], windows:
     get ``None`` for their hidden states: the driver puts in the outputs of the quantized
     block before.
 
-    A model whose decoder loop unpacks more than the hidden states from each block (GLM-5's
-    sparse-attention indexer hands its top-k indices on) cannot be walked with recorders: every
-    block then gets block 0's keyword inputs.
+    A family whose blocks hand more than their hidden states to the next (`FamilySpec.carries`:
+    GLM-5's top-k indices, ZAYA's router states) gets recorders that return the same tuple, with
+    None where the carried tensors go; the driver puts in the block before's (`with_carried`).
+    A decoder loop that unpacks more than the spec declares cannot be walked with recorders:
+    every block then gets block 0's keyword inputs.
     """
     captured: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+    carries = family_of(model).carries
 
     def recorder(i: int):
         def forward(*args, **kwargs):
             captured[i].append((args if i == 0 else (None,) + args[1:], kwargs))  # later hidden states: filled in
             if i == len(blocks) - 1:
                 raise _Captured
-            return args[0] if args else kwargs["hidden_states"]
+            return stand_in_output(carries, args[0] if args else kwargs["hidden_states"])
         return forward
 
     for i, block in enumerate(blocks):
@@ -267,14 +290,18 @@ def capture_layer_inputs(model: nn.Module, blocks: Sequence[nn.Module], windows:
     return captured
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]],
-               replay: BlockReplay | None = None) -> list[torch.Tensor]:
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], replay: BlockReplay | None = None,
+               carries: Sequence[Carry] = (), carried: list[tuple] | None = None) -> list[torch.Tensor]:
+    """The block's hidden-state outputs, one per batch; the tensors it hands to the next block
+    (``carries``) are appended to ``carried``, one tuple per batch."""
     outs = []
     for i, (args, kwargs) in enumerate(inputs):
         if replay is not None:
             replay.at_batch(i)
-        out = block(*args, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        hidden, handed = split_output(carries, block(*args, **kwargs))
+        outs.append(hidden)
+        if carried is not None:
+            carried.append(handed)
     return outs
 
 
@@ -323,6 +350,10 @@ def _block_replay(block: nn.Module, info: BlockAnatomy, units: Sequence[LinearUn
         first = _first_frozen_stage(readers)
         parts += [(FrozenOutputs(expert, method="hidden"), first) for expert in experts[:fits]]
     return BlockReplay(parts)
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def check_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -390,7 +421,9 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
     if restored is not None:
         if len(restored) != len(inputs):
             raise ValueError(f"{len(restored)} stored calibration batches, expected {len(inputs)}")
-        inputs = [((h.to(device),) + args[1:], kwargs) for h, (args, kwargs) in zip(restored, inputs)]
+        handed = io.restored_carried(len(family.carries)) or [(None,) * len(family.carries)] * len(inputs)
+        inputs = [with_carried(family.carries, args, kwargs, h.to(device), tuple(_to(t, device) for t in c))
+                  for h, c, (args, kwargs) in zip(restored, handed, inputs, strict=True)]
     # block tuning's targets come from the full-precision model's own hidden states, carried beside
     references = None
     if gptq.tune_steps:
@@ -456,8 +489,9 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
                      tuned.loss_after, "" if tuned.kept else " (not lower: GPTQ's scales kept)")
             replay = BlockReplay()  # what it kept predates the tuned scales
         t_final = time.perf_counter()
+        carried: list[tuple] = []  # what the block hands to the next beside its outputs (FamilySpec.carries)
         with replay.stage(len(STAGES)):
-            outputs = _run_block(block, inputs, replay)
+            outputs = _run_block(block, inputs, replay, family.carries, carried)
         t_final = time.perf_counter() - t_final
         for out in outputs:
             if not all_finite(out):
@@ -467,16 +501,16 @@ def quantize_model(model: nn.Module, specs: Mapping[str, QuantSpec], windows: to
             model.set_submodule(name, qlinear)
         if block_info.index + 1 < len(layer_inputs):  # the next block's own mask and positions
             layer_inputs[block_info.index] = []
-            inputs = [((out,) + args[1:], kwargs)
-                      for out, (args, kwargs) in zip(outputs, layer_inputs[block_info.index + 1])]
+            inputs = [with_carried(family.carries, args, kwargs, out, handed)
+                      for out, handed, (args, kwargs) in zip(outputs, carried, layer_inputs[block_info.index + 1])]
         block_seconds.append(time.perf_counter() - t0)
         if targets is not None:
             references = targets
         io.block_done(model, block_info.index, outputs,
                       BlockReport(block_info.index, {u.name: reports[u.name] for u in units},
                                   expert_tokens.get(block_info.index), tuple(fallbacks[n_fallbacks:]),
-                                  block_seconds[-1], t_final), references)
-        del outputs, block
+                                  block_seconds[-1], t_final), references, carried)
+        del outputs, carried, block
         io.release_block(model, block_info.index, home)
         bar.set_postfix(block=block_info.index, s=f"{block_seconds[-1]:.1f}")
     io.finish(model, embedding, home)

@@ -33,13 +33,17 @@ class Stage:
 # and write it back through out_proj, like q/k/v and o_proj. A gated attention's gate_proj
 # shares its kind with the MLP's and is calibrated in the MLP's gate/up pass. Output gates (`g_proj`)
 # and forget gates (`f_proj`, the low-rank `f_a_proj` -> `f_b_proj`) read the block input too; A.X-K2's
-# `q_gate_proj` reads the query latent, like q_b_proj.
+# `q_gate_proj` reads the query latent, like q_b_proj. ZAYA's value projections (`v_proj_current`,
+# `v_proj_delayed`: half of each value head from this token, half from the one before) read the block input,
+# as does DeepSeek-V4's single KV head (`kv_proj`); its `o_b_proj` writes the attention's output (after the
+# grouped `o_a_proj`, which is not quantized).
 STAGES: tuple[Stage, ...] = (
     Stage(frozenset({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa", "in_proj",
                      "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
-                     "g_a_proj", "b_proj", "qkv_proj", "output_gate", "Wqkv", "g_proj", "f_proj", "f_a_proj"}), True),
+                     "g_a_proj", "b_proj", "qkv_proj", "output_gate", "Wqkv", "g_proj", "f_proj", "f_a_proj",
+                     "v_proj_current", "v_proj_delayed", "kv_proj"}), True),
     Stage(frozenset({"q_b_proj", "kv_b_proj", "g_b_proj", "f_b_proj", "q_gate_proj"}), False),
-    Stage(frozenset({"o_proj", "out_proj"}), False),
+    Stage(frozenset({"o_proj", "out_proj", "o_b_proj"}), False),
     Stage(frozenset({"gate_proj", "up_proj", "w1", "w3", "input_linear", "gate_up_proj"}), True),  # [gate; up] fused
     Stage(frozenset({"down_proj", "w2", "output_linear"}), False),
 )

@@ -9,7 +9,8 @@ work folder next to the output, ``.<out>.work/``::
     block-00003.safetensors  block 3 quantized (packed codes, scales, norms, router)
     block-00003.json         its report entries, peak host RSS and device memory
     hidden.safetensors       the calibration hidden states leaving the last finished block (and, with
-                             block tuning, the full-precision model's)
+                             block tuning, the full-precision model's; for a family whose blocks hand
+                             more on, `FamilySpec.carries`, those tensors too)
     progress.json            the last finished block: written last, the one commit point
 
 Every file is written atomically (temporary name, fsync, rename). After a crash or a kill -9,
@@ -130,8 +131,8 @@ class StreamIO(BlockIO):
         if self.first_block == 0:
             _save(outside_state(model), self.work / OUTSIDE_NAME)
         if self.lazy is not None:
-            self.lazy.release_outside(keep=(family_of(model).embedding,))
-        embedding.to(device)
+            self.lazy.release_outside(only=(family_of(model).lm_head,))  # the rest runs before block 0
+        super().load_embedding(model, embedding, device)
 
     def release_embedding(self, model: nn.Module, embedding: nn.Module, home: torch.device) -> None:
         if self.lazy is not None:
@@ -151,6 +152,15 @@ class StreamIO(BlockIO):
     def restored_references(self) -> list[torch.Tensor] | None:
         return self._restored("reference")
 
+    def restored_carried(self, count: int) -> list[tuple[torch.Tensor | None, ...]] | None:
+        if self.first_block == 0 or not count:
+            return None
+        with safe_open(str(self.work / HIDDEN_NAME), framework="pt") as fh:
+            names = set(fh.keys())
+            batches = sum(name.startswith("batch.") for name in names)
+            return [tuple(fh.get_tensor(f"carry{k}.{i}") if f"carry{k}.{i}" in names else None for k in range(count))
+                    for i in range(batches)]
+
     def load_block(self, model: nn.Module, index: int, device: torch.device) -> nn.Module:
         self._peak = PeakMemory().__enter__()
         block = self.lazy.load_block(index, per_expert=True) if self.lazy is not None else \
@@ -159,13 +169,15 @@ class StreamIO(BlockIO):
         return block.to(device)
 
     def block_done(self, model: nn.Module, index: int, outputs: Sequence[torch.Tensor], report: BlockReport,
-                   references: Sequence[torch.Tensor] | None = None) -> None:
+                   references: Sequence[torch.Tensor] | None = None, carried: Sequence[tuple] = ()) -> None:
         family = family_of(model)
         block = model.get_submodule(family.layers)[index]
         _save(_state(block, f"{family.layers}.{index}."), self.work / f"block-{index:05d}.safetensors")
         t_spill = time.perf_counter()
         spill = {f"batch.{i}": out.detach().to("cpu").contiguous() for i, out in enumerate(outputs)}
         spill |= {f"reference.{i}": r.detach().to("cpu").contiguous() for i, r in enumerate(references or ())}
+        spill |= {f"carry{k}.{i}": t.detach().to("cpu").contiguous()  # None (nothing handed on) is left out
+                  for i, handed in enumerate(carried) for k, t in enumerate(handed) if t is not None}
         _save(spill, self.work / HIDDEN_NAME, {"block": str(index)})
         t_spill = time.perf_counter() - t_spill
         peak = self._peak
@@ -296,7 +308,8 @@ def memory_need(model: nn.Module, calib: CalibrationConfig, dtype: torch.dtype, 
     blocks = model.get_submodule(family.layers)
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks) * size
     hidden = int(model.config.hidden_size)
-    activations = (4 if tuned else 2) * calib.num_windows * calib.seq_len * hidden * size
+    streams = family.residual_streams(model.config)  # hyper-connections: several streams between blocks
+    activations = (4 if tuned else 2) * calib.num_windows * calib.seq_len * streams * hidden * size
     stages: dict[tuple[int, int], list] = defaultdict(list)
     for u in anatomy.units:
         stages[(u.block, stage_of(u))].append(u)
