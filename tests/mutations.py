@@ -460,6 +460,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         (Patch("quant/stream.py", "    streams = family.residual_streams(model.config)", "    streams = 1"),),
         ("tests/quant/test_stream.py::test_the_memory_estimate_counts_the_hidden_states_blocks_really_pass",),
     ),
+    Mutation(
+        "full-precision-paths-unchecked",
+        "describe checks that every full_precision / outside_full_precision path of the spec exists (here: no)",
+        (Patch("anatomy/describe.py", "    _check_full_precision(model, spec, num_blocks)\n", ""),),
+        ("tests/anatomy/test_describe.py::test_a_full_precision_path_the_model_lacks_is_named",),
+    ),
+    Mutation(
+        "undeclared-full-precision-linear",
+        "every nn.Linear of a family is a unit or a declared full-precision part (here: Qwen4-Exp's per-layer "
+        "embeddings are not declared)",
+        (Patch("anatomy/families.py", 'full_precision=("ple", "attn_hyper_connection", "mlp_hyper_connection")',
+               'full_precision=("attn_hyper_connection", "mlp_hyper_connection")'),),
+        ("tests/anatomy/test_families.py::test_inspect_roles[qwen4_exp_text]",),
+    ),
 )
 
 

@@ -43,6 +43,7 @@ MULTIMODAL: dict[str, Multimodal] = {
         Multimodal("qwen3_5_moe", "qwen3_5_moe_text", "Qwen3.5-MoE"),
         Multimodal("gemma4", "gemma4_text", "Gemma 4", key_mapping=((r"^model\.language_model\.", "model."),)),
         Multimodal("dots3_note", "dots3_note_text", "dots.note3"),
+        Multimodal("qwen4_exp", "qwen4_exp_text", "Qwen4-Exp"),
     )
 }
 

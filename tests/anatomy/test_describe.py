@@ -204,3 +204,17 @@ def test_format_anatomy_report():
 def test_inspect_model_from_local_dir(tmp_path):
     tiny_config("olmoe").save_pretrained(tmp_path)
     assert inspect_model(str(tmp_path)) == _anatomy("olmoe")
+
+
+@pytest.mark.parametrize("field", ["full_precision", "outside_full_precision"])
+def test_a_full_precision_path_the_model_lacks_is_named(monkeypatch, field):
+    from dataclasses import replace
+
+    from quantmoe.anatomy import families
+
+    model = tiny_model("qwen4_exp_text")
+    describe(model)  # the declared paths exist
+    spec = families.FAMILIES["qwen4_exp_text"]
+    monkeypatch.setitem(families.FAMILIES, "qwen4_exp_text", replace(spec, **{field: ("no_such_module",)}))
+    with pytest.raises(ValueError, match=f"no `no_such_module`; check `{field}`"):
+        describe(model)

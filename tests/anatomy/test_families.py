@@ -135,8 +135,9 @@ def test_inspect_roles(model_type):
                    for b in anatomy.blocks for m in spec.mixers)
 
     # every other nn.Linear is a router, a shared-expert gate, the lm_head, a documented
-    # full-precision part of a token mixer (Mamba x_proj/dt_proj, indexers) or the small gate
-    # inside a norm (A.X-K2's AXK2GatedRMSNorm), counted as the role "norm"
+    # full-precision part of a token mixer (Mamba x_proj/dt_proj, indexers), of the block or the
+    # model (`full_precision`, `outside_full_precision`) or the small gate inside a norm (A.X-K2's
+    # AXK2GatedRMSNorm), counted as the role "norm"
     if spec.view_refusal is not None:
         return
     unfused = unfuse_experts(copy.deepcopy(model))
@@ -144,6 +145,8 @@ def test_inspect_roles(model_type):
     allowed = [spec.lm_head] + [b.router for b in anatomy.blocks if b.router]
     allowed += [b.shared_gate for b in anatomy.blocks if b.shared_gate]
     allowed += [f"{b.module_name}.{b.mixer}" for b in anatomy.blocks if b.mixer]
+    allowed += [f"{b.module_name}.{path}" for b in anatomy.blocks for path in spec.full_precision]
+    allowed += list(spec.outside_full_precision)
     allowed += [name for name, module in unfused.named_modules() if is_norm(module)]
     for name, module in unfused.named_modules():
         if isinstance(module, nn.Linear) and name not in units:

@@ -34,7 +34,7 @@ TOKEN_KL_ABS = 1e-6
 # the six first families, three whose blocks hand more than hidden states on (FamilySpec.carries), one of
 # them (hy_v4) with several residual streams as its hidden states, as DeepSeek-V4 (hash routing by token id)
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "glm_moe_dsa", "zaya", "hy_v4",
-            "deepseek_v4"]
+            "deepseek_v4", "qwen4_exp_text"]
 PLAN = Plan.from_dict({"default": {"bits": 4, "group_size": 16},
                        "kinds": {"down_proj": {"bits": 3, "symmetric": False}}})
 CALIB = CalibrationConfig(min_expert_tokens=1, batch_size=4)

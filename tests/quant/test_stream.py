@@ -31,7 +31,7 @@ from quantmoe.quant.stream import (
 
 # the six first families, and ZAYA: its blocks hand router states on (FamilySpec.carries) and its
 # model scales the embeddings before block 0 (outside tensors other than the embedding)
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "zaya"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "zaya", "qwen4_exp_text"]
 PLAN = Plan.from_dict({"default": {"bits": 4, "group_size": 16},
                        "kinds": {"down_proj": {"bits": 3, "symmetric": False}}})
 CALIB = CalibrationConfig(min_expert_tokens=1, batch_size=4)
@@ -208,9 +208,9 @@ def test_memory_guard_refuses_with_the_number_it_needs(tmp_path):
         parse_size("lots")
 
 
-@pytest.mark.parametrize("family", ["mixtral", "hy_v4"])
+@pytest.mark.parametrize("family", ["mixtral", "hy_v4", "qwen4_exp_text"])
 def test_the_memory_estimate_counts_the_hidden_states_blocks_really_pass(family):
-    """Hunyuan-V4's blocks pass several residual streams (hyper-connections): the estimate's activations
+    """Hunyuan-V4 and Qwen4-Exp pass several residual streams (hyper-connections): the estimate's activations
     (the hidden states entering and leaving a block) are twice the bytes block 0 really receives."""
     from quantmoe.quant.pipeline import capture_layer_inputs
 

@@ -106,6 +106,9 @@ def _roles(spec: FamilySpec) -> str:
     elif spec.moe_layers != "all":
         parts.append(f"{dense} ({_blocks(spec)})")
     parts += [f"quantization refused when `{key}` is set: {why}" for key, why in spec.refuse_when]
+    kept = [f"`{p}`" for p in spec.full_precision] + [f"`{p}` (outside the blocks)" for p in spec.outside_full_precision]
+    if kept:
+        parts.append(f"kept in full precision: {', '.join(kept)}")
     if spec.residual_streams_key:
         parts.append(f"hidden states between blocks: `{spec.residual_streams_key}` residual streams (hyper-connections)")
     parts += [f"each block hands output {c.output} to the next block's "

@@ -288,10 +288,25 @@ def _role_params(model: nn.Module, spec: FamilySpec, blocks: tuple[BlockAnatomy,
     return counts
 
 
+def _check_full_precision(model: nn.Module, spec: FamilySpec, num_blocks: int) -> None:
+    """Every declared full-precision path exists (set to None counts: a block without per-layer embeddings)."""
+    for index in range(num_blocks):
+        block = model.get_submodule(f"{spec.layers}.{index}")
+        for path in spec.full_precision:
+            if not has_path(block, path):
+                raise ValueError(f"`{spec.layers}.{index}` has no `{path}`; check `full_precision` in the "
+                                 f"{spec.model_type} FamilySpec")
+    for path in spec.outside_full_precision:
+        if not has_path(model, path):
+            raise ValueError(f"the model has no `{path}`; check `outside_full_precision` in the {spec.model_type} "
+                             "FamilySpec")
+
+
 def describe(model: nn.Module) -> ModelAnatomy:
     """The anatomy of a supported MoE model (fused, unfused or on `meta`); shapes only."""
     spec = family_of(model)
     num_blocks = len(model.get_submodule(spec.layers))
+    _check_full_precision(model, spec, num_blocks)
     described = [_describe_block(model, spec, i) for i in range(num_blocks)]
     blocks = tuple(b for b, _ in described)
     units = tuple(u for _, block_units in described for u in block_units)

@@ -149,7 +149,8 @@ _SPECS: tuple[FamilySpec, ...] = (
     # picked from the token id) and learned routers reach the experts alike ---
     FamilySpec("deepseek_v4", "DeepSeek-V4", num_experts_key="n_routed_experts",
                attention_linears=("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj"), shared_expert="mlp.shared_experts",
-               residual_streams_key="hc_mult", expert_layout=ExpertLayout(activation="clamped_glu")),
+               residual_streams_key="hc_mult", full_precision=("self_attn.o_a_proj",),
+               expert_layout=ExpertLayout(activation="clamped_glu")),
     # --- blocks that hand their router's states to the next block's router (a Carry); CCA attention:
     # q/k/v linears under `qkv_proj` (convolutions mix q and k, half of v comes from the token before);
     # a router with its own small MLP and a skip class (its tokens reach expert 0 with weight 0) ---
@@ -164,6 +165,12 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec("qwen3_5_moe_text", "Qwen3.5-MoE (text)", num_experts_key="num_experts",
                mixers=(_GATED_DELTANET_QKV,), shared_expert="mlp.shared_expert",
                shared_expert_gate="mlp.shared_expert_gate"),
+    # Qwen3.5-MoE's blocks on several residual streams (`hc_count`, flattened into the hidden axis) mixed by gated
+    # residual connections, with per-layer n-gram embeddings (`ple`, full precision) read from the token ids
+    FamilySpec("qwen4_exp_text", "Qwen4-Exp (text)", num_experts_key="num_experts", mixers=(_GATED_DELTANET_QKV,),
+               shared_expert="mlp.shared_expert", shared_expert_gate="mlp.shared_expert_gate",
+               residual_streams_key="hc_count", full_precision=("ple", "attn_hyper_connection", "mlp_hyper_connection"),
+               outside_full_precision=("model.hyper_connection_mixer",)),
     FamilySpec("lara_mini", "Lara-Mini", num_experts_key="num_experts", mixers=(_GATED_DELTANET_QKV,),
                shared_expert="mlp.shared_expert"),
     FamilySpec("kimi_linear", "Kimi-Linear", num_experts_key="num_local_experts", moe_layers="typed",
@@ -201,10 +208,6 @@ REFUSED: dict[str, str] = {
               "the attention itself is a mixture of attention experts (JetMoeMoA)",
     "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
                      "each block holds two attention and two MLP sublayers",
-    "qwen4_exp": "a multimodal config around the text model qwen4_exp_text, which is refused: its blocks add per-layer "
-                 "embeddings and gated residual connections (see qwen4_exp_text)",
-    "qwen4_exp_text": "its blocks add per-layer embeddings (`ple`) and gated residual connections "
-                      "(`attn_hyper_connection`, `mlp_hyper_connection`) around attention and MLP",
 }
 
 

@@ -178,6 +178,11 @@ class FamilySpec:
     i-th entry, a number of experts, is > 1: Jamba's `layers_num_experts`).
     carries lists the tensors a block hands to the next beside its hidden states (GLM-5's top-k
     indices, ZAYA's router states; see quantmoe/anatomy/carry.py).
+    full_precision names the block's other modules with linears that stay in full precision (role
+    "other"): paths from the block (Qwen4-Exp's gated residual connections and per-layer embeddings,
+    DeepSeek-V4's grouped `self_attn.o_a_proj`); outside_full_precision, paths from the model root
+    (Qwen4-Exp's final stream mixer). Token-mixer internals that are not listed linears (Mamba's
+    `x_proj`, sparse-attention indexers) need no entry.
     residual_streams_key names the config's number of residual streams when the hidden states
     between blocks are several streams of the hidden size (Hunyuan-V4's hyper-connections,
     `hc_mult`: (batch, tokens, streams, hidden)); the memory estimate counts them.
@@ -209,6 +214,8 @@ class FamilySpec:
     refuse_when: tuple[tuple[str, str], ...] = ()
     carries: tuple[Carry, ...] = ()
     residual_streams_key: str | None = None
+    full_precision: tuple[str, ...] = ()
+    outside_full_precision: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model_type:
