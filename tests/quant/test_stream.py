@@ -29,9 +29,11 @@ from quantmoe.quant.stream import (
     work_folder,
 )
 
-# the six first families, and ZAYA: its blocks hand router states on (FamilySpec.carries) and its
-# model scales the embeddings before block 0 (outside tensors other than the embedding)
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "zaya", "qwen4_exp_text"]
+# the six first families; ZAYA: its blocks hand router states on (FamilySpec.carries) and its model
+# scales the embeddings before block 0 (outside tensors other than the embedding); Qwen4-Exp,
+# Hunyuan-V4, DeepSeek-V4: several residual streams between blocks; GLM-5: top-k indices carried
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "zaya", "qwen4_exp_text", "hy_v4",
+            "deepseek_v4", "glm_moe_dsa"]
 PLAN = Plan.from_dict({"default": {"bits": 4, "group_size": 16},
                        "kinds": {"down_proj": {"bits": 3, "symmetric": False}}})
 CALIB = CalibrationConfig(min_expert_tokens=1, batch_size=4)

@@ -206,8 +206,10 @@ REFUSED: dict[str, str] = {
                           "residuals over earlier blocks, here with looped (repeated) blocks",
     "jetmoe": "its experts are JetMoeParallelExperts (`input_linear`, `output_linear`) run by its own top-k gating, and "
               "the attention itself is a mixture of attention experts (JetMoeMoA)",
-    "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`) and "
-                     "each block holds two attention and two MLP sublayers",
+    "longcat_flash": "its router adds zero-computation (identity) experts to the routed ones (`zero_expert_num`), "
+                     "for which transformers' `gate_up_proj` holds rows that `down_proj` lacks and nothing reads, "
+                     "and each block holds two attention and two dense MLP sublayers (ModuleLists `self_attn`, "
+                     "`mlps`) around a shortcut MoE; the per-expert view and the anatomy model neither yet",
 }
 
 
